@@ -1,0 +1,5 @@
+"""``python -m shipper`` entry point."""
+
+from shipper.cli import main
+
+raise SystemExit(main())

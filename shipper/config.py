@@ -1,0 +1,336 @@
+"""Typed, closed configuration.
+
+One YAML file, every option with a default and a one-line description (the
+``description`` of each field is the documentation: ``docs/CONFIG.md`` and
+``check-config`` are generated from it). Unknown keys are errors naming the key
+and the file. :func:`load` reports every problem at once as one
+:class:`~shipper.errors.ConfigError`.
+
+pydantic does the parsing and validation (closed models with
+``extra="forbid"``, every error collected with its location); CIDRs are
+validated with netaddr.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import netaddr
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shipper.errors import ConfigError
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _check_cidrs(values: list[str]) -> list[str]:
+    out = []
+    problems = []
+    for v in values:
+        try:
+            net = netaddr.IPNetwork(str(v).strip())
+        except (netaddr.AddrFormatError, ValueError, TypeError) as exc:
+            problems.append(f"{v!r} is not a CIDR ({exc})")
+            continue
+        out.append(str(net.cidr))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return out
+
+
+Event = Literal["new", "update", "destroy"]
+
+
+class ConntrackConfig(_Closed):
+    """Where and how conntrack events are read."""
+
+    netns: str | None = Field(
+        None,
+        description="Network namespace to read conntrack in: a name under /run/netns or a path "
+        "(e.g. /proc/PID/ns/net); unset means the shipper's own namespace.",
+    )
+    events: list[Event] = Field(
+        ["new", "destroy"],
+        description="Event types to subscribe to: new, destroy, update (update is noisy).",
+    )
+    dump_at_start: bool = Field(
+        True, description="Dump the conntrack table at start; those records get action 'snapshot'."
+    )
+    rcvbuf_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=4096,
+        description="Receive buffer of the event socket (SO_RCVBUFFORCE; needs CAP_NET_ADMIN). "
+        "Each queued event costs about 1.3 KB.",
+    )
+    set_sysctls: bool = Field(
+        True,
+        description="At start set net.netfilter.nf_conntrack_events=1, _acct=1 and _timestamp=1 "
+        "in the conntrack namespace (needed for DESTROY of old flows, byte counts and end times).",
+    )
+    resync_on_overrun: bool = Field(
+        True, description="After events were lost (ENOBUFS), dump the table to resync."
+    )
+    drain_interval_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="Pause between socket drains; events are read in bursts, which costs "
+        "less CPU per event than waking for each one.",
+    )
+    flow_start_cache: int = Field(
+        1_000_000,
+        ge=0,
+        description="How many flows' start times to remember (from NEW/snapshot) to attribute "
+        "later events when the kernel sends no start timestamp.",
+    )
+
+
+class FilterConfig(_Closed):
+    """Which flows become records."""
+
+    pod_cidrs: list[str] = Field(
+        [], description="Pod CIDRs: a flow is kept only if its original source is in one."
+    )
+    cluster_cidrs: list[str] = Field(
+        [],
+        description="Cluster CIDRs (pods, join subnet, services, nodes): flows to these "
+        "destinations are dropped.",
+    )
+    only_snat: bool = Field(
+        True, description="Keep only flows whose source was NATed (MASQUERADE/SNAT)."
+    )
+
+    @field_validator("pod_cidrs", "cluster_cidrs")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        return _check_cidrs(v)
+
+
+class InventoryConfig(_Closed):
+    """Pod metadata from a file in `kubectl get pods -A -o json` format."""
+
+    pods_file: Path | None = Field(
+        None, description="Path of a v1 PodList JSON file; reloaded when it changes."
+    )
+    reload_interval_s: float = Field(
+        2.0, gt=0, description="How often the pods file is checked for changes."
+    )
+
+
+class EnrichConfig(_Closed):
+    """How flows are attributed to pods."""
+
+    retention_s: float = Field(
+        432000.0,
+        gt=0,
+        description="How long a deleted pod's identity is kept to attribute late events "
+        "(default 5 days: conntrack's longest default timeout).",
+    )
+    max_tombstones: int = Field(
+        1_000_000, ge=0, description="At most this many deleted-pod address intervals are kept."
+    )
+    clock_skew_s: float = Field(
+        5.0,
+        ge=0,
+        description="A flow starting this much before a pod's creation time still belongs to it.",
+    )
+    label_allowlist: list[str] = Field(
+        [], description="If non-empty, only these label keys are shipped (glob patterns)."
+    )
+    label_denylist: list[str] = Field(
+        [], description="Label keys never shipped (glob patterns), applied after the allowlist."
+    )
+    annotation_allowlist: list[str] = Field(
+        [], description="Annotation keys shipped (glob patterns); empty ships none."
+    )
+    max_labels: int = Field(64, ge=0, description="At most this many labels per pod are shipped.")
+    max_key_bytes: int = Field(253, ge=1, description="Longer label/annotation keys are dropped.")
+    max_value_bytes: int = Field(
+        1024, ge=1, description="Longer label/annotation values are truncated to this size."
+    )
+
+
+class BatchConfig(_Closed):
+    """When a batch is closed and handed to the sink."""
+
+    max_records: int = Field(1000, ge=1, description="Close a batch at this many records.")
+    max_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Close a batch before it passes this many bytes."
+    )
+    max_age_s: float = Field(1.0, gt=0, le=60, description="Close a batch this old (seconds).")
+
+
+class QueueConfig(_Closed):
+    """The bounded queue between the event path and the sink."""
+
+    max_batches: int = Field(64, ge=1, description="Closed batches waiting for the sink.")
+    overflow: Literal["block", "drop_newest", "drop_oldest"] = Field(
+        "block",
+        description="When the queue is full: block (stop reading; the kernel then drops and we "
+        "count it as an overrun), drop_newest or drop_oldest (count the dropped records).",
+    )
+
+
+class FileSinkConfig(_Closed):
+    """The file sink: NDJSON, appended, rotated by size."""
+
+    path: Path = Field(Path("/var/log/flowlog/flows.json"), description="File to append to.")
+    max_bytes: int = Field(
+        100 * 1024 * 1024, ge=1024, description="Rotate when the file reaches this size."
+    )
+    keep: int = Field(5, ge=0, description="Rotated files kept (path.1 ... path.N).")
+    fsync: bool = Field(False, description="fsync after every batch.")
+
+
+class ForwardSinkConfig(_Closed):
+    """The Fluentd forward-protocol sink."""
+
+    addresses: list[str] = Field(
+        ["127.0.0.1:24224"], description="Receivers as HOST:PORT, tried in order (failover)."
+    )
+    tag: str = Field("flowlog", description="Fluentd tag of every record.")
+
+
+class SinkConfig(_Closed):
+    """Where records go."""
+
+    type: Literal["stdout", "file", "forward"] = Field("stdout", description="The output.")
+    file: FileSinkConfig = Field(default_factory=FileSinkConfig, description="File sink options.")
+    forward: ForwardSinkConfig = Field(
+        default_factory=ForwardSinkConfig, description="Forward sink options."
+    )
+    retry_initial_s: float = Field(0.2, gt=0, description="First retry delay after a failure.")
+    retry_max_s: float = Field(30.0, gt=0, description="Longest retry delay.")
+    max_retries: int = Field(
+        -1, ge=-1, description="Retries of one batch before it is dropped; -1 retries forever."
+    )
+
+
+class MetricsConfig(_Closed):
+    """Prometheus metrics endpoint."""
+
+    address: str | None = Field(
+        "0.0.0.0:9808", description="HOST:PORT to serve /metrics on; null disables it."
+    )
+
+
+class Config(_Closed):
+    """The whole configuration."""
+
+    node_name: str = Field(
+        default_factory=lambda: os.environ.get("NODE_NAME") or socket.gethostname(),
+        description="This node's name, shipped as host.name (default: $NODE_NAME, else hostname).",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="The shipper's own log level (JSON lines on stderr)."
+    )
+    shutdown_grace_s: float = Field(
+        10.0, gt=0, description="On SIGTERM/SIGINT, how long to flush before exiting."
+    )
+    conntrack: ConntrackConfig = Field(default_factory=ConntrackConfig, description="Source.")
+    filter: FilterConfig = Field(default_factory=FilterConfig, description="Filter.")
+    inventory: InventoryConfig = Field(
+        default_factory=InventoryConfig, description="Pod inventory file."
+    )
+    enrich: EnrichConfig = Field(default_factory=EnrichConfig, description="Attribution.")
+    batch: BatchConfig = Field(default_factory=BatchConfig, description="Batching.")
+    queue: QueueConfig = Field(default_factory=QueueConfig, description="Queue.")
+    sink: SinkConfig = Field(default_factory=SinkConfig, description="Output.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics.")
+
+    @model_validator(mode="after")
+    def _needs_pod_cidrs(self) -> Config:
+        if not self.filter.pod_cidrs and not _dynamic_cidrs(self):
+            raise ValueError(
+                "filter.pod_cidrs is empty: set at least one pod CIDR (or --pod-cidr)"
+            )
+        return self
+
+
+def _dynamic_cidrs(cfg: Config) -> bool:
+    """True when CIDRs come from a runtime source (Kube-OVN Subnets)."""
+    kube = getattr(cfg, "kubernetes", None)
+    return bool(kube is not None and getattr(kube, "subnets_enabled", False))
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            out.append(f"{loc}: unknown key")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            out.append(f"{loc}: {msg}")
+    return out
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[p] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read, merge CLI overrides (dotted keys) and validate; raise ConfigError on any problem."""
+    source = str(path) if path is not None else "command line"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([f"cannot read: {exc.strerror or exc}"], source) from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"not valid YAML: {exc}"], source) from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(["top level must be a mapping"], source)
+        data = loaded
+    for key, value in (overrides or {}).items():
+        _set_path(data, key, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc), source) from exc
+
+
+def effective(cfg: Config) -> dict[str, Any]:
+    """The effective configuration as plain data (for ``check-config``)."""
+    return cfg.model_dump(mode="json")
+
+
+def reference(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(dotted key, default, description)`` for every leaf option, for the docs."""
+    rows: list[tuple[str, str, str]] = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        key = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(reference(ann, key + "."))
+            continue
+        if f.default_factory is not None:
+            try:
+                default = repr(f.default_factory())  # type: ignore[call-arg]
+            except TypeError:
+                default = "(computed)"
+            if name == "node_name":
+                default = "$NODE_NAME or hostname"
+        else:
+            default = repr(f.default)
+        rows.append((key, default, f.description or ""))
+    return rows

@@ -1,0 +1,223 @@
+"""Time-aware pod index: which pod owned an IP at a given moment.
+
+Pure data structure, no I/O. Writers (the inventory file reloader, the
+Kubernetes watch) call :meth:`PodIndex.update`, :meth:`PodIndex.delete` and
+:meth:`PodIndex.reconcile`; the event path calls :meth:`PodIndex.lookup`.
+
+Every address maps to a short history of ownership intervals
+``(start_ns, end_ns | None, PodMeta)``, oldest first, never overlapping: a new
+owner's interval starts no earlier than the previous owner's ended, because
+Kubernetes hands an IP to a new pod only after the old one released it. A flow
+is attributed to the interval that contains the flow's *start* time, so a
+DESTROY event that arrives days after its pod was deleted, and after the IP was
+given to another pod, still names the pod that opened the flow.
+
+Deleted pods stay as closed intervals ("tombstones") for ``retention_ns``
+(default: five days, conntrack's longest default timeout, TCP established) and
+at most ``max_tombstones`` of them are kept; older ones are evicted first and
+counted.
+
+Concurrency: writers serialise on a lock; readers take no lock. Each address's
+history is an immutable tuple replaced as a whole, so a reader always sees
+either the old or the new history, never a half-updated one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable
+
+from shipper.record import PodMeta, ip_key
+
+Interval = tuple[int, "int | None", PodMeta]
+
+DEFAULT_RETENTION_NS = 5 * 24 * 3600 * 1_000_000_000
+DEFAULT_SKEW_NS = 5 * 1_000_000_000
+
+
+class PodIndex:
+    """IP -> ownership history, looked up by time."""
+
+    def __init__(
+        self,
+        *,
+        retention_ns: int = DEFAULT_RETENTION_NS,
+        max_tombstones: int = 1_000_000,
+        skew_ns: int = DEFAULT_SKEW_NS,
+    ) -> None:
+        """``skew_ns`` tolerates clock skew between the API server and this node.
+
+        A flow that starts up to ``skew_ns`` before the first known owner's
+        interval is still attributed to that owner.
+        """
+        self.retention_ns = retention_ns
+        self.max_tombstones = max_tombstones
+        self.skew_ns = skew_ns
+        self._hist: dict[int, tuple[Interval, ...]] = {}
+        self._live: dict[str, PodMeta] = {}
+        # (end_ns, key, uid) of closed intervals, in closing order, for pruning.
+        self._closed: deque[tuple[int, int, str]] = deque()
+        self._lock = threading.Lock()
+        self.evicted_total = 0
+        self.version = 0
+
+    # ---- readers -------------------------------------------------------------
+
+    def lookup(self, family: int, ip: int, t_ns: int) -> PodMeta | None:
+        """Return the pod that owned ``ip`` at ``t_ns``, or None if nobody did."""
+        hist = self._hist.get(ip if family == 4 else ip_key(family, ip))
+        if hist is None:
+            return None
+        for start, end, meta in reversed(hist):
+            if start <= t_ns:
+                if end is None or t_ns < end:
+                    return meta
+                return None
+        first = hist[0]
+        if first[0] - t_ns <= self.skew_ns:
+            return first[2]
+        return None
+
+    def live_pods(self) -> int:
+        """Number of pods currently owning at least one address."""
+        return len(self._live)
+
+    def addresses(self) -> int:
+        """Number of addresses with any history."""
+        return len(self._hist)
+
+    def tombstones(self) -> int:
+        """Number of closed intervals still kept."""
+        return len(self._closed)
+
+    def history(self, family: int, ip: int) -> tuple[Interval, ...]:
+        """The ownership history of one address, oldest first (for tests and debugging)."""
+        return self._hist.get(ip_key(family, ip), ())
+
+    # ---- writers -------------------------------------------------------------
+
+    def update(self, pod: PodMeta, now_ns: int) -> None:
+        """Record the current state of one pod (a watch ADDED/MODIFIED, a file entry).
+
+        A pod that is host-network, finished (Succeeded/Failed) or has no IP
+        owns nothing: its open intervals are closed at ``now_ns``.
+        """
+        with self._lock:
+            self._update_locked(pod, now_ns)
+            self.version += 1
+
+    def delete(self, uid: str, now_ns: int) -> None:
+        """Record that a pod is gone: its addresses are released at ``now_ns``."""
+        with self._lock:
+            old = self._live.pop(uid, None)
+            if old is not None:
+                for fam, ip in old.ips:
+                    self._close(ip_key(fam, ip), uid, now_ns)
+            self.version += 1
+
+    def reconcile(self, pods: Iterable[PodMeta], now_ns: int) -> None:
+        """Replace the live set with ``pods`` (a full list): missing pods are deleted."""
+        with self._lock:
+            seen: set[str] = set()
+            for pod in pods:
+                seen.add(pod.uid)
+                self._update_locked(pod, now_ns)
+            for uid in [u for u in self._live if u not in seen]:
+                old = self._live.pop(uid)
+                for fam, ip in old.ips:
+                    self._close(ip_key(fam, ip), uid, now_ns)
+            self.version += 1
+
+    def prune(self, now_ns: int) -> int:
+        """Forget closed intervals older than the retention; return how many went."""
+        removed = 0
+        with self._lock:
+            horizon = now_ns - self.retention_ns
+            while self._closed and (
+                self._closed[0][0] < horizon or len(self._closed) > self.max_tombstones
+            ):
+                end, key, uid = self._closed.popleft()
+                if end >= horizon:
+                    self.evicted_total += 1
+                hist = self._hist.get(key)
+                if hist is None:
+                    continue
+                kept = tuple(iv for iv in hist if not (iv[1] == end and iv[2].uid == uid))
+                if kept:
+                    self._hist[key] = kept
+                else:
+                    del self._hist[key]
+                removed += 1
+            if removed:
+                self.version += 1
+        return removed
+
+    # ---- internals -----------------------------------------------------------
+
+    @staticmethod
+    def _owns_ips(pod: PodMeta) -> bool:
+        return bool(pod.ips) and not pod.host_network and pod.phase not in ("Succeeded", "Failed")
+
+    def _update_locked(self, pod: PodMeta, now_ns: int) -> None:
+        uid = pod.uid
+        old = self._live.get(uid)
+        new_keys = {ip_key(f, i) for f, i in pod.ips} if self._owns_ips(pod) else set()
+        old_keys = {ip_key(f, i) for f, i in old.ips} if old is not None else set()
+        for key in old_keys - new_keys:
+            self._close(key, uid, now_ns)
+        for key in new_keys & old_keys:
+            # Same address, fresher metadata (labels may have changed).
+            hist = self._hist[key]
+            start, end, meta = hist[-1]
+            if meta.uid == uid and end is None and meta != pod:
+                self._hist[key] = (*hist[:-1], (start, None, pod))
+        first_seen = old is None
+        for key in new_keys - old_keys:
+            start = now_ns
+            if first_seen and pod.created_ns is not None:
+                # The pod may have owned the address since it was created.
+                start = min(pod.created_ns, now_ns)
+            self._open(key, pod, start, now_ns)
+        if new_keys:
+            self._live[uid] = pod
+        else:
+            self._live.pop(uid, None)
+
+    def _open(self, key: int, pod: PodMeta, start: int, now_ns: int) -> None:
+        hist = self._hist.get(key, ())
+        if hist:
+            last_start, last_end, last_meta = hist[-1]
+            if last_end is None and last_meta.uid != pod.uid:
+                # The address moved to a new pod before we saw the old one go.
+                last_end = max(now_ns, last_start)
+                hist = (*hist[:-1], (last_start, last_end, last_meta))
+                self._closed.append((last_end, key, last_meta.uid))
+                stale = self._live.get(last_meta.uid)
+                if stale is not None:
+                    remaining = tuple(
+                        (f, i) for f, i in stale.ips if ip_key(f, i) != key
+                    )
+                    if remaining:
+                        self._live[last_meta.uid] = _with_ips(stale, remaining)
+                    else:
+                        del self._live[last_meta.uid]
+            if last_end is not None:
+                start = max(start, last_end)
+        self._hist[key] = (*hist, (start, None, pod))
+
+    def _close(self, key: int, uid: str, now_ns: int) -> None:
+        hist = self._hist.get(key)
+        if not hist:
+            return
+        start, end, meta = hist[-1]
+        if end is None and meta.uid == uid:
+            end = max(now_ns, start)
+            self._hist[key] = (*hist[:-1], (start, end, meta))
+            self._closed.append((end, key, uid))
+
+
+def _with_ips(pod: PodMeta, ips: tuple[tuple[int, int], ...]) -> PodMeta:
+    from dataclasses import replace
+
+    return replace(pod, ips=ips)

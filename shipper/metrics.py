@@ -1,0 +1,226 @@
+"""Every metric, defined in one place.
+
+The event path increments plain integers on a :class:`Metrics` object (a
+``prometheus_client`` counter costs about a microsecond per ``inc`` because of
+its lock; a dict increment costs tens of nanoseconds). A custom collector reads
+them at scrape time. The registry is injected, so tests read values directly
+with :meth:`Metrics.value` or ``registry.get_sample_value``.
+
+Naming: ``shipper_<what>_<unit>_total``; every drop carries a ``reason``
+label; a retry is never counted as a drop.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    """Name, kind, help text and label names of one metric."""
+
+    name: str
+    kind: str  # "counter" | "gauge" | "histogram"
+    help: str
+    labels: tuple[str, ...] = ()
+
+
+# The catalogue. docs/METRICS.md lists the same; tests check that they agree.
+DEFS: dict[str, MetricDef] = {
+    d.name: d
+    for d in [
+        MetricDef("shipper_events_total", "counter", "Conntrack events read, by type.", ("type",)),
+        MetricDef(
+            "shipper_events_filtered_total",
+            "counter",
+            "Events not turned into records, by reason.",
+            ("reason",),
+        ),
+        MetricDef(
+            "shipper_decode_errors_total",
+            "counter",
+            "Netlink messages that could not be decoded, by reason.",
+            ("reason",),
+        ),
+        MetricDef("shipper_records_total", "counter", "Records built, by action.", ("action",)),
+        MetricDef(
+            "shipper_records_unresolved_total",
+            "counter",
+            "Records whose source IP matched no pod at flow start (shipped, flagged).",
+        ),
+        MetricDef(
+            "shipper_records_shipped_total",
+            "counter",
+            "Records confirmed delivered by a sink.",
+            ("sink",),
+        ),
+        MetricDef(
+            "shipper_batches_shipped_total", "counter", "Batches confirmed delivered.", ("sink",)
+        ),
+        MetricDef(
+            "shipper_records_dropped_total",
+            "counter",
+            "Records accepted and then dropped, by reason.",
+            ("reason",),
+        ),
+        MetricDef(
+            "shipper_delivery_retries_total",
+            "counter",
+            "Delivery attempts that failed and will be retried.",
+            ("sink", "error"),
+        ),
+        MetricDef(
+            "shipper_overruns_total",
+            "counter",
+            "Times the event socket overflowed (ENOBUFS).",
+        ),
+        MetricDef(
+            "shipper_events_lost_total",
+            "counter",
+            "Events the kernel dropped because the socket was full (socket drop counter).",
+        ),
+        MetricDef("shipper_resyncs_total", "counter", "Table dumps done to resync after a loss."),
+        MetricDef(
+            "shipper_errors_total",
+            "counter",
+            "Runtime errors, by stage and error type.",
+            ("stage", "error"),
+        ),
+        MetricDef(
+            "shipper_conntrack_sysctl",
+            "gauge",
+            "Value of net.netfilter.nf_conntrack_<name> in the conntrack namespace.",
+            ("name",),
+        ),
+        MetricDef("shipper_queue_batches", "gauge", "Closed batches waiting for the sink."),
+        MetricDef("shipper_pods_live", "gauge", "Pods currently owning an address."),
+        MetricDef("shipper_pod_tombstones", "gauge", "Deleted-pod address intervals kept."),
+        MetricDef(
+            "shipper_pod_tombstones_evicted_total",
+            "counter",
+            "Deleted-pod intervals evicted before their retention ended (memory cap).",
+        ),
+        MetricDef(
+            "shipper_inventory_reloads_total",
+            "counter",
+            "Pod inventory file reloads, by result.",
+            ("result",),
+        ),
+        MetricDef(
+            "shipper_batch_latency_seconds",
+            "histogram",
+            "From a batch's first record to its confirmed delivery.",
+            ("sink",),
+        ),
+    ]
+}
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """Plain counters and gauges, exposed to Prometheus by a collector.
+
+    ``inc``/``set``/``observe`` take the metric name and label values in the
+    order of the metric's label names. Integer increments from several threads
+    are safe enough under the GIL for counters that only grow (a lost update
+    would need two threads incrementing the same key at the same instant; the
+    event path is a single thread and the others use ``lock``).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.values: dict[str, dict[tuple[str, ...], float]] = defaultdict(
+            lambda: defaultdict(float)
+        )
+        self._hist: dict[tuple[str, ...], list[float]] = {}
+        self.lock = threading.Lock()
+        self.registry = registry
+        for d in DEFS.values():
+            if d.kind == "histogram":
+                continue
+            if not d.labels:
+                self.values[d.name][()] = 0.0
+        if registry is not None:
+            registry.register(_Collector(self))
+
+    def inc(self, name: str, *labels: str, n: float = 1) -> None:
+        """Add ``n`` to a counter."""
+        self.values[name][labels] += n
+
+    def set(self, name: str, value: float, *labels: str) -> None:
+        """Set a gauge."""
+        self.values[name][labels] = value
+
+    def observe(self, name: str, value: float, *labels: str) -> None:
+        """Record one histogram observation."""
+        with self.lock:
+            h = self._hist.get((name, *labels))
+            if h is None:
+                h = [0.0] * (len(_BUCKETS) + 2)  # buckets..., +Inf, sum
+                self._hist[(name, *labels)] = h
+            for i, b in enumerate(_BUCKETS):
+                if value <= b:
+                    h[i] += 1
+            h[len(_BUCKETS)] += 1
+            h[len(_BUCKETS) + 1] += value
+
+    def value(self, name: str, *labels: str) -> float:
+        """Current value of a counter or gauge (0 if never touched)."""
+        return self.values[name].get(labels, 0.0) if name in self.values else 0.0
+
+    def total(self, name: str) -> float:
+        """Sum of a metric over all its label values."""
+        return sum(self.values[name].values())
+
+    def histogram_count(self, name: str, *labels: str) -> float:
+        """Number of observations of a histogram."""
+        h = self._hist.get((name, *labels))
+        return 0.0 if h is None else h[len(_BUCKETS)]
+
+    def collect(self) -> Iterator[object]:
+        """Yield prometheus metric families (used by the registered collector)."""
+        for d in DEFS.values():
+            if d.kind == "histogram":
+                fam_h = HistogramMetricFamily(d.name, d.help, labels=list(d.labels))
+                with self.lock:
+                    items = [(k[1:], list(v)) for k, v in self._hist.items() if k[0] == d.name]
+                for labels, h in items:
+                    buckets = [(str(b), h[i]) for i, b in enumerate(_BUCKETS)]
+                    buckets.append(("+Inf", h[len(_BUCKETS)]))
+                    fam_h.add_metric(list(labels), buckets, h[len(_BUCKETS) + 1])
+                yield fam_h
+                continue
+            base = d.name.removesuffix("_total") if d.kind == "counter" else d.name
+            fam = (
+                CounterMetricFamily(base, d.help, labels=list(d.labels))
+                if d.kind == "counter"
+                else GaugeMetricFamily(d.name, d.help, labels=list(d.labels))
+            )
+            for labels, v in list(self.values[d.name].items()):
+                fam.add_metric(list(labels), v)
+            yield fam
+
+
+class _Collector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[object]:  # type: ignore[override]
+        yield from self._m.collect()
+
+
+def serve(registry: CollectorRegistry, address: str) -> object:
+    """Start the /metrics HTTP endpoint on ``HOST:PORT`` in a daemon thread; return the server."""
+    from prometheus_client import start_http_server
+
+    host, _, port = address.rpartition(":")
+    server, _thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
+    return server
+
