@@ -1,0 +1,104 @@
+"""file sink: NDJSON appended to a file, rotated by size, optional fsync.
+
+Rotation renames ``path`` -> ``path.1`` -> ... -> ``path.N`` (``keep`` = N) and
+deletes the oldest, like logrotate's default scheme, so tools tailing ``path``
+by name follow it. A batch is never split across two files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from shipper.errors import SinkError
+from shipper.sinks.base import Batch
+from shipper.sinks.stdout import encode_json
+
+
+class FileSink:
+    """Appends each batch with one write; rotates before a batch would pass ``max_bytes``."""
+
+    name = "file"
+    encode = staticmethod(encode_json)
+
+    def __init__(self, path: Path, *, max_bytes: int, keep: int, fsync: bool) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self.fsync = fsync
+        self._fd: int | None = None
+        self._size = 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SinkError(f"cannot create directory {self.path.parent}: {exc.strerror}",
+                            retriable=False) from exc
+        self._open()
+
+    def _open(self) -> None:
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+            self._size = os.fstat(self._fd).st_size
+        except OSError as exc:
+            self._fd = None
+            raise SinkError(f"cannot open {self.path}: {exc.strerror}",
+                            retriable=exc.errno not in (13, 30)) from exc
+
+    def _rotate(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.keep == 0:
+            os.unlink(self.path)
+        else:
+            for i in range(self.keep, 0, -1):
+                src = self.path if i == 1 else self.path.with_name(f"{self.path.name}.{i - 1}")
+                dst = self.path.with_name(f"{self.path.name}.{i}")
+                if src.exists():
+                    os.replace(src, dst)
+        self._open()
+
+    def deliver(self, batch: Batch) -> None:
+        """Append the batch (one write), fsync if configured."""
+        data = b"".join(batch.entries)
+        try:
+            if self._fd is None:
+                self._open()
+            if self._size and self._size + len(data) > self.max_bytes:
+                self._rotate()
+            assert self._fd is not None
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+                self._size += n
+            if self.fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            # A partial write leaves a torn line: reopen so the retry starts clean
+            # on a new line rather than appending to half a record.
+            self._reset_after_error()
+            raise SinkError(f"write to {self.path} failed: {exc.strerror}",
+                            retriable=exc.errno not in (13, 30)) from exc
+
+    def _reset_after_error(self) -> None:
+        if self._fd is not None:
+            try:
+                os.write(self._fd, b"\n")
+            except OSError:
+                pass
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+    def close(self) -> None:
+        """fsync and close the file."""
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
