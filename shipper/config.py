@@ -220,6 +220,81 @@ class MetricsConfig(_Closed):
     )
 
 
+class KubernetesConfig(_Closed):
+    """Pods, Nodes and Kube-OVN Subnets from the Kubernetes API (list + watch)."""
+
+    kubeconfig: Path | None = Field(
+        None,
+        description="Kubeconfig file for running outside the cluster (default: $KUBECONFIG); "
+        "with neither this nor an in-cluster service account the API source is off.",
+    )
+    context: str | None = Field(
+        None, description="Kubeconfig context to use (default: the file's current-context)."
+    )
+    in_cluster: Literal["auto", "never"] = Field(
+        "auto",
+        description="auto: use the pod's service account when no kubeconfig is given and "
+        "KUBERNETES_SERVICE_HOST is set; never: only a kubeconfig enables the API source.",
+    )
+    sync_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="At start, wait up to this long for the first pod (and Subnet/Node) lists "
+        "before processing events; later unresolved records are flagged and counted.",
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Connect timeout, and read timeout of list requests."
+    )
+    watch_timeout_s: int = Field(
+        290,
+        ge=10,
+        description="Server-side timeoutSeconds of one watch request; the watch then resumes "
+        "from the last resourceVersion. A silent connection is dropped after this plus 30 s.",
+    )
+    list_page_size: int = Field(
+        500, ge=1, description="Objects per list page (limit/continue paging)."
+    )
+    backoff_initial_s: float = Field(
+        0.5, gt=0, description="First reconnect delay after an API error (jittered, doubling)."
+    )
+    backoff_max_s: float = Field(30.0, gt=0, description="Longest reconnect delay.")
+    subnets_enabled: bool = Field(
+        False,
+        description="Discover pod and cluster CIDRs from kubeovn.io/v1 Subnets at runtime "
+        "(combined with filter.pod_cidrs / filter.cluster_cidrs).",
+    )
+    subnet_selection: Literal["nat_outgoing", "all"] = Field(
+        "nat_outgoing",
+        description="Which Subnets' cidrBlocks are pod CIDRs: those with natOutgoing: true, "
+        "or all (the join subnet never is).",
+    )
+    subnet_vpcs: list[str] = Field(
+        [], description="If non-empty, only Subnets of these VPCs (spec.vpc) give pod CIDRs."
+    )
+    join_subnet: str = Field(
+        "join",
+        description="Name of the Kube-OVN join (node) Subnet: excluded as a destination, "
+        "never a pod CIDR.",
+    )
+    nat_policy_rules: bool = Field(
+        True,
+        description="Honour Subnets' natOutgoingPolicyRules: sources a rule forwards "
+        "(no SNAT) are not pod CIDRs where that can be decided from the source alone.",
+    )
+    service_cidrs: list[str] = Field(
+        [],
+        description="Service CIDRs (in no CRD): excluded as destinations when Subnets are watched.",
+    )
+    watch_nodes: bool = Field(
+        True, description="Watch Nodes and exclude their InternalIPs as destinations."
+    )
+
+    @field_validator("service_cidrs")
+    @classmethod
+    def _service_cidrs(cls, v: list[str]) -> list[str]:
+        return _check_cidrs(v)
+
+
 class Config(_Closed):
     """The whole configuration."""
 
@@ -243,6 +318,10 @@ class Config(_Closed):
     queue: QueueConfig = Field(default_factory=QueueConfig, description="Queue.")
     sink: SinkConfig = Field(default_factory=SinkConfig, description="Output.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics.")
+    kubernetes: KubernetesConfig = Field(
+        default_factory=KubernetesConfig,
+        description="Kubernetes API source (pods, nodes, Kube-OVN subnets).",
+    )
 
     @model_validator(mode="after")
     def _needs_pod_cidrs(self) -> Config:

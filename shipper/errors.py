@@ -29,7 +29,15 @@ class SourceError(ShipperError):
 
 
 class DecodeError(SourceError):
-    """A netlink message is malformed; the message is skipped and counted."""
+    """A netlink message is malformed; the message is skipped and counted.
+
+    ``msg_len`` is the length from a sane netlink header (so the reader can
+    skip just this message), or None when even the header is unusable.
+    """
+
+    def __init__(self, message: str, msg_len: int | None = None) -> None:
+        super().__init__(message)
+        self.msg_len = msg_len
 
 
 class EnrichError(ShipperError):

@@ -119,6 +119,42 @@ DEFS: dict[str, MetricDef] = {
             "From a batch's first record to its confirmed delivery.",
             ("sink",),
         ),
+        MetricDef(
+            "shipper_kube_events_total",
+            "counter",
+            "Kubernetes watch events applied, by resource and type (ADDED, BOOKMARK, ...).",
+            ("resource", "type"),
+        ),
+        MetricDef(
+            "shipper_kube_lists_total",
+            "counter",
+            "Full Kubernetes lists, by resource and result (ok, error).",
+            ("resource", "result"),
+        ),
+        MetricDef(
+            "shipper_kube_watch_restarts_total",
+            "counter",
+            "Kubernetes watches restarted, by resource and reason (gone, expired, error).",
+            ("resource", "reason"),
+        ),
+        MetricDef(
+            "shipper_kube_objects_invalid_total",
+            "counter",
+            "Kubernetes objects skipped because they could not be converted, by resource.",
+            ("resource",),
+        ),
+        MetricDef(
+            "shipper_kube_cache_stale",
+            "gauge",
+            "1 while the cached objects of a resource may be out of date (API unreachable).",
+            ("resource",),
+        ),
+        MetricDef(
+            "shipper_kube_cidrs",
+            "gauge",
+            "CIDRs in force after Kube-OVN discovery, by kind (pod, cluster).",
+            ("kind",),
+        ),
     ]
 }
 

@@ -1,0 +1,664 @@
+"""The only module that talks to the Kubernetes API: list + watch of Pods, Nodes, Subnets.
+
+One background thread per resource runs a *reflector* loop:
+
+1. **List** (paged with ``limit``/``continue``), convert every item, hand the
+   whole set to the consumer (pods: :meth:`PodIndex.reconcile`, so pods
+   deleted while we were not watching become tombstones, never ghosts).
+2. **Watch** from the list's ``resourceVersion`` with
+   ``allowWatchBookmarks=true`` and a server-side ``timeoutSeconds``. Every
+   event, bookmarks included, advances the resume point.
+3. When the watch ends (server timeout, dropped connection) it **resumes from
+   the last resourceVersion**; on **410 Gone** (HTTP status or an ``ERROR``
+   event with code 410, also for an expired ``continue`` token) it goes back
+   to 1. Connection errors and other API errors back off exponentially with
+   jitter before retrying.
+
+The event path never waits for any of this: it reads the pod index and the
+CIDR filter, which are swapped atomically by these threads. While a resource
+cannot be listed or watched its cached state keeps serving and the
+``shipper_kube_cache_stale{resource}`` gauge is 1 (with a warning log line on
+the transition).
+
+lightkube provides the configuration side (kubeconfig parsing, in-cluster
+service account with token refresh, exec/cert/token auth, TLS) and the HTTP
+client it builds; the list/watch loop is ours because lightkube's watch helper
+neither surfaces bookmarks nor lets us re-list and reconcile on 410 (it
+silently restarts from "now", which turns pods deleted in the gap into
+ghosts). Objects are decoded with orjson into plain dicts, which is what the
+pure converters (:mod:`~shipper.enrich.pods`, :mod:`~shipper.enrich.subnets`)
+take. See docs/ARCHITECTURE.md, "Kubernetes API client".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+import httpx2 as httpx
+import orjson
+from lightkube.config.client_adapter import Client as _lightkube_http_client
+from lightkube.config.client_adapter import ConnectionParams
+from lightkube.config.kubeconfig import KubeConfig, SingleConfig
+from lightkube.core.exceptions import ConfigError as LightkubeConfigError
+
+from shipper.enrich import subnets as subnet_rules
+from shipper.enrich.pods import LabelPolicy, pod_from_dict
+from shipper.errors import EnrichError
+from shipper.record import PodMeta
+
+if TYPE_CHECKING:
+    from shipper.config import Config
+    from shipper.enrich.pod_index import PodIndex
+    from shipper.filters.cidr import CidrFilter
+    from shipper.metrics import Metrics
+
+log = logging.getLogger("shipper.kube")
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+PODS_PATH = "/api/v1/pods"
+NODES_PATH = "/api/v1/nodes"
+SUBNETS_PATH = "/apis/kubeovn.io/v1/subnets"
+
+# Extra read time past the server-side watch timeout before a silent
+# connection is declared dead.
+WATCH_READ_GRACE_S = 30.0
+# A watch that ends this fast without delivering anything is treated as an
+# error (backoff) so a misbehaving server cannot make us spin.
+MIN_HEALTHY_WATCH_S = 1.0
+
+T = TypeVar("T")
+
+
+# ---- configuration ---------------------------------------------------------------
+
+
+def _in_cluster_available(service_account: Path = SERVICE_ACCOUNT_DIR) -> bool:
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (
+        service_account / "token"
+    ).is_file()
+
+
+def _kubeconfig_path(cfg: Config) -> Path | None:
+    if cfg.kubernetes.kubeconfig is not None:
+        return cfg.kubernetes.kubeconfig
+    env = os.environ.get("KUBECONFIG", "").strip()
+    if env:
+        # Like kubectl, KUBECONFIG may list several files; the first one is used.
+        return Path(env.split(os.pathsep)[0])
+    return None
+
+
+def kube_enabled(cfg: Config) -> bool:
+    """True when the API source should run: a kubeconfig is given, or in-cluster credentials exist.
+
+    Order: ``kubernetes.kubeconfig``, then ``$KUBECONFIG``, then (with
+    ``in_cluster: auto``) the pod's service account.
+    """
+    if _kubeconfig_path(cfg) is not None:
+        return True
+    return cfg.kubernetes.in_cluster == "auto" and _in_cluster_available()
+
+
+def load_connection(cfg: Config) -> SingleConfig:
+    """Resolve the cluster, user and context to talk to; raises EnrichError when impossible."""
+    path = _kubeconfig_path(cfg)
+    try:
+        if path is not None:
+            single = KubeConfig.from_file(path).get(context_name=cfg.kubernetes.context)
+            source = str(path)
+        elif cfg.kubernetes.in_cluster == "auto" and _in_cluster_available():
+            single = KubeConfig.from_service_account(SERVICE_ACCOUNT_DIR).get()
+            source = "in-cluster service account"
+        else:
+            raise EnrichError("no kubeconfig and no in-cluster service account")
+    except EnrichError:
+        raise
+    except (LightkubeConfigError, OSError, KeyError, ValueError, TypeError) as exc:
+        raise EnrichError(f"kubernetes: cannot load {path or 'in-cluster config'}: {exc}") from exc
+    if single is None or single.cluster is None or not single.cluster.server:
+        raise EnrichError(f"kubernetes: {source} names no cluster server")
+    if single.user is None:
+        # lightkube needs a user entry; an anonymous one is valid for kubeconfigs without auth.
+        from lightkube.config.models import User
+
+        single = single._replace(user=User())
+    return single
+
+
+# ---- one list+watch loop -------------------------------------------------------
+
+
+class _ApiStatus(Exception):
+    """A non-2xx answer or an ERROR watch event; ``code`` is the HTTP/Status code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class _Gone(Exception):
+    """410 Gone: the resourceVersion (or continue token) expired; re-list."""
+
+
+class Consumer(Protocol[T]):
+    """Where a reflector delivers objects. Called from the reflector's thread only."""
+
+    def convert(self, obj: Mapping[str, Any]) -> T:
+        """Convert one API object; raise EnrichError if it is malformed."""
+
+    def replace(self, items: list[T]) -> None:
+        """A full list: this is now the complete set."""
+
+    def apply(self, event: str, obj: Mapping[str, Any]) -> None:
+        """One ADDED/MODIFIED/DELETED watch event (raise EnrichError if malformed)."""
+
+
+class Reflector(Generic[T]):
+    """List + watch one collection in a thread, keeping a consumer up to date.
+
+    ``client_factory`` returns a fresh HTTP client (one per reflector; closed
+    by the reflector). Thread-safe surface: :attr:`synced`, :attr:`stale`,
+    :meth:`start`, :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        resource: str,
+        path: str,
+        consumer: Consumer[T],
+        client_factory: Callable[[], httpx.Client],
+        metrics: Metrics,
+        *,
+        page_size: int = 500,
+        request_timeout_s: float = 30.0,
+        watch_timeout_s: int = 290,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+    ) -> None:
+        """Nothing happens until :meth:`start`."""
+        self.resource = resource
+        self.path = path
+        self.consumer = consumer
+        self.metrics = metrics
+        self.page_size = page_size
+        self.request_timeout_s = request_timeout_s
+        self.watch_timeout_s = watch_timeout_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.synced = threading.Event()
+        self._client_factory = client_factory
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._resp_lock = threading.Lock()
+        self._resp: httpx.Response | None = None
+        self._stale = True
+        self._failures = 0
+        self.resource_version: str | None = None
+        metrics.set("shipper_kube_cache_stale", 1, resource)
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        """Start the background thread (returns at once)."""
+        self._thread = threading.Thread(target=self._run, name=f"kube-{self.resource}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread: abort any request in flight and join within ``timeout``."""
+        self._stop.set()
+        self._abort_response()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("kube %s reflector did not stop within %.1fs", self.resource, timeout)
+
+    @property
+    def stale(self) -> bool:
+        """True until the first list succeeded and whenever the API cannot be reached."""
+        return self._stale
+
+    def _set_stale(self, stale: bool, why: str = "") -> None:
+        if stale == self._stale:
+            return
+        self._stale = stale
+        self.metrics.set("shipper_kube_cache_stale", 1 if stale else 0, self.resource)
+        if stale:
+            log.warning(
+                "kube %s cache is stale (cached metadata keeps serving): %s", self.resource, why
+            )
+        else:
+            log.info("kube %s cache is current again", self.resource)
+
+    # ---- the loop ----
+
+    def _run(self) -> None:
+        client = self._client_factory()
+        try:
+            need_list = True
+            while not self._stop.is_set():
+                try:
+                    if need_list:
+                        self._list(client)
+                        need_list = False
+                    self._watch(client)
+                except _Gone:
+                    need_list = True
+                    self.metrics.inc("shipper_kube_watch_restarts_total", self.resource, "gone")
+                    log.info("kube %s: resourceVersion expired (410), re-listing", self.resource)
+                except (_ApiStatus, httpx.HTTPError, OSError, ValueError, EnrichError) as exc:
+                    if self._stop.is_set():
+                        break
+                    self._failures += 1
+                    self.metrics.inc("shipper_kube_watch_restarts_total", self.resource, "error")
+                    self._set_stale(True, f"{type(exc).__name__}: {exc}")
+                    self._sleep_backoff()
+        finally:
+            client.close()
+
+    def _sleep_backoff(self) -> None:
+        cap = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(self._failures - 1, 30))
+        # "Equal jitter": at least half the delay, so many shippers never all retry at once.
+        self._stop.wait(random.uniform(cap / 2, cap))
+
+    def _list(self, client: httpx.Client) -> None:
+        items: list[T] = []
+        params: dict[str, str] = {"limit": str(self.page_size)}
+        invalid = 0
+        rv: str | None = None
+        try:
+            while True:
+                body = self._get_json(client, params)
+                meta = body.get("metadata") or {}
+                raw_items = body.get("items")
+                if not isinstance(raw_items, list) or not isinstance(meta, Mapping):
+                    raise ValueError(f"list of {self.resource} has no items list")
+                for obj in raw_items:
+                    try:
+                        items.append(self.consumer.convert(obj))
+                    except EnrichError as exc:
+                        invalid += 1
+                        log.warning("kube %s: skipping invalid object: %s", self.resource, exc)
+                rv = meta.get("resourceVersion") or rv
+                cont = meta.get("continue")
+                if not cont:
+                    break
+                params = {"limit": str(self.page_size), "continue": str(cont)}
+        except (_Gone, _ApiStatus, httpx.HTTPError, OSError, ValueError):
+            self.metrics.inc("shipper_kube_lists_total", self.resource, "error")
+            raise
+        if invalid:
+            self.metrics.inc("shipper_kube_objects_invalid_total", self.resource, n=invalid)
+        if not rv:
+            raise ValueError(f"list of {self.resource} carries no resourceVersion")
+        self.consumer.replace(items)
+        self.resource_version = rv
+        self.metrics.inc("shipper_kube_lists_total", self.resource, "ok")
+        self._failures = 0
+        self._set_stale(False)
+        self.synced.set()
+        log.info("kube %s: listed %d objects at resourceVersion %s", self.resource, len(items), rv)
+
+    def _get_json(self, client: httpx.Client, params: dict[str, str]) -> dict[str, Any]:
+        with self._open(client, params, read_timeout=self.request_timeout_s) as resp:
+            data = resp.read()
+        body = orjson.loads(data)
+        if not isinstance(body, dict):
+            raise ValueError(f"list of {self.resource} is not a JSON object")
+        return body
+
+    def _open(
+        self, client: httpx.Client, params: dict[str, str], read_timeout: float
+    ) -> _Stream:
+        timeout = httpx.Timeout(self.request_timeout_s, read=read_timeout)
+        req = client.build_request("GET", self.path, params=params, timeout=timeout)
+        resp = client.send(req, stream=True)
+        if resp.status_code != 200:
+            try:
+                text = resp.read()[:500].decode("utf-8", "replace")
+            finally:
+                resp.close()
+            if resp.status_code == 410:
+                raise _Gone()
+            raise _ApiStatus(resp.status_code, text)
+        return _Stream(self, resp)
+
+    def _watch(self, client: httpx.Client) -> None:
+        assert self.resource_version is not None
+        params = {
+            "watch": "1",
+            "resourceVersion": self.resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(self.watch_timeout_s),
+        }
+        started = time.monotonic()
+        events = 0
+        with self._open(client, params, self.watch_timeout_s + WATCH_READ_GRACE_S) as resp:
+            self._failures = 0
+            self._set_stale(False)
+            for line in resp.iter_lines():
+                if self._stop.is_set():
+                    return
+                if not line.strip():
+                    continue
+                events += 1
+                self._handle_line(line)
+        if self._stop.is_set():
+            return
+        if events == 0 and time.monotonic() - started < MIN_HEALTHY_WATCH_S:
+            raise _ApiStatus(0, "watch closed immediately without events")
+        self.metrics.inc("shipper_kube_watch_restarts_total", self.resource, "expired")
+
+    def _handle_line(self, line: str) -> None:
+        ev = orjson.loads(line)
+        etype = ev.get("type") if isinstance(ev, dict) else None
+        obj = ev.get("object") if isinstance(ev, dict) else None
+        if not isinstance(etype, str) or not isinstance(obj, dict):
+            raise ValueError(f"malformed watch event for {self.resource}")
+        if etype == "ERROR":
+            code = obj.get("code")
+            if code == 410:
+                raise _Gone()
+            raise _ApiStatus(int(code or 0), str(obj.get("message", "watch error")))
+        meta = obj.get("metadata")
+        rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
+        self.metrics.inc("shipper_kube_events_total", self.resource, etype)
+        if etype in ("ADDED", "MODIFIED", "DELETED"):
+            try:
+                self.consumer.apply(etype, obj)
+            except EnrichError as exc:
+                self.metrics.inc("shipper_kube_objects_invalid_total", self.resource)
+                log.warning("kube %s: skipping invalid %s event: %s", self.resource, etype, exc)
+        elif etype != "BOOKMARK":
+            log.warning("kube %s: unknown watch event type %r", self.resource, etype)
+        if isinstance(rv, str) and rv:
+            self.resource_version = rv
+
+    def _abort_response(self) -> None:
+        """Unblock a thread stuck reading a response (shutdown its socket)."""
+        with self._resp_lock:
+            resp = self._resp
+        if resp is None:
+            return
+        try:
+            stream = resp.extensions.get("network_stream")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if isinstance(sock, socket.socket):
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _Stream:
+    """A streaming response registered with its reflector so :meth:`Reflector.stop` can abort it."""
+
+    def __init__(self, owner: Reflector[Any], resp: httpx.Response) -> None:
+        self._owner = owner
+        self._resp = resp
+
+    def __enter__(self) -> _Stream:
+        with self._owner._resp_lock:
+            self._owner._resp = self._resp
+        if self._owner._stop.is_set():
+            self._owner._abort_response()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._owner._resp_lock:
+            self._owner._resp = None
+        self._resp.close()
+
+    def read(self) -> bytes:
+        return self._resp.read()
+
+    def iter_lines(self) -> Iterator[str]:
+        return self._resp.iter_lines()
+
+
+# ---- consumers -------------------------------------------------------------------
+
+
+class PodConsumer:
+    """Pods -> the time-aware :class:`~shipper.enrich.pod_index.PodIndex`."""
+
+    def __init__(self, index: PodIndex, policy: LabelPolicy, metrics: Metrics) -> None:
+        """``policy`` filters labels and annotations of every pod."""
+        self.index = index
+        self.policy = policy
+        self.metrics = metrics
+
+    def convert(self, obj: Mapping[str, Any]) -> PodMeta:
+        """One API Pod -> PodMeta (EnrichError if malformed)."""
+        return pod_from_dict(obj, self.policy)
+
+    def replace(self, items: list[PodMeta]) -> None:
+        """Reconcile the index with a full list."""
+        self.index.reconcile(items, time.time_ns())
+        self._gauges()
+
+    def apply(self, event: str, obj: Mapping[str, Any]) -> None:
+        """ADDED/MODIFIED update the index, DELETED releases the pod's addresses."""
+        now = time.time_ns()
+        if event == "DELETED":
+            meta = obj.get("metadata")
+            uid = meta.get("uid") if isinstance(meta, Mapping) else None
+            if not isinstance(uid, str) or not uid:
+                raise EnrichError("pod DELETED event without metadata.uid")
+            self.index.delete(uid, now)
+        else:
+            self.index.update(pod_from_dict(obj, self.policy), now)
+        self._gauges()
+
+    def _gauges(self) -> None:
+        self.metrics.set("shipper_pods_live", self.index.live_pods())
+        self.metrics.set("shipper_pod_tombstones", self.index.tombstones())
+
+
+class CidrConsumer:
+    """Subnets and Nodes -> :meth:`CidrFilter.set_cidrs` (recomputed after every change).
+
+    Two reflectors (subnets, nodes) share one instance; :meth:`for_kind` gives
+    each its view. The lock serialises their recomputations.
+    """
+
+    def __init__(self, cfg: Config, cidr_filter: CidrFilter, metrics: Metrics) -> None:
+        """Static CIDRs come from ``cfg.filter``; discovery settings from ``cfg.kubernetes``."""
+        self.cfg = cfg
+        self.cidr_filter = cidr_filter
+        self.metrics = metrics
+        self.subnets: dict[str, subnet_rules.SubnetInfo] = {}
+        self.nodes: dict[str, tuple[str, ...]] = {}
+        self.nat_policy = subnet_rules.NatPolicy(())
+        self._lock = threading.Lock()
+        self._last: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+
+    def for_kind(self, kind: str) -> Consumer[Any]:
+        """The consumer for ``"subnets"`` or ``"nodes"``."""
+        return _CidrView(self, kind)
+
+    def recompute(self) -> None:
+        """Install the CIDRs implied by the current Subnets and Nodes (if they changed)."""
+        k = self.cfg.kubernetes
+        with self._lock:
+            result = subnet_rules.compute(
+                self.subnets.values(),
+                [c for cidrs in self.nodes.values() for c in cidrs],
+                selection=k.subnet_selection,
+                vpcs=k.subnet_vpcs,
+                join_subnet=k.join_subnet,
+                honour_rules=k.nat_policy_rules,
+                service_cidrs=k.service_cidrs,
+                static_pod_cidrs=self.cfg.filter.pod_cidrs,
+                static_cluster_cidrs=self.cfg.filter.cluster_cidrs,
+            )
+            self.nat_policy = result.nat_policy
+            pair = (result.pod_cidrs, result.cluster_cidrs)
+            if pair == self._last:
+                return
+            self.cidr_filter.set_cidrs(*pair)
+            self._last = pair
+        self.metrics.set("shipper_kube_cidrs", len(pair[0]), "pod")
+        self.metrics.set("shipper_kube_cidrs", len(pair[1]), "cluster")
+        log.info("kube: pod CIDRs now %s; cluster CIDRs now %s", list(pair[0]), list(pair[1]))
+
+
+class _CidrView:
+    def __init__(self, owner: CidrConsumer, kind: str) -> None:
+        self.owner = owner
+        self.kind = kind
+
+    def convert(self, obj: Mapping[str, Any]) -> Any:
+        if self.kind == "subnets":
+            return subnet_rules.subnet_from_dict(obj)
+        return subnet_rules.node_from_dict(obj)
+
+    def _store(self) -> dict[str, Any]:
+        return self.owner.subnets if self.kind == "subnets" else self.owner.nodes
+
+    def replace(self, items: list[Any]) -> None:
+        with self.owner._lock:
+            store = self._store()
+            store.clear()
+            for item in items:
+                if self.kind == "subnets":
+                    store[item.name] = item
+                else:
+                    store[item[0]] = item[1]
+        self.owner.recompute()
+
+    def apply(self, event: str, obj: Mapping[str, Any]) -> None:
+        if event == "DELETED":
+            meta = obj.get("metadata")
+            name = meta.get("name") if isinstance(meta, Mapping) else None
+            if not isinstance(name, str):
+                raise EnrichError(f"{self.kind} DELETED event without metadata.name")
+            with self.owner._lock:
+                self._store().pop(name, None)
+        else:
+            item = self.convert(obj)
+            with self.owner._lock:
+                if self.kind == "subnets":
+                    self._store()[item.name] = item
+                else:
+                    self._store()[item[0]] = item[1]
+        self.owner.recompute()
+
+
+# ---- the source ------------------------------------------------------------------
+
+
+class KubeSource:
+    """Keeps the pod index and the CIDR filter in sync with the cluster.
+
+    Build it only when :func:`kube_enabled` is true. The constructor resolves
+    the connection (raising :class:`EnrichError` on a bad kubeconfig) but does
+    no network I/O; :meth:`start` launches one thread per resource; the event
+    path only ever reads ``index`` and ``cidr_filter``.
+    """
+
+    def __init__(
+        self, cfg: Config, index: PodIndex, cidr_filter: CidrFilter, metrics: Metrics
+    ) -> None:
+        """Raises EnrichError when no usable kubeconfig / in-cluster config is found."""
+        self.cfg = cfg
+        self.index = index
+        self.cidr_filter = cidr_filter
+        self.metrics = metrics
+        k = cfg.kubernetes
+        self._conn = load_connection(cfg)
+        self._cidrs = CidrConsumer(cfg, cidr_filter, metrics)
+        pods = PodConsumer(index, LabelPolicy.from_config(cfg.enrich), metrics)
+        self.reflectors: list[Reflector[Any]] = [self._reflector("pods", PODS_PATH, pods)]
+        if k.subnets_enabled:
+            self.reflectors.append(
+                self._reflector("subnets", SUBNETS_PATH, self._cidrs.for_kind("subnets"))
+            )
+        if k.watch_nodes:
+            self.reflectors.append(
+                self._reflector("nodes", NODES_PATH, self._cidrs.for_kind("nodes"))
+            )
+        self._started = False
+
+    def _client(self) -> httpx.Client:
+        params = ConnectionParams(timeout=httpx.Timeout(self.cfg.kubernetes.request_timeout_s))
+        return _lightkube_http_client(self._conn, params)
+
+    def _reflector(self, resource: str, path: str, consumer: Consumer[Any]) -> Reflector[Any]:
+        k = self.cfg.kubernetes
+        return Reflector(
+            resource,
+            path,
+            consumer,
+            self._client,
+            self.metrics,
+            page_size=k.list_page_size,
+            request_timeout_s=k.request_timeout_s,
+            watch_timeout_s=k.watch_timeout_s,
+            backoff_initial_s=k.backoff_initial_s,
+            backoff_max_s=k.backoff_max_s,
+        )
+
+    @property
+    def server(self) -> str:
+        """The API server URL in use (for logs)."""
+        return str(self._conn.cluster.server)
+
+    def start(self) -> None:
+        """Start every reflector thread; returns at once."""
+        if self._started:
+            return
+        self._started = True
+        log.info("kube: watching %s at %s",
+                 ", ".join(r.resource for r in self.reflectors), self.server)
+        for r in self.reflectors:
+            r.start()
+
+    def wait_synced(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the first list of every watched resource; True if all done.
+
+        Nodes are not waited for: they only add destinations to exclude.
+        """
+        deadline = time.monotonic() + max(0.0, timeout)
+        for r in self.reflectors:
+            if r.resource == "nodes":
+                continue
+            if not r.synced.wait(max(0.0, deadline - time.monotonic())):
+                log.warning(
+                    "kube: %s not listed within %.1fs; starting anyway, unresolved records "
+                    "are flagged", r.resource, timeout,
+                )
+                return False
+        return True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop every thread (bounded by ``timeout`` in total)."""
+        deadline = time.monotonic() + timeout
+        for r in self.reflectors:
+            r._stop.set()
+            r._abort_response()
+        for r in self.reflectors:
+            r.stop(max(0.1, deadline - time.monotonic()))
+
+    @property
+    def stale(self) -> bool:
+        """True while any watched resource's cache may be out of date."""
+        return any(r.stale for r in self.reflectors)
+
+    @property
+    def nat_policy(self) -> subnet_rules.NatPolicy:
+        """The natOutgoingPolicyRules in force: ``nat_policy.forwards(family, src, dst)``.
+
+        Falsy when no pod Subnet has rules. Sources forwarded for every
+        destination are already removed from the pod CIDRs; the event path
+        may call :meth:`~shipper.enrich.subnets.NatPolicy.forwards` to honour
+        destination-dependent rules too.
+        """
+        return self._cidrs.nat_policy

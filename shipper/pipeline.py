@@ -1,0 +1,406 @@
+"""Wires source -> filter -> enrich -> batch -> sink, and runs it.
+
+The event path is one thread (``Pipeline.run``): receive a burst from the
+conntrack socket, decode, filter, look up the pod, build and encode the
+record, add it to the open batch. Closed batches go to the delivery worker
+(``shipper.delivery``) through a bounded queue. Everything else runs beside
+it and never blocks it: the pods-file reloader, the Kubernetes watch, the
+metrics endpoint.
+
+Attribution time: a flow is attributed to the pod that owned its source
+address when the flow *started*: the kernel's start timestamp when it sent one
+(``nf_conntrack_timestamp=1``), else the start remembered from the flow's
+NEW/snapshot event (a bounded cache keyed by conntrack id and source), else
+the time the event was read.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import select
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from shipper import ecs
+from shipper.batch import Batcher
+from shipper.config import Config
+from shipper.delivery import Delivery
+from shipper.enrich.inventory import InventoryWatcher
+from shipper.enrich.pod_index import PodIndex
+from shipper.enrich.pods import LabelPolicy
+from shipper.errors import DecodeError, SourceError
+from shipper.filters.cidr import CidrFilter
+from shipper.metrics import Metrics
+from shipper.record import ACTION_DESTROY, ACTION_NEW, ACTION_SNAPSHOT, FlowEvent
+from shipper.sinks import Sink, build_sink
+from shipper.sinks.retry import RetryPolicy
+from shipper.sources import conntrack
+from shipper.sources.decode import LayoutDecoder
+
+log = logging.getLogger("shipper.pipeline")
+
+HOUSEKEEPING_S = 1.0
+DROPS_CHECK_S = 5.0
+PRUNE_S = 60.0
+MAX_BURST = 20000
+
+
+class Pipeline:
+    """One shipper: build with a config and metrics, then :meth:`run` or :meth:`dump`."""
+
+    def __init__(self, cfg: Config, metrics: Metrics, *, sink: Sink | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.host = cfg.node_name
+        self.filter = CidrFilter(
+            cfg.filter.pod_cidrs, cfg.filter.cluster_cidrs, only_snat=cfg.filter.only_snat
+        )
+        self.index = PodIndex(
+            retention_ns=int(cfg.enrich.retention_s * 1e9),
+            max_tombstones=cfg.enrich.max_tombstones,
+            skew_ns=int(cfg.enrich.clock_skew_s * 1e9),
+        )
+        self.policy = LabelPolicy.from_config(cfg.enrich)
+        self.decoder = LayoutDecoder()
+        self.sink = sink if sink is not None else build_sink(cfg, metrics)
+        self.encode = self.sink.encode
+        self.batcher = Batcher(
+            max_records=cfg.batch.max_records,
+            max_bytes=cfg.batch.max_bytes,
+            max_age_s=cfg.batch.max_age_s,
+        )
+        self.delivery = Delivery(
+            self.sink,
+            metrics,
+            max_batches=cfg.queue.max_batches,
+            overflow=cfg.queue.overflow,
+            retry=RetryPolicy(cfg.sink.retry_initial_s, cfg.sink.retry_max_s,
+                              cfg.sink.max_retries),
+        )
+        self.inventory: InventoryWatcher | None = None
+        if cfg.inventory.pods_file is not None:
+            self.inventory = InventoryWatcher(
+                cfg.inventory.pods_file, self.index, self.policy, metrics,
+                interval_s=cfg.inventory.reload_interval_s,
+            )
+        self.kube: Any = None
+        self._starts: dict[int, int] = {}
+        self._max_starts = cfg.conntrack.flow_start_cache
+        self._stop = threading.Event()
+        self._sock: Any = None
+        self._gap_since: int | None = None
+        self._gap_overruns = 0
+        self._last_drops: int | None = None
+        self._last_ok_ns = time.time_ns()
+        # Hot-path counters, folded into metrics at housekeeping.
+        self._n_events: dict[str, int] = {}
+        self._n_filtered: dict[str, int] = {}
+        self._n_records: dict[str, int] = {}
+        self._n_unresolved = 0
+
+    # ---- the event path -----------------------------------------------------
+
+    def handle(self, ev: FlowEvent) -> None:
+        """Filter, attribute, build, encode and batch one event."""
+        action = ev.action
+        self._n_events[action] = self._n_events.get(action, 0) + 1
+        reason = self.filter.reason(ev)
+        if reason is not None:
+            self._n_filtered[reason] = self._n_filtered.get(reason, 0) + 1
+            return
+        src = ev.orig_src
+        key = ((src << 32) | (ev.ct_id or 0)) if ev.family == 4 else (
+            (src << 33) | (ev.ct_id or 0) << 1 | 1
+        )
+        starts = self._starts
+        remembered: int | None
+        if action == ACTION_NEW or action == ACTION_SNAPSHOT:
+            remembered = starts.get(key)
+            if remembered is None:
+                remembered = ev.ts_start or ecs.event_time(ev)
+                if self._max_starts:
+                    starts[key] = remembered
+                    if len(starts) > self._max_starts:
+                        del starts[next(iter(starts))]
+        elif action == ACTION_DESTROY:
+            remembered = starts.pop(key, None)
+        else:
+            remembered = starts.get(key)
+        t_attr = ev.ts_start or remembered or ev.received_ns
+        pod = self.index.lookup(ev.family, src, t_attr)
+        if pod is None:
+            self._n_unresolved += 1
+        record = ecs.build_record(ev, pod, self.host, flow_start_ns=remembered)
+        self._n_records[action] = self._n_records.get(action, 0) + 1
+        self._emit(record, ecs.event_time(ev))
+
+    def _emit(self, record: dict[str, Any], t_ns: int) -> None:
+        for b in self.batcher.add(self.encode(record, t_ns), t_ns, time.monotonic()):
+            self.delivery.submit(b, self._stop)
+
+    def _flush_counters(self) -> None:
+        m = self.metrics
+        for name, counts in (
+            ("shipper_events_total", self._n_events),
+            ("shipper_events_filtered_total", self._n_filtered),
+            ("shipper_records_total", self._n_records),
+        ):
+            for label, n in counts.items():
+                m.inc(name, label, n=n)
+            counts.clear()
+        if self._n_unresolved:
+            m.inc("shipper_records_unresolved_total", n=self._n_unresolved)
+            self._n_unresolved = 0
+
+    def _on_decode_error(self, exc: DecodeError) -> None:
+        self.metrics.inc("shipper_decode_errors_total", "malformed")
+        log.warning("undecodable netlink message skipped", extra={"fields": {"error": str(exc)}})
+
+    def _on_handle_error(self, exc: Exception) -> None:
+        self.metrics.inc("shipper_errors_total", "handle", type(exc).__name__)
+        log.exception("event could not be processed; skipped")
+
+    def handle_all(self, events: Iterable[FlowEvent]) -> int:
+        """Handle a sequence of events (a dump); return how many."""
+        n = 0
+        for ev in events:
+            self.handle(ev)
+            n += 1
+        return n
+
+    # ---- start-up -----------------------------------------------------------
+
+    def _sysctls(self) -> None:
+        ns = self.cfg.conntrack.netns
+        before = conntrack.read_sysctls(ns)
+        if self.cfg.conntrack.set_sysctls:
+            want = {k: 1 for k in conntrack.SYSCTLS if before.get(k) != 1}
+            if want:
+                errors = conntrack.set_sysctls(ns, want)
+                for k, err in errors.items():
+                    log.error("cannot set sysctl", extra={"fields": {
+                        "sysctl": f"net.netfilter.nf_conntrack_{k}", "error": err}})
+            after = conntrack.read_sysctls(ns)
+        else:
+            after = before
+        for k, v in after.items():
+            if v is not None:
+                self.metrics.set("shipper_conntrack_sysctl", v, k)
+        log.info("conntrack sysctls", extra={"fields": {
+            "netns": ns, "before": before, "now": after}})
+        if after.get("events") != 1:
+            log.warning("nf_conntrack_events is not 1: flows created while no listener "
+                        "existed will never produce a DESTROY event")
+        if after.get("acct") != 1:
+            log.warning("nf_conntrack_acct is not 1: records carry no byte/packet counts")
+        if after.get("timestamp") != 1:
+            log.warning("nf_conntrack_timestamp is not 1: flow start/end times are "
+                        "approximated by when events were read")
+
+    def _start_enrichment(self) -> None:
+        if self.inventory is not None:
+            self.inventory.start()
+        try:
+            from shipper.enrich.kube import KubeSource, kube_enabled
+        except ImportError:  # pragma: no cover - module always shipped
+            return
+        if kube_enabled(self.cfg):
+            self.kube = KubeSource(self.cfg, self.index, self.filter, self.metrics)
+            self.kube.start()
+            timeout = float(getattr(self.cfg, "kubernetes").sync_timeout_s)
+            if not self.kube.wait_synced(timeout):
+                log.warning("Kubernetes initial sync not finished; shipping anyway, "
+                            "unresolved records are flagged",
+                            extra={"fields": {"waited_s": timeout}})
+
+    def _stop_enrichment(self) -> None:
+        if self.inventory is not None:
+            self.inventory.stop()
+        if self.kube is not None:
+            self.kube.stop()
+
+    # ---- overruns -----------------------------------------------------------
+
+    def _on_overrun(self) -> None:
+        self.metrics.inc("shipper_overruns_total")
+        self._gap_overruns += 1
+        if self._gap_since is None:
+            self._gap_since = self._last_ok_ns
+            log.error("conntrack event socket overrun: the kernel is dropping events")
+
+    def _check_drops(self, force_gap: bool) -> None:
+        """Read the socket's drop counter; emit a gap record for new losses."""
+        drops = conntrack.socket_drops(self.cfg.conntrack.netns, self._sock)
+        lost: int | None = None
+        if drops is not None:
+            lost = drops - (self._last_drops or 0)
+            self._last_drops = drops
+        if not force_gap and not lost:
+            return
+        now = time.time_ns()
+        since = self._gap_since if self._gap_since is not None else now
+        if lost:
+            self.metrics.inc("shipper_events_lost_total", n=lost)
+        resync = self.cfg.conntrack.resync_on_overrun
+        self._emit(
+            ecs.gap_record(self.host, since_ns=since, until_ns=now, lost=lost,
+                           overruns=self._gap_overruns, resync=resync),
+            now,
+        )
+        self._n_records["gap"] = self._n_records.get("gap", 0) + 1
+        log.error("events lost", extra={"fields": {
+            "lost": lost, "overruns": self._gap_overruns, "resync": resync}})
+        self._gap_since = None
+        self._gap_overruns = 0
+        if resync:
+            self._resync()
+
+    def _resync(self) -> None:
+        try:
+            n = self.handle_all(conntrack.dump_table(
+                self.cfg.conntrack.netns, self.decoder, on_decode_error=self._on_decode_error))
+        except SourceError as exc:
+            self.metrics.inc("shipper_errors_total", "source", type(exc).__name__)
+            log.error("resync dump failed", extra={"fields": {"error": str(exc)}})
+            return
+        self.metrics.inc("shipper_resyncs_total")
+        log.info("resynced from a table dump", extra={"fields": {"entries": n}})
+
+    # ---- run ----------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> int:
+        """Run until ``stop`` is set; flush within the grace period; return an exit code.
+
+        0: stopped cleanly with everything delivered; 1: records were still
+        undelivered when the grace period ended (they are counted as dropped).
+        Raises SourceError if the conntrack socket cannot be opened.
+        """
+        self._stop = stop
+        cfg = self.cfg
+        self._sysctls()
+        # Subscribe before dumping, so nothing falls between dump and events.
+        self._sock = conntrack.open_event_socket(
+            cfg.conntrack.netns, list(cfg.conntrack.events), cfg.conntrack.rcvbuf_bytes
+        )
+        self._last_drops = conntrack.socket_drops(cfg.conntrack.netns, self._sock)
+        log.info("listening for conntrack events", extra={"fields": {
+            "netns": cfg.conntrack.netns, "events": list(cfg.conntrack.events),
+            "rcvbuf": conntrack.effective_rcvbuf(self._sock),
+            "pod_cidrs": list(self.filter.pod_cidrs),
+            "cluster_cidrs": list(self.filter.cluster_cidrs), "sink": self.sink.name}})
+        self.delivery.start()
+        try:
+            self._start_enrichment()
+            if cfg.conntrack.dump_at_start:
+                n = self.handle_all(conntrack.dump_table(
+                    cfg.conntrack.netns, self.decoder, on_decode_error=self._on_decode_error))
+                log.info("initial table dump", extra={"fields": {"entries": n}})
+            self._loop(stop)
+        finally:
+            try:
+                self._sock.close()
+            finally:
+                clean = self._shutdown()
+        return 0 if clean else 1
+
+    def _shutdown(self) -> bool:
+        b = self.batcher.flush()
+        if b is not None:
+            self.delivery.submit(b, None)
+        self._flush_counters()
+        clean = self.delivery.close(self.cfg.shutdown_grace_s)
+        self._stop_enrichment()
+        log.info("stopped", extra={"fields": {"clean": clean}})
+        return clean
+
+    def _loop(self, stop: threading.Event) -> None:
+        sock = self._sock
+        recv_into = sock.recv_into
+        decode = self.decoder.decode
+        handle = self.handle
+        time_ns = time.time_ns
+        monotonic = time.monotonic
+        buf = bytearray(256 * 1024)
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        drain_pause = self.cfg.conntrack.drain_interval_ms / 1000.0
+        next_house = monotonic() + HOUSEKEEPING_S
+        next_drops = monotonic() + DROPS_CHECK_S
+        next_prune = monotonic() + PRUNE_S
+        while not stop.is_set():
+            now_m = monotonic()
+            deadline = min(next_house, self.batcher.deadline() or next_house)
+            timeout_ms = max(0, int((deadline - now_m) * 1000) + 1)
+            if poller.poll(min(timeout_ms, 200)) and drain_pause:
+                # Let a burst gather: draining many events per wake-up costs far
+                # less CPU per event than waking for each one.
+                time.sleep(drain_pause)
+            burst = 0
+            while burst < MAX_BURST:
+                try:
+                    n = recv_into(buf)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno == errno.ENOBUFS:
+                        self._on_overrun()
+                        continue
+                    raise SourceError(f"conntrack socket read failed: {exc.strerror}") from exc
+                now = time_ns()
+                off = 0
+                while off < n:
+                    try:
+                        ev, mlen = decode(buf, off, now)
+                    except DecodeError as exc:
+                        self._on_decode_error(exc)
+                        break  # the rest of this datagram cannot be trusted
+                    if ev is not None:
+                        try:
+                            handle(ev)
+                        except Exception as exc:  # one bad event must not stop the node
+                            self._on_handle_error(exc)
+                    off += (mlen + 3) & ~3
+                burst += 1
+            if burst:
+                self._last_ok_ns = time_ns()
+            now_m = monotonic()
+            if self._gap_since is not None and burst < MAX_BURST:
+                self._check_drops(force_gap=True)  # queue drained: close the gap
+            b = self.batcher.due(now_m)
+            if b is not None:
+                self.delivery.submit(b, stop)
+            if now_m >= next_house:
+                next_house = now_m + HOUSEKEEPING_S
+                self._housekeeping()
+                if now_m >= next_drops:
+                    next_drops = now_m + DROPS_CHECK_S
+                    self._check_drops(force_gap=False)
+                if now_m >= next_prune:
+                    next_prune = now_m + PRUNE_S
+                    self.index.prune(time_ns())
+
+    def _housekeeping(self) -> None:
+        self._flush_counters()
+        m = self.metrics
+        m.set("shipper_pods_live", self.index.live_pods())
+        m.set("shipper_pod_tombstones", self.index.tombstones())
+        evicted = self.index.evicted_total - m.value("shipper_pod_tombstones_evicted_total")
+        if evicted > 0:
+            m.inc("shipper_pod_tombstones_evicted_total", n=evicted)
+
+    # ---- one shot -----------------------------------------------------------
+
+    def dump(self) -> int:
+        """Dump the table once through filter, enrichment and encoding; return an exit code."""
+        self.delivery.start()
+        try:
+            self._start_enrichment()
+            n = self.handle_all(conntrack.dump_table(
+                self.cfg.conntrack.netns, self.decoder, on_decode_error=self._on_decode_error))
+            log.info("table dumped", extra={"fields": {"entries": n}})
+        finally:
+            clean = self._shutdown()
+        return 0 if clean else 1
