@@ -188,13 +188,149 @@ class FileSinkConfig(_Closed):
     fsync: bool = Field(False, description="fsync after every batch.")
 
 
+class ForwardTLSConfig(_Closed):
+    """TLS for the forward sink. Certificates are verified whenever TLS is on, unless
+    ``verify`` is explicitly false."""
+
+    enabled: bool = Field(False, description="Connect to the receivers over TLS.")
+    verify: bool = Field(
+        True,
+        description="Verify the receiver's certificate and name; false disables both "
+        "(testing only: anyone on the path can then read and alter the stream).",
+    )
+    ca_file: Path | None = Field(
+        None, description="PEM CA bundle to verify the receiver with; unset uses the system store."
+    )
+    cert_file: Path | None = Field(
+        None, description="PEM client certificate for mutual TLS (may also hold the key)."
+    )
+    key_file: Path | None = Field(
+        None, description="PEM private key of the client certificate, if not in cert_file."
+    )
+    server_name: str | None = Field(
+        None,
+        description="Name to send (SNI) and to verify in the receiver's certificate; "
+        "unset uses the host part of each address.",
+    )
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> ForwardTLSConfig:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set but cert_file is not")
+        return self
+
+
+def _check_addresses(values: list[str]) -> list[str]:
+    if not values:
+        raise ValueError("at least one HOST:PORT is needed")
+    problems = []
+    for v in values:
+        host, sep, port = str(v).rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+            problems.append(f"{v!r} is not HOST:PORT")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return [str(v) for v in values]
+
+
 class ForwardSinkConfig(_Closed):
-    """The Fluentd forward-protocol sink."""
+    """The Fluentd forward-protocol sink (Forward Protocol Specification v1)."""
 
     addresses: list[str] = Field(
-        ["127.0.0.1:24224"], description="Receivers as HOST:PORT, tried in order (failover)."
+        ["127.0.0.1:24224"],
+        description="Receivers as HOST:PORT ([v6]:PORT for IPv6), tried in order (failover).",
     )
-    tag: str = Field("flowlog", description="Fluentd tag of every record.")
+    tag: str = Field("flowlog", min_length=1, description="Fluentd tag of every record.")
+    mode: Literal["forward", "packed_forward", "compressed_packed_forward", "message"] = Field(
+        "packed_forward",
+        description="Wire mode of a batch: packed_forward (default), forward, "
+        "compressed_packed_forward (gzip) or message (one message per record, for old receivers).",
+    )
+    compression_level: int = Field(
+        1, ge=1, le=9, description="gzip level for compressed_packed_forward (1 = fastest)."
+    )
+    ack: bool = Field(
+        True,
+        description="Send a chunk id with every batch and count it delivered only when the "
+        "matching ack arrives; false is fire-and-forget (records can be lost silently).",
+    )
+    ack_timeout_s: float = Field(
+        30.0, gt=0, description="How long to wait for a batch's ack before retrying it."
+    )
+    connect_timeout_s: float = Field(
+        5.0, gt=0, description="Timeout of one TCP connect, TLS handshake and shared_key handshake."
+    )
+    send_timeout_s: float = Field(
+        30.0, gt=0, description="Timeout of writing one batch to the socket."
+    )
+    endpoint_cooldown_s: float = Field(
+        30.0,
+        ge=0,
+        description="After a failure an endpoint is tried last for this long (failover), "
+        "then preferred again by its position in addresses (failback on reconnect).",
+    )
+    tls: ForwardTLSConfig = Field(default_factory=ForwardTLSConfig, description="TLS options.")
+    shared_key_file: Path | None = Field(
+        None,
+        description="File holding the shared_key (e.g. a mounted Secret); enables the "
+        "HELO/PING/PONG handshake. Re-read on every connection; never logged.",
+    )
+    self_hostname: str | None = Field(
+        None,
+        description="Hostname sent in PING and used in the handshake digest; "
+        "unset uses $NODE_NAME, else the hostname.",
+    )
+    username: str | None = Field(
+        None, description="User name for receivers that require user authentication."
+    )
+    password_file: Path | None = Field(
+        None, description="File holding the password of username (never logged)."
+    )
+
+    @field_validator("addresses")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        return _check_addresses(v)
+
+    @model_validator(mode="after")
+    def _user_needs_password(self) -> ForwardSinkConfig:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file must be set together")
+        if self.username is not None and self.shared_key_file is None:
+            raise ValueError("username needs shared_key_file (user auth is part of the handshake)")
+        return self
+
+
+class SpoolConfig(_Closed):
+    """The disk spool: a write-ahead log of closed batches in front of the sink."""
+
+    enabled: bool = Field(
+        False,
+        description="Write every closed batch to disk (before it is queued) and remove it "
+        "only once the sink confirmed it; pending batches survive restarts and crashes.",
+    )
+    dir: Path = Field(
+        Path("/var/lib/flowlog/spool"), description="Directory of the spool segment files."
+    )
+    max_bytes: int = Field(
+        512 * 1024 * 1024, ge=64 * 1024, description="Size cap of the spool on disk."
+    )
+    segment_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=4096,
+        description="Start a new segment file past this size; space is freed a whole "
+        "segment at a time (capped at max_bytes / 4).",
+    )
+    full_policy: Literal["block", "drop_oldest"] = Field(
+        "block",
+        description="When the spool is full: block (stop reading; the kernel then drops and we "
+        "count overruns) or drop_oldest (drop the oldest segment, counting its records).",
+    )
+    fsync: bool = Field(
+        True,
+        description="fsync every batch before it is queued (survives power loss); "
+        "false survives process crashes only.",
+    )
 
 
 class SinkConfig(_Closed):
@@ -204,6 +340,9 @@ class SinkConfig(_Closed):
     file: FileSinkConfig = Field(default_factory=FileSinkConfig, description="File sink options.")
     forward: ForwardSinkConfig = Field(
         default_factory=ForwardSinkConfig, description="Forward sink options."
+    )
+    spool: SpoolConfig = Field(
+        default_factory=SpoolConfig, description="Disk spool in front of the sink."
     )
     retry_initial_s: float = Field(0.2, gt=0, description="First retry delay after a failure.")
     retry_max_s: float = Field(30.0, gt=0, description="Longest retry delay.")

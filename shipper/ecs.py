@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from binascii import b2a_base64
+from hashlib import sha1
 import struct
 import time
 from typing import Any
@@ -126,6 +128,10 @@ _ICMP6_PAIRS = {
 }
 
 
+_CID4 = struct.Struct(">HIIBB")
+_PORTS = struct.Struct(">HH")
+
+
 def community_id(
     family: int,
     proto: int,
@@ -138,9 +144,8 @@ def community_id(
     seed: int = 0,
 ) -> str:
     """Community ID v1 of a flow (https://github.com/corelight/community-id-spec)."""
-    alen = 4 if family == 4 else 16
     one_way = False
-    if proto in (1, 58) and icmp_type is not None:
+    if icmp_type is not None and (proto == 1 or proto == 58):
         pairs = _ICMP4_PAIRS if proto == 1 else _ICMP6_PAIRS
         sport = icmp_type
         peer = pairs.get(icmp_type)
@@ -152,25 +157,28 @@ def community_id(
     has_ports = sport is not None and dport is not None
     if not one_way and (src > dst or (src == dst and has_ports and (sport or 0) > (dport or 0))):
         src, dst, sport, dport = dst, src, dport, sport
-    data = struct.pack(">H", seed) + src.to_bytes(alen, "big") + dst.to_bytes(alen, "big")
-    data += struct.pack(">BB", proto, 0)
+    if family == 4:
+        data = _CID4.pack(seed, src, dst, proto, 0)
+    else:
+        data = (
+            seed.to_bytes(2, "big") + src.to_bytes(16, "big") + dst.to_bytes(16, "big")
+            + bytes((proto, 0))
+        )
     if has_ports:
-        data += struct.pack(">HH", sport, dport)
-    return "1:" + base64.b64encode(hashlib.sha1(data).digest()).decode()
+        data += _PORTS.pack(sport, dport)
+    return "1:" + b2a_base64(sha1(data).digest(), newline=False).decode()
 
 
 def event_id(host: str, ev: FlowEvent, time_ns: int) -> str:
-    """A stable id for one flow event: the same event always gets the same id.
+    """A stable id for one flow event: ``<node>:<conntrack id>:<action>:<event time ns>``.
 
-    Derived from the node, conntrack id, action, event time and the original
-    tuple, so a batch delivered twice (at-least-once) yields duplicates a store
-    can drop by ``event.id``.
+    The same event always gets the same id (a batch delivered twice under
+    at-least-once delivery yields duplicates a store can drop by
+    ``event.id``), and two different events of one node never share one: a
+    conntrack entry cannot have two events of the same kind at the same
+    nanosecond.
     """
-    key = (
-        f"{host}|{ev.ct_id}|{ev.action}|{time_ns}|{ev.family}|{ev.proto}|{ev.orig_src}|"
-        f"{ev.orig_dst}|{ev.orig_sport}|{ev.orig_dport}|{ev.icmp_id}"
-    )
-    return base64.urlsafe_b64encode(hashlib.blake2b(key.encode(), digest_size=15).digest()).decode()
+    return f"{host}:{ev.ct_id}:{ev.action}:{time_ns}"
 
 
 # ---- records ------------------------------------------------------------------

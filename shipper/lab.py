@@ -47,6 +47,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -115,8 +116,27 @@ class Server:
         for line in text.splitlines(keepends=True):
             if not line.endswith("\n"):
                 break  # a line being written right now
+            if line.startswith("D "):
+                continue
             ip, _, port = line.strip().partition(" ")
             out.append((ip, int(port)))
+        return out
+
+    def payloads(self) -> dict[tuple[str, int], bytes]:
+        """Return the first data (up to 64 bytes) received from each peer, by peer.
+
+        Clients of :meth:`Lab.connect` can put their identity in the payload,
+        which gives ground truth independent of arrival order.
+        """
+        try:
+            text = self.log.read_text(encoding="ascii")
+        except FileNotFoundError:
+            return {}
+        out: dict[tuple[str, int], bytes] = {}
+        for line in text.splitlines(keepends=True):
+            if line.startswith("D ") and line.endswith("\n"):
+                _, ip, port, data = [*line.strip().split(" "), ""][:4]
+                out.setdefault((ip, int(port)), bytes.fromhex(data))
         return out
 
     def wait_seen(self, n: int, timeout: float = 10.0) -> list[tuple[str, int]]:
@@ -525,7 +545,8 @@ class Lab:
 
     def connect_many(self, pods: list[int], sport: int, proto: str = "tcp", family: int = 4,
                      dport: int = 8080, hold_s: float = 2.0, payload: bytes = b"hello",
-                     timeout: float = 15.0) -> list[int]:
+                     timeout: float = 15.0, payloads: Sequence[bytes] | None = None,
+                     ) -> list[int]:
         """Connect from several pods with the SAME source port at the same moment.
 
         All clients bind ``sport`` first, then get one "go" together, so their
@@ -533,11 +554,15 @@ class Lab:
         port of all but one. Returns once every client is connected (bounded by
         ``timeout``); the connections stay open for ``hold_s`` seconds. The
         returned list holds each pod's local source port (all ``sport``).
+        ``payloads`` (one per pod, optional) replaces ``payload`` per client.
         """
+        if payloads is not None and len(payloads) != len(pods):
+            raise LabError("connect_many: one payload per pod expected")
+        each = list(payloads) if payloads is not None else [payload] * len(pods)
         procs = [self._agent(self.pod_ns[p], *self._client_argv(
-            p, proto, family, dport, sport, payload, hold_s, True),
+            p, proto, family, dport, sport, data, hold_s, True),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            for p in pods]
+            for p, data in zip(pods, each, strict=True)]
         deadline = time.monotonic() + timeout
         for p, proc in zip(pods, procs, strict=True):
             line = _readline(proc, max(0.1, deadline - time.monotonic()))

@@ -9,7 +9,8 @@ Agents and their stdout protocol (one line each, flushed):
 ``server``
     Listens on ``--port`` (TCP or UDP, ``--family`` 4 or 6), prints ``ready``
     once bound, appends ``<peer ip> <peer port>`` to ``--log`` for every TCP
-    accept / UDP datagram, and echoes what it receives.
+    accept / UDP datagram, plus ``D <peer ip> <peer port> <hex>`` with the
+    first data (up to 64 bytes) of each peer, and echoes what it receives.
 ``client``
     Optionally binds ``--sport``; with ``--wait-go`` prints ``ready`` and waits
     for a line on stdin first (so that several clients start together). Then
@@ -85,6 +86,16 @@ def _serve(args: argparse.Namespace) -> int:
     if args.proto == "tcp":
         lsock.listen(1024)
     sel.register(lsock, selectors.EVENT_READ, None)
+    logged: set[tuple[str, int]] = set()
+
+    def first_data(peer: tuple[str, int]) -> bool:
+        """True the first time data from ``peer`` arrives (bounded memory: 100k peers)."""
+        key = (peer[0], peer[1])
+        if key in logged or len(logged) >= 100_000:
+            return False
+        logged.add(key)
+        return True
+
     _say("ready")
     while True:
         for key, _ in sel.select(timeout=1.0):
@@ -96,13 +107,15 @@ def _serve(args: argparse.Namespace) -> int:
                     continue
                 log.write(f"{peer[0]} {peer[1]}\n")
                 conn.setblocking(False)
-                sel.register(conn, selectors.EVENT_READ, None)
+                sel.register(conn, selectors.EVENT_READ, peer)
             elif sock is lsock:
                 try:
                     data, peer = lsock.recvfrom(65535)
                 except BlockingIOError:
                     continue
                 log.write(f"{peer[0]} {peer[1]}\n")
+                if first_data(peer):
+                    log.write(f"D {peer[0]} {peer[1]} {data[:64].hex()}\n")
                 # The client may be gone already; the log line is what matters.
                 with contextlib.suppress(OSError):
                     lsock.sendto(data, peer)
@@ -117,6 +130,9 @@ def _serve(args: argparse.Namespace) -> int:
                     sel.unregister(sock)
                     sock.close()
                     continue
+                peer = key.data
+                if first_data(peer):
+                    log.write(f"D {peer[0]} {peer[1]} {data[:64].hex()}\n")
                 try:
                     sock.sendall(data)
                 except OSError:

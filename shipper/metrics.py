@@ -120,6 +120,82 @@ DEFS: dict[str, MetricDef] = {
             ("sink",),
         ),
         MetricDef(
+            "shipper_records_retried_total",
+            "counter",
+            "Records in delivery attempts that failed and will be retried.",
+            ("sink",),
+        ),
+        MetricDef(
+            "shipper_forward_batches_sent_total",
+            "counter",
+            "Batches written to a forward receiver (acked or not).",
+            ("endpoint",),
+        ),
+        MetricDef(
+            "shipper_forward_records_sent_total",
+            "counter",
+            "Records written to a forward receiver (acked or not).",
+            ("endpoint",),
+        ),
+        MetricDef(
+            "shipper_forward_batches_acked_total",
+            "counter",
+            "Batches whose matching ack arrived.",
+            ("endpoint",),
+        ),
+        MetricDef(
+            "shipper_forward_records_acked_total",
+            "counter",
+            "Records in batches whose matching ack arrived.",
+            ("endpoint",),
+        ),
+        MetricDef(
+            "shipper_forward_errors_total",
+            "counter",
+            "Forward failures by endpoint and kind (connect, tls, auth, send, ack_timeout, "
+            "ack_mismatch, protocol, closed).",
+            ("endpoint", "error"),
+        ),
+        MetricDef(
+            "shipper_forward_connections_total",
+            "counter",
+            "Connections established (after TLS and handshake).",
+            ("endpoint",),
+        ),
+        MetricDef(
+            "shipper_forward_connected",
+            "gauge",
+            "1 while a connection to the endpoint is open, else 0.",
+            ("endpoint",),
+        ),
+        MetricDef(
+            "shipper_forward_ack_latency_seconds",
+            "histogram",
+            "From the end of a batch's write to its ack.",
+            ("endpoint",),
+        ),
+        MetricDef("shipper_spool_bytes", "gauge", "Bytes of spool segment files on disk."),
+        MetricDef("shipper_spool_batches", "gauge", "Batches in the spool not yet confirmed."),
+        MetricDef("shipper_spool_records", "gauge", "Records in the spool not yet confirmed."),
+        MetricDef(
+            "shipper_spool_batches_total",
+            "counter",
+            "Spool operations on batches: spooled (written), replayed (read back from disk for "
+            "delivery), removed (confirmed or dropped).",
+            ("op",),
+        ),
+        MetricDef(
+            "shipper_spool_records_total",
+            "counter",
+            "Spool operations on records (same ops as shipper_spool_batches_total).",
+            ("op",),
+        ),
+        MetricDef(
+            "shipper_spool_torn_frames_total",
+            "counter",
+            "Spool frames found torn or corrupt at recovery (a crash mid-write) and cut off.",
+        ),
+        MetricDef(
             "shipper_kube_events_total",
             "counter",
             "Kubernetes watch events applied, by resource and type (ADDED, BOOKMARK, ...).",

@@ -16,6 +16,7 @@ that IPv4 and IPv6 addresses never collide in one dictionary.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -34,11 +35,22 @@ def ip_key(family: int, ip: int) -> int:
     return ip if family == 4 else ip | _V6_TAG
 
 
+_ip_text: dict[int, str] = {}
+
+
 def ip_to_str(family: int, ip: int) -> str:
-    """Return the canonical text form of an integer address."""
-    if family == 4:
-        return f"{ip >> 24}.{(ip >> 16) & 255}.{(ip >> 8) & 255}.{ip & 255}"
-    return str(ipaddress.IPv6Address(ip))
+    """Return the canonical text form of an integer address (cached: addresses repeat)."""
+    key = ip if family == 4 else ip | _V6_TAG
+    text = _ip_text.get(key)
+    if text is None:
+        if family == 4:
+            text = socket.inet_ntop(socket.AF_INET, ip.to_bytes(4, "big"))
+        else:
+            text = socket.inet_ntop(socket.AF_INET6, ip.to_bytes(16, "big"))
+        if len(_ip_text) >= 65536:
+            _ip_text.clear()
+        _ip_text[key] = text
+    return text
 
 
 def parse_ip(text: str) -> tuple[int, int]:

@@ -244,16 +244,25 @@ class Reflector(Generic[T]):
         client = self._client_factory()
         try:
             need_list = True
+            gone_streak = 0
             while not self._stop.is_set():
                 try:
                     if need_list:
                         self._list(client)
                         need_list = False
                     self._watch(client)
+                    gone_streak = 0
                 except _Gone:
                     need_list = True
+                    gone_streak += 1
                     self.metrics.inc("shipper_kube_watch_restarts_total", self.resource, "gone")
                     log.info("kube %s: resourceVersion expired (410), re-listing", self.resource)
+                    if gone_streak > 1:
+                        # 410 again right after a re-list (e.g. an expiring continue
+                        # token): back off instead of hammering the API server.
+                        self._failures += 1
+                        self._sleep_backoff()
+                    continue
                 except (_ApiStatus, httpx.HTTPError, OSError, ValueError, EnrichError) as exc:
                     if self._stop.is_set():
                         break

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install what flowlog-shipper needs on a Debian machine, as root, into ./.venv.
+#   bash scripts/install.sh          runtime only
+#   bash scripts/install.sh --test   plus the test, lint and type-check tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+  echo "install.sh: run as root (it installs Debian packages and the demo/tests need CAP_NET_ADMIN)" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+# iptables/ip6tables (MASQUERADE in the lab), conntrack (the comparison in the benchmark and
+# the tests), iproute2 (network namespaces, veth, bridges), ping, procps (sysctl), openssl
+# (test certificates), kmod (modprobe).
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends \
+  iptables conntrack iproute2 iputils-ping procps kmod openssl ca-certificates \
+  python3 python3-venv python3-pip >/dev/null
+for m in nf_conntrack nf_conntrack_netlink nf_nat iptable_nat ip6table_nat; do
+  modprobe -q "$m" 2>/dev/null || true   # built in, or loaded on demand by iptables
+done
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+if [ "${1:-}" = "--test" ]; then
+  .venv/bin/python -m pip install -q -e ".[test]"
+else
+  .venv/bin/python -m pip install -q -e .
+fi

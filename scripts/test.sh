@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install everything and run the whole test suite: lint, type check, unit and kernel tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh --test
+.venv/bin/ruff check shipper tests bench
+.venv/bin/mypy
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"

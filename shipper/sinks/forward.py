@@ -1,0 +1,466 @@
+"""forward sink: batches to Fluentd / Fluent Bit over the forward protocol v1.
+
+This module is the I/O half (Fluent Bit's forward.c): connections, failover,
+TLS, the HELO/PING/PONG shared_key handshake and ack reading. Encoding lives
+in :mod:`shipper.sinks.forward_format` (pure).
+
+Delivery contract (at least once):
+
+* with ``ack`` on (the default) every batch carries a fresh ``chunk`` id and
+  :meth:`ForwardSink.deliver` returns only after the matching ``{"ack": id}``
+  arrived within ``ack_timeout_s``;
+* anything else - refused connection, TLS or handshake failure, a write error,
+  a timeout, EOF, a mismatched ack, bytes that are not msgpack - closes the
+  connection and raises ``SinkError(retriable=True)``. The delivery worker
+  retries the same batch with jittered exponential backoff on a fresh
+  connection, so the receiver may get a batch twice: records carry
+  ``event.id`` for deduplication.
+
+Authentication failures are retriable on purpose. A wrong shared_key does not
+fix itself, but the usual way it gets fixed is a Secret rotation on one side,
+and the key file is re-read on every connection; treating it as final would
+drop every batch (compliance data) for as long as the two sides disagree.
+Instead the failure is logged at ERROR with a message that says what to fix,
+counted in ``shipper_forward_errors_total{error="auth"}``, and the batches
+wait in the queue or the spool.
+
+Failover: a new connection tries the addresses in configured order, except
+that an endpoint that failed within ``endpoint_cooldown_s`` is tried after
+the healthy ones. A connection is kept open across batches; when it breaks,
+the next attempt fails over.
+
+Threading: ``deliver`` is called by one delivery worker; ``abort`` and
+``close`` may be called from another thread to interrupt a blocked wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from shipper.errors import SinkError
+from shipper.sinks.base import Batch
+from shipper.sinks.forward_format import (
+    build_message,
+    build_ping,
+    encode_entry,
+    new_chunk_id,
+    pack_str,
+    pong_digest,
+)
+
+if TYPE_CHECKING:
+    from shipper.config import ForwardSinkConfig, ForwardTLSConfig
+    from shipper.metrics import Metrics
+
+log = logging.getLogger("shipper.sinks.forward")
+
+_MAX_REPLY = 1024 * 1024  # a receiver's replies are tiny; more than this is garbage
+
+
+class _Failure(Exception):
+    """Internal: one failed step, with the error kind used as a metric label."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(slots=True)
+class _Endpoint:
+    host: str
+    port: int
+    label: str
+    down_until: float = 0.0
+
+
+@dataclass(slots=True)
+class _Conn:
+    sock: socket.socket
+    endpoint: _Endpoint
+    unpacker: msgpack.Unpacker
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> ``(host, port)``; ValueError if malformed."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def read_secret(path: Path, what: str) -> bytes:
+    """Read a key or password file (trailing newlines removed); SinkError if unusable.
+
+    The content never appears in an error message.
+    """
+    try:
+        data = Path(path).read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        raise SinkError(f"cannot read {what} file {path}: {exc.strerror or exc}",
+                        retriable=True) from exc
+    if not data:
+        raise SinkError(f"{what} file {path} is empty", retriable=True)
+    return data
+
+
+def build_ssl_context(tls: ForwardTLSConfig) -> ssl.SSLContext:
+    """A client context: TLS >= 1.2, verification on unless ``tls.verify`` is false."""
+    try:
+        if tls.verify:
+            ctx = ssl.create_default_context(
+                cafile=str(tls.ca_file) if tls.ca_file is not None else None
+            )
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if tls.cert_file is not None:
+            ctx.load_cert_chain(
+                str(tls.cert_file), str(tls.key_file) if tls.key_file is not None else None
+            )
+    except (OSError, ssl.SSLError) as exc:
+        raise SinkError(f"cannot load TLS files: {exc}", retriable=False) from exc
+    return ctx
+
+
+class ForwardSink:
+    """Sends batches as Forward / PackedForward / CompressedPackedForward / Message mode."""
+
+    name = "forward"
+    encode = staticmethod(encode_entry)
+
+    def __init__(
+        self,
+        cfg: ForwardSinkConfig,
+        metrics: Metrics,
+        *,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self._clock = clock
+        self._endpoints: list[_Endpoint] = []
+        for a in cfg.addresses:
+            try:
+                host, port = parse_address(a)
+            except ValueError as exc:
+                raise SinkError(str(exc), retriable=False) from exc
+            self._endpoints.append(_Endpoint(host, port, f"{host}:{port}"))
+        self._tag = pack_str(cfg.tag)
+        self._ssl = build_ssl_context(cfg.tls) if cfg.tls.enabled else None
+        if cfg.tls.enabled and not cfg.tls.verify:
+            log.warning("forward TLS certificate verification is disabled",
+                        extra={"fields": {"sink": self.name}})
+        self._hostname = cfg.self_hostname or os.environ.get("NODE_NAME") or socket.gethostname()
+        if cfg.shared_key_file is not None:
+            read_secret(cfg.shared_key_file, "shared_key")  # fail early if unreadable
+        self._conn: _Conn | None = None
+        self._lock = threading.Lock()  # guards _conn against abort()/close() from other threads
+        self._aborted = False
+        for ep in self._endpoints:
+            metrics.set("shipper_forward_connected", 0, ep.label)
+
+    # --- the Sink protocol ------------------------------------------------------------
+
+    def deliver(self, batch: Batch) -> None:
+        """Send the batch and, with acks on, wait for its ack; SinkError(retriable) otherwise."""
+        if not batch.entries:
+            return
+        cfg = self.cfg
+        chunk = new_chunk_id() if cfg.ack else None
+        data = build_message(cfg.mode, self._tag, batch.entries, chunk,
+                             compression_level=cfg.compression_level)
+        conn = self._connect()
+        ep = conn.endpoint
+        n = len(batch.entries)
+        try:
+            self._send(conn, data)
+            self.metrics.inc("shipper_forward_batches_sent_total", ep.label)
+            self.metrics.inc("shipper_forward_records_sent_total", ep.label, n=n)
+            if chunk is None:
+                return
+            sent_at = self._clock()
+            self._await_ack(conn, chunk.encode("ascii"))
+        except _Failure as f:
+            self._fail(conn, f)
+            raise SinkError(f"forward to {ep.label}: {f}", retriable=True) from None
+        self.metrics.observe("shipper_forward_ack_latency_seconds", self._clock() - sent_at,
+                             ep.label)
+        self.metrics.inc("shipper_forward_batches_acked_total", ep.label)
+        self.metrics.inc("shipper_forward_records_acked_total", ep.label, n=n)
+
+    def abort(self) -> None:
+        """Interrupt a blocked ``deliver`` from another thread (shutdown grace over)."""
+        with self._lock:
+            self._aborted = True
+            if self._conn is not None:
+                try:
+                    self._conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        """Close the connection, if any."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            self._close_conn(conn)
+
+    # --- connections ------------------------------------------------------------------
+
+    def _order(self) -> list[_Endpoint]:
+        now = self._clock()
+        healthy = [e for e in self._endpoints if e.down_until <= now]
+        cooling = sorted((e for e in self._endpoints if e.down_until > now),
+                         key=lambda e: e.down_until)
+        return healthy + cooling
+
+    def _connect(self) -> _Conn:
+        with self._lock:
+            if self._aborted:
+                raise SinkError("forward sink is shutting down", retriable=True)
+            conn = self._conn
+        if conn is not None:
+            if not _stale(conn.sock):
+                return conn
+            self._drop_conn(conn)
+            log.info("forward connection closed by receiver, reconnecting",
+                     extra={"fields": {"endpoint": conn.endpoint.label}})
+        problems = []
+        for ep in self._order():
+            try:
+                conn = self._open(ep)
+            except _Failure as f:
+                self.metrics.inc("shipper_forward_errors_total", ep.label, f.kind)
+                ep.down_until = self._clock() + self.cfg.endpoint_cooldown_s
+                problems.append(f"{ep.label}: {f}")
+                if f.kind == "auth":
+                    log.error("forward authentication failed", extra={"fields": {
+                        "endpoint": ep.label, "error": str(f)}})
+                continue
+            with self._lock:
+                if self._aborted:
+                    self._close_conn(conn)
+                    raise SinkError("forward sink is shutting down", retriable=True)
+                self._conn = conn
+            self.metrics.inc("shipper_forward_connections_total", ep.label)
+            self.metrics.set("shipper_forward_connected", 1, ep.label)
+            log.info("forward connected", extra={"fields": {
+                "endpoint": ep.label, "tls": self._ssl is not None,
+                "shared_key": self.cfg.shared_key_file is not None}})
+            return conn
+        raise SinkError("no forward receiver reachable: " + "; ".join(problems), retriable=True)
+
+    def _open(self, ep: _Endpoint) -> _Conn:
+        timeout = self.cfg.connect_timeout_s
+        try:
+            raw = socket.create_connection((ep.host, ep.port), timeout=timeout)
+        except OSError as exc:
+            raise _Failure("connect", f"connect failed: {_oserror(exc)}") from exc
+        sock: socket.socket = raw
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._ssl is not None:
+                sock = self._wrap_tls(raw, ep)
+            conn = _Conn(sock, ep, msgpack.Unpacker(raw=True, max_buffer_size=_MAX_REPLY))
+            if self.cfg.shared_key_file is not None:
+                self._handshake(conn, time.monotonic() + timeout)
+        except BaseException:
+            _close_quietly(sock)
+            raise
+        return conn
+
+    def _wrap_tls(self, raw: socket.socket, ep: _Endpoint) -> socket.socket:
+        assert self._ssl is not None
+        name = self.cfg.tls.server_name or ep.host
+        try:
+            return self._ssl.wrap_socket(raw, server_hostname=name)
+        except ssl.SSLCertVerificationError as exc:
+            raise _Failure("tls", f"TLS certificate verification failed "
+                                  f"(server name {name!r}): {exc.verify_message}") from exc
+        except ssl.SSLError as exc:
+            raise _Failure("tls", f"TLS handshake failed: {exc.reason or exc}") from exc
+        except OSError as exc:
+            raise _Failure("tls", f"TLS handshake failed: {_oserror(exc)}") from exc
+
+    def _handshake(self, conn: _Conn, deadline: float) -> None:
+        """HELO -> PING -> PONG, checking the server's digest (FACTS: one write, wait PONG)."""
+        assert self.cfg.shared_key_file is not None
+        key = _secret(self.cfg.shared_key_file, "shared_key")
+        helo = self._read_reply(conn, deadline, "HELO", eof_kind="closed")
+        if not (isinstance(helo, list) and len(helo) == 2 and helo[0] == b"HELO"
+                and isinstance(helo[1], dict)):
+            raise _Failure("protocol", f"expected HELO, got {_preview(helo)}")
+        nonce = _as_bytes(helo[1].get(b"nonce"))
+        auth_salt = _as_bytes(helo[1].get(b"auth"))
+        if not nonce:
+            raise _Failure("protocol", "HELO without a nonce")
+        username = self.cfg.username or ""
+        password = b""
+        if auth_salt and self.cfg.password_file is not None:
+            password = _secret(self.cfg.password_file, "password")
+        elif auth_salt:
+            raise _Failure("auth", "receiver requires user authentication (HELO auth) but "
+                                   "sink.forward.username/password_file are not set")
+        salt = os.urandom(16).hex()
+        self._send(conn, build_ping(self._hostname, salt, nonce, key, username, password,
+                                    auth_salt))
+        pong = self._read_reply(conn, deadline, "PONG", eof_kind="auth")
+        if not (isinstance(pong, list) and len(pong) == 5 and pong[0] == b"PONG"):
+            raise _Failure("protocol", f"expected PONG, got {_preview(pong)}")
+        if pong[1] is not True:
+            reason = _as_bytes(pong[2]).decode("utf-8", "replace")
+            raise _Failure("auth", f"receiver rejected the handshake: {reason or 'no reason'}"
+                                   " (check sink.forward.shared_key_file / username)")
+        server_host = _as_bytes(pong[3])
+        if _as_bytes(pong[4]).decode("ascii", "replace") != pong_digest(salt, server_host,
+                                                                          nonce, key):
+            raise _Failure("auth", "PONG digest mismatch: the receiver does not know our "
+                                   "shared_key (or is not the receiver it claims to be)")
+
+    def _read_reply(self, conn: _Conn, deadline: float, what: str, *, eof_kind: str) -> Any:
+        """The next msgpack object from the receiver, before ``deadline``."""
+        while True:
+            try:
+                for obj in conn.unpacker:
+                    return obj
+            except Exception as exc:  # msgpack raises several ValueError subclasses
+                raise _Failure("protocol", f"receiver sent bytes that are not msgpack "
+                                           f"while waiting for {what}") from exc
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Failure("ack_timeout" if what == "ack" else "protocol",
+                               f"no {what} within the timeout")
+            try:
+                conn.sock.settimeout(remaining)
+                data = conn.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except ssl.SSLError as exc:
+                raise _Failure("tls", f"TLS error while waiting for {what}: {exc}") from exc
+            except OSError as exc:
+                raise _Failure("closed", f"connection lost while waiting for {what}: "
+                                         f"{_oserror(exc)}") from exc
+            if not data:
+                if eof_kind == "auth":
+                    raise _Failure("auth", "receiver closed the connection instead of "
+                                           "answering PING: shared_key (or user) rejected")
+                raise _Failure("closed",
+                               f"receiver closed the connection while we waited for {what}")
+            try:
+                conn.unpacker.feed(data)
+            except msgpack.BufferFull as exc:
+                raise _Failure("protocol", f"oversized reply while waiting for {what}") from exc
+
+    def _await_ack(self, conn: _Conn, chunk: bytes) -> None:
+        deadline = time.monotonic() + self.cfg.ack_timeout_s
+        reply = self._read_reply(conn, deadline, "ack", eof_kind="closed")
+        if isinstance(reply, dict) and b"ack" in reply:
+            if _as_bytes(reply[b"ack"]) != chunk:
+                raise _Failure("ack_mismatch", "ack for another chunk "
+                                               f"({_preview(reply[b'ack'])}, expected {chunk!r})")
+            return
+        if isinstance(reply, list) and reply and reply[0] == b"HELO":
+            raise _Failure("auth", "receiver requires shared_key authentication (sent HELO) but "
+                                   "sink.forward.shared_key_file is not set")
+        raise _Failure("protocol", f"unexpected reply instead of an ack: {_preview(reply)}")
+
+    def _send(self, conn: _Conn, data: bytes) -> None:
+        try:
+            conn.sock.settimeout(self.cfg.send_timeout_s)
+            conn.sock.sendall(data)
+        except TimeoutError as exc:
+            raise _Failure("send", "write timed out") from exc
+        except OSError as exc:
+            raise _Failure("send", f"write failed: {_oserror(exc)}") from exc
+
+    def _fail(self, conn: _Conn, f: _Failure) -> None:
+        ep = conn.endpoint
+        self.metrics.inc("shipper_forward_errors_total", ep.label, f.kind)
+        ep.down_until = self._clock() + self.cfg.endpoint_cooldown_s
+        self._drop_conn(conn)
+        if f.kind == "auth":
+            log.error("forward authentication failed", extra={"fields": {
+                "endpoint": ep.label, "error": str(f)}})
+
+    def _drop_conn(self, conn: _Conn) -> None:
+        with self._lock:
+            if self._conn is conn:
+                self._conn = None
+        self._close_conn(conn)
+
+    def _close_conn(self, conn: _Conn) -> None:
+        _close_quietly(conn.sock)
+        self.metrics.set("shipper_forward_connected", 0, conn.endpoint.label)
+
+
+def _secret(path: Path, what: str) -> bytes:
+    try:
+        return read_secret(path, what)
+    except SinkError as exc:
+        raise _Failure("auth", str(exc)) from exc
+
+
+def _stale(sock: socket.socket) -> bool:
+    """True if an idle connection was closed by the peer (or sent something unexpected)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    if not readable:
+        return False
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        sock.recv(1)  # EOF, or a byte nobody asked for: either way start afresh
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return False  # only TLS records (e.g. session tickets)
+    except OSError:
+        return True
+    finally:
+        sock.settimeout(timeout)
+    return True
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def _as_bytes(v: Any) -> bytes:
+    if isinstance(v, bytes):
+        return v
+    if isinstance(v, str):
+        return v.encode()
+    return b""
+
+
+def _preview(v: Any) -> str:
+    return repr(v)[:80]
+
+
+def _oserror(exc: OSError) -> str:
+    if exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

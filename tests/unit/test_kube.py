@@ -1,0 +1,434 @@
+"""Tests for shipper.enrich.kube: list + watch against the fake API server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from shipper.config import Config
+from shipper.enrich.kube import KubeSource, kube_enabled, load_connection
+from shipper.enrich.pod_index import PodIndex
+from shipper.errors import EnrichError
+from shipper.filters.cidr import CidrFilter
+from shipper.metrics import Metrics
+from shipper.record import parse_ip
+from tests.fakes.kube_api import (
+    NODES,
+    PODS,
+    SUBNETS,
+    FakeKubeApi,
+    node,
+    pod,
+    subnet,
+    write_kubeconfig,
+)
+
+WAIT_S = 10.0
+
+
+def wait_for(pred: Callable[[], object], timeout: float = WAIT_S) -> None:
+    """Poll ``pred`` until true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(0.01)
+
+
+def owner(index: PodIndex, ip: str, t_ns: int | None = None) -> str | None:
+    fam, val = parse_ip(ip)
+    meta = index.lookup(fam, val, time.time_ns() if t_ns is None else t_ns)
+    return None if meta is None else meta.name
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_kube(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def api() -> Iterator[FakeKubeApi]:
+    fake = FakeKubeApi().start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+class Harness:
+    """A KubeSource wired to a fresh index, filter and metrics."""
+
+    def __init__(self, api: FakeKubeApi, tmp_path: Path, **kube: object) -> None:
+        kc = write_kubeconfig(tmp_path / "kubeconfig", api.url)
+        settings: dict[str, object] = {
+            "kubeconfig": str(kc),
+            "backoff_initial_s": 0.02,
+            "backoff_max_s": 0.2,
+            "watch_nodes": False,
+        }
+        settings.update(kube)
+        filt: dict[str, object] = {}
+        if not settings.get("subnets_enabled"):
+            filt["pod_cidrs"] = ["10.16.0.0/16"]
+        self.cfg = Config.model_validate({"kubernetes": settings, "filter": filt})
+        self.index = PodIndex()
+        self.filter = CidrFilter(self.cfg.filter.pod_cidrs, self.cfg.filter.cluster_cidrs)
+        self.metrics = Metrics()
+        self.source = KubeSource(self.cfg, self.index, self.filter, self.metrics)
+
+    def __enter__(self) -> Harness:
+        self.source.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.source.stop()
+
+
+@pytest.fixture
+def make(api: FakeKubeApi, tmp_path: Path) -> Iterator[Callable[..., Harness]]:
+    made: list[Harness] = []
+
+    def factory(**kube: object) -> Harness:
+        h = Harness(api, tmp_path, **kube)
+        made.append(h)
+        return h
+
+    yield factory
+    for h in made:
+        h.source.stop()
+
+
+class TestKubeEnabled:
+    def test_off_without_any_config(self) -> None:
+        """No kubeconfig, no $KUBECONFIG, no service account: the API source is off."""
+        assert kube_enabled(Config(filter={"pod_cidrs": ["10.0.0.0/8"]})) is False
+
+    def test_on_with_kubeconfig_key(self, tmp_path: Path) -> None:
+        """kubernetes.kubeconfig turns it on."""
+        cfg = Config(filter={"pod_cidrs": ["10.0.0.0/8"]}, kubernetes={"kubeconfig": tmp_path})
+        assert kube_enabled(cfg) is True
+
+    def test_on_with_env(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        """$KUBECONFIG turns it on."""
+        monkeypatch.setenv("KUBECONFIG", str(tmp_path / "k"))
+        assert kube_enabled(Config(filter={"pod_cidrs": ["10.0.0.0/8"]})) is True
+
+    def test_in_cluster_needs_token(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """KUBERNETES_SERVICE_HOST alone (no token file) does not turn it on."""
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        import shipper.enrich.kube as kube
+
+        monkeypatch.setattr(kube, "SERVICE_ACCOUNT_DIR", Path("/nonexistent"))
+        assert kube_enabled(Config(filter={"pod_cidrs": ["10.0.0.0/8"]})) is False
+
+
+class TestLoadConnection:
+    def test_bad_kubeconfig_raises_enrich_error(self, tmp_path: Path) -> None:
+        """A missing or malformed kubeconfig is an EnrichError naming the file."""
+        cfg = Config(
+            filter={"pod_cidrs": ["10.0.0.0/8"]},
+            kubernetes={"kubeconfig": tmp_path / "missing"},
+        )
+        with pytest.raises(EnrichError, match="missing"):
+            load_connection(cfg)
+        (tmp_path / "bad").write_text("clusters: 5\n")
+        cfg = Config(
+            filter={"pod_cidrs": ["10.0.0.0/8"]}, kubernetes={"kubeconfig": tmp_path / "bad"}
+        )
+        with pytest.raises(EnrichError):
+            load_connection(cfg)
+
+    def test_kubeconfig_server(self, api: FakeKubeApi, tmp_path: Path) -> None:
+        """The fake's kubeconfig resolves to its URL."""
+        kc = write_kubeconfig(tmp_path / "kc", api.url)
+        cfg = Config(filter={"pod_cidrs": ["10.0.0.0/8"]}, kubernetes={"kubeconfig": kc})
+        assert load_connection(cfg).cluster.server == api.url
+
+
+class TestPodWatch:
+    def test_initial_list_fills_index(self, api: FakeKubeApi, make: Callable[..., Harness]) -> None:
+        """After wait_synced the listed pods resolve and the cache is not stale."""
+        api.put(PODS, pod("a", ["10.16.0.5", "fd00::5"]))
+        with make() as h:
+            assert h.source.wait_synced(WAIT_S) is True
+            assert owner(h.index, "10.16.0.5") == "a"
+            assert owner(h.index, "fd00::5") == "a"
+            assert h.source.stale is False
+            assert h.metrics.value("shipper_kube_cache_stale", "pods") == 0
+
+    def test_watch_events_applied(self, api: FakeKubeApi, make: Callable[..., Harness]) -> None:
+        """ADDED, MODIFIED and DELETED events update the index without a re-list."""
+        with make() as h:
+            assert h.source.wait_synced(WAIT_S)
+            api.put(PODS, pod("a", "10.16.0.5", labels={"v": "1"}))
+            wait_for(lambda: owner(h.index, "10.16.0.5") == "a")
+            api.put(PODS, pod("a", "10.16.0.5", labels={"v": "2"}))
+            wait_for(lambda: h.index.live_pods() == 1 and _labels(h, "10.16.0.5") == {"v": "2"})
+            before_delete = time.time_ns()
+            api.delete(PODS, "default/a")
+            wait_for(lambda: owner(h.index, "10.16.0.5") is None)
+            assert owner(h.index, "10.16.0.5", before_delete) == "a"  # tombstone
+            assert h.metrics.value("shipper_kube_lists_total", "pods", "ok") == 1
+            assert h.metrics.value("shipper_kube_events_total", "pods", "DELETED") == 1
+
+    def test_ip_reuse_attributed_by_time(
+        self, api: FakeKubeApi, make: Callable[..., Harness]
+    ) -> None:
+        """A deleted pod's IP given to a new pod: earlier times resolve to the old pod."""
+        with make() as h:
+            assert h.source.wait_synced(WAIT_S)
+            api.put(PODS, pod("old", "10.16.0.9"))
+            wait_for(lambda: owner(h.index, "10.16.0.9") == "old")
+            t_old = time.time_ns()
+            api.delete(PODS, "default/old")
+            api.put(PODS, pod("new", "10.16.0.9"))
+            wait_for(lambda: owner(h.index, "10.16.0.9") == "new")
+            assert owner(h.index, "10.16.0.9", t_old) == "old"
+
+    def test_resume_from_last_resource_version(
+        self, api: FakeKubeApi, make: Callable[..., Harness]
+    ) -> None:
+        """A dropped watch resumes from the last seen resourceVersion, without re-listing."""
+        with make() as h:
+            assert h.source.wait_synced(WAIT_S)
+            stored = api.put(PODS, pod("a", "10.16.0.5"))
+            wait_for(lambda: owner(h.index, "10.16.0.5") == "a")
+            api.drop_connections()
+            wait_for(lambda: len(api.watch_requests(PODS)) >= 2)
+            resumed = api.watch_requests(PODS)[-1]
+            assert resumed["resourceVersion"] == stored["metadata"]["resourceVersion"]
+            assert resumed["allowWatchBookmarks"] == "true"
+            api.put(PODS, pod("b", "10.16.0.6"))
+            wait_for(lambda: owner(h.index, "10.16.0.6") == "b")
+            assert h.metrics.value("shipper_kube_lists_total", "pods", "ok") == 1
+
+    def test_bookmark_advances_resume_point(
+        self, api: FakeKubeApi, make: Callable[..., Harness]
+    ) -> None:
+        """A BOOKMARK moves the resume resourceVersion even with no pod changes."""
+        with make() as h:
+            assert h.source.wait_synced(WAIT_S)
+            wait_for(lambda: api.open_watches(PODS) == 1)
+            api.put(NODES, node("n1", "172.18.0.2"))  # bumps the global version only
+            api.bookmark()
+            wait_for(lambda: h.metrics.value("shipper_kube_events_total", "pods", "BOOKMARK") == 1)
+            api.drop_connections()
+            wait_for(lambda: len(api.watch_requests(PODS)) >= 2)
+            assert api.watch_requests(PODS)[-1]["resourceVersion"] == str(api.resource_version)
+
+    @pytest.mark.parametrize("as_http", [False, True])
+    def test_gone_relists_and_tombstones_missed_deletes(
+        self, as_http: bool, tmp_path: Path
+    ) -> None:
+        """On 410 (ERROR event or HTTP status) the pods are re-listed and reconciled:
+        a pod deleted while the watch was down becomes a tombstone, not a ghost."""
+        fake = FakeKubeApi(gone_as_http=as_http).start()
+        h = Harness(fake, tmp_path)
+        try:
+            fake.put(PODS, pod("ghost", "10.16.0.7"))
+            fake.put(PODS, pod("stays", "10.16.0.8"))
+            h.source.start()
+            assert h.source.wait_synced(WAIT_S)
+            t_alive = time.time_ns()
+            fake.delete_quietly(PODS, "default/ghost")
+            if as_http:
+                fake.drop_connections()  # the resumed watch then gets HTTP 410
+            else:
+                fake.gone(PODS)
+            wait_for(lambda: h.metrics.value("shipper_kube_lists_total", "pods", "ok") == 2)
+            assert owner(h.index, "10.16.0.7") is None
+            assert owner(h.index, "10.16.0.7", t_alive) == "ghost"
+            assert owner(h.index, "10.16.0.8") == "stays"
+            assert h.metrics.value("shipper_kube_watch_restarts_total", "pods", "gone") >= 1
+        finally:
+            h.source.stop()
+            fake.stop()
+
+    def test_expired_continue_token_restarts_list(
+        self, api: FakeKubeApi, make: Callable[..., Harness]
+    ) -> None:
+        """A paged list whose continue token expires (410) starts over, with backoff."""
+        for i in range(5):
+            api.put(PODS, pod(f"p{i}", f"10.16.1.{i}"))
+        api.expired_continue = True
+        with make(list_page_size=2) as h:
+            gone = ("shipper_kube_watch_restarts_total", "pods", "gone")
+            wait_for(lambda: h.metrics.value(*gone) >= 2)
+            assert not h.source.wait_synced(0)
+            api.expired_continue = False
+            assert h.source.wait_synced(WAIT_S)
+            assert h.index.live_pods() == 5
+
+    def test_outage_keeps_cache_and_flags_stale(
+        self, api: FakeKubeApi, make: Callable[..., Harness]
+    ) -> None:
+        """With the API gone the cache keeps serving and is flagged stale; it recovers after."""
+        api.put(PODS, pod("a", "10.16.0.5"))
+        with make() as h:
+            assert h.source.wait_synced(WAIT_S)
+            api.stop()
+            wait_for(lambda: h.source.stale)
+            assert h.metrics.value("shipper_kube_cache_stale", "pods") == 1
+            t0 = time.perf_counter()
+            for _ in range(1000):
+                assert owner(h.index, "10.16.0.5") == "a"
+            assert time.perf_counter() - t0 < 0.5  # lookups never wait for the API
+            api.put(PODS, pod("b", "10.16.0.6"))  # changed while we could not watch
+            api.start()
+            wait_for(lambda: owner(h.index, "10.16.0.6") == "b")
+            wait_for(lambda: not h.source.stale)
+            assert h.metrics.value("shipper_kube_watch_restarts_total", "pods", "error") >= 1
+
+    def test_wait_synced_bounded_when_api_down(
+        self, api: FakeKubeApi, make: Callable[..., Harness]
+    ) -> None:
+        """wait_synced returns False after its timeout when the API is unreachable."""
+        h = make()
+        api.stop()
+        with h:
+            t0 = time.monotonic()
+            assert h.source.wait_synced(0.3) is False
+            assert time.monotonic() - t0 < 2.0
+            assert h.source.stale is True
+
+    def test_stop_is_bounded_during_open_watch(
+        self, api: FakeKubeApi, make: Callable[..., Harness]
+    ) -> None:
+        """stop() interrupts blocked watch reads and joins quickly."""
+        h = make(subnets_enabled=True, watch_nodes=True).__enter__()
+        assert h.source.wait_synced(WAIT_S)
+        wait_for(lambda: api.open_watches() == 3)
+        t0 = time.monotonic()
+        h.source.stop()
+        assert time.monotonic() - t0 < 2.0
+        assert all(not r._thread.is_alive() for r in h.source.reflectors if r._thread)
+
+    def test_invalid_objects_counted_not_fatal(
+        self, api: FakeKubeApi, make: Callable[..., Harness]
+    ) -> None:
+        """A malformed pod is skipped and counted; the others still resolve."""
+        bad = pod("bad", "10.16.0.99")
+        bad["status"]["podIPs"] = [{"ip": "not-an-ip"}]
+        api.put(PODS, bad)
+        api.put(PODS, pod("good", "10.16.0.5"))
+        with make() as h:
+            assert h.source.wait_synced(WAIT_S)
+            assert owner(h.index, "10.16.0.5") == "good"
+            assert h.metrics.value("shipper_kube_objects_invalid_total", "pods") == 1
+            api.put(PODS, bad)
+            wait_for(lambda: h.metrics.value("shipper_kube_objects_invalid_total", "pods") == 2)
+
+    def test_label_policy_applied(self, api: FakeKubeApi, tmp_path: Path) -> None:
+        """enrich.label_allowlist filters the labels of watched pods."""
+        api.put(PODS, pod("a", "10.16.0.5", labels={"app": "x", "secret": "y"}))
+        kc = write_kubeconfig(tmp_path / "kc", api.url)
+        cfg = Config.model_validate(
+            {
+                "filter": {"pod_cidrs": ["10.16.0.0/16"]},
+                "enrich": {"label_allowlist": ["app"]},
+                "kubernetes": {"kubeconfig": str(kc), "watch_nodes": False},
+            }
+        )
+        index = PodIndex()
+        src = KubeSource(cfg, index, CidrFilter(["10.16.0.0/16"], []), Metrics())
+        src.start()
+        try:
+            assert src.wait_synced(WAIT_S)
+            fam, ip = parse_ip("10.16.0.5")
+            meta = index.lookup(fam, ip, time.time_ns())
+            assert meta is not None and meta.labels == {"app": "x"}
+        finally:
+            src.stop()
+
+
+def _labels(h: Harness, ip: str) -> dict[str, str] | None:
+    fam, val = parse_ip(ip)
+    meta = h.index.lookup(fam, val, time.time_ns())
+    return None if meta is None else meta.labels
+
+
+class TestSubnetDiscovery:
+    def test_subnets_and_nodes_set_cidrs(
+        self, api: FakeKubeApi, make: Callable[..., Harness]
+    ) -> None:
+        """Subnets give pod/cluster CIDRs, nodes and service CIDRs are excluded destinations."""
+        api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16,fd00:10:16::/64"))
+        api.put(SUBNETS, subnet("join", "100.64.0.0/16", nat_outgoing=False))
+        api.put(SUBNETS, subnet("private", "10.200.0.0/16", nat_outgoing=False))
+        api.put(NODES, node("n1", "172.18.0.2"))
+        with make(subnets_enabled=True, watch_nodes=True, service_cidrs=["10.96.0.0/12"]) as h:
+            assert h.source.wait_synced(WAIT_S)
+            wait_for(lambda: "172.18.0.2/32" in h.filter.cluster_cidrs)
+            assert h.filter.pod_cidrs == ("10.16.0.0/16", "fd00:10:16::/64")
+            assert set(h.filter.cluster_cidrs) >= {
+                "10.16.0.0/16",
+                "100.64.0.0/16",
+                "10.200.0.0/16",
+                "10.96.0.0/12",
+                "fd00:10:16::/64",
+            }
+
+    def test_subnet_added_at_runtime(self, api: FakeKubeApi, make: Callable[..., Harness]) -> None:
+        """A Subnet added, changed or deleted at runtime changes the filter without a restart."""
+        with make(subnets_enabled=True) as h:
+            assert h.source.wait_synced(WAIT_S)
+            assert h.filter.pod_cidrs == ()
+            api.put(SUBNETS, subnet("team-a", "10.20.0.0/24"))
+            wait_for(lambda: h.filter.pod_cidrs == ("10.20.0.0/24",))
+            api.put(SUBNETS, subnet("team-a", "10.20.0.0/24", nat_outgoing=False))
+            wait_for(lambda: h.filter.pod_cidrs == ())
+            assert "10.20.0.0/24" in h.filter.cluster_cidrs
+            api.delete(SUBNETS, "team-a")
+            wait_for(lambda: "10.20.0.0/24" not in h.filter.cluster_cidrs)
+
+    def test_static_cidrs_combined(self, api: FakeKubeApi, tmp_path: Path) -> None:
+        """Static filter CIDRs stay in force alongside discovered ones."""
+        api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16"))
+        kc = write_kubeconfig(tmp_path / "kc", api.url)
+        cfg = Config.model_validate(
+            {
+                "filter": {"pod_cidrs": ["192.168.50.0/24"], "cluster_cidrs": ["10.200.0.0/16"]},
+                "kubernetes": {"kubeconfig": str(kc), "subnets_enabled": True,
+                               "watch_nodes": False},
+            }
+        )
+        filt = CidrFilter(cfg.filter.pod_cidrs, cfg.filter.cluster_cidrs)
+        src = KubeSource(cfg, PodIndex(), filt, Metrics())
+        src.start()
+        try:
+            assert src.wait_synced(WAIT_S)
+            assert filt.pod_cidrs == ("10.16.0.0/16", "192.168.50.0/24")
+            assert set(filt.cluster_cidrs) == {"10.16.0.0/16", "10.200.0.0/16"}
+        finally:
+            src.stop()
+
+    def test_nat_policy_exposed(self, api: FakeKubeApi, make: Callable[..., Harness]) -> None:
+        """natOutgoingPolicyRules are compiled and exposed as KubeSource.nat_policy."""
+        rules = [{"action": "forward", "match": {"srcIPs": "10.16.0.0/30"}},
+                 {"action": "forward", "match": {"dstIPs": "8.8.8.8"}}]
+        api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16", rules=rules))
+        with make(subnets_enabled=True) as h:
+            assert h.source.wait_synced(WAIT_S)
+            policy = h.source.nat_policy
+            assert policy
+            src = parse_ip("10.16.5.5")[1]
+            assert policy.forwards(4, src, parse_ip("8.8.8.8")[1]) is True
+            assert policy.forwards(4, src, parse_ip("1.1.1.1")[1]) is False
+            assert "10.16.0.0/30" not in h.filter.pod_cidrs
+            assert not h.filter.is_pod_ip(4, parse_ip("10.16.0.1")[1])
+            assert h.filter.is_pod_ip(4, src)
+
+    def test_invalid_subnet_counted(self, api: FakeKubeApi, make: Callable[..., Harness]) -> None:
+        """A Subnet with a bad cidrBlock is skipped and counted; others still apply."""
+        api.put(SUBNETS, subnet("bad", "10.300.0.0/16"))
+        api.put(SUBNETS, subnet("good", "10.16.0.0/16"))
+        with make(subnets_enabled=True) as h:
+            assert h.source.wait_synced(WAIT_S)
+            assert h.filter.pod_cidrs == ("10.16.0.0/16",)
+            assert h.metrics.value("shipper_kube_objects_invalid_total", "subnets") == 1
