@@ -35,6 +35,7 @@ Threading: ``deliver`` is called by one delivery worker; ``abort`` and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -209,10 +210,8 @@ class ForwardSink:
         with self._lock:
             self._aborted = True
             if self._conn is not None:
-                try:
+                with contextlib.suppress(OSError):
                     self._conn.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def close(self) -> None:
         """Close the connection, if any."""
@@ -438,14 +437,10 @@ def _stale(sock: socket.socket) -> bool:
 
 
 def _close_quietly(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(OSError):
         sock.close()
-    except OSError:
-        pass
 
 
 def _as_bytes(v: Any) -> bytes:
