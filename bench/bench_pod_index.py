@@ -55,11 +55,14 @@ def main() -> None:
     ap.add_argument("--pods", type=int, default=100_000)
     ap.add_argument("--tombstones", type=int, default=300_000)
     ap.add_argument("--dual-stack", action="store_true")
+    ap.add_argument("--no-tracemalloc", action="store_true",
+                    help="RSS only (tracemalloc slows the build and inflates RSS)")
     args = ap.parse_args()
     policy = LabelPolicy()
     gc.collect()
     rss0 = rss_mb()
-    tracemalloc.start()
+    if not args.no_tracemalloc:
+        tracemalloc.start()
     idx = PodIndex(max_tombstones=10_000_000)
     now = time.time_ns()
     t0 = time.perf_counter()
@@ -76,14 +79,14 @@ def main() -> None:
         idx.update(pod_from_dict(make(i, gen[i], args.dual_stack), policy), now)
     build_s = time.perf_counter() - t0
     gc.collect()
-    cur, peak = tracemalloc.get_traced_memory()
+    cur, peak = tracemalloc.get_traced_memory() if tracemalloc.is_tracing() else (0, 0)
     tracemalloc.stop()
     rss1 = rss_mb()
     print(f"pods={idx.live_pods()} addresses={idx.addresses()} tombstones={idx.tombstones()} "
           f"dual_stack={args.dual_stack}")
     print(f"tracemalloc current={cur / 2**20:.1f} MiB peak={peak / 2**20:.1f} MiB")
     print(f"RSS growth={rss1 - rss0:.1f} MiB (RSS {rss1:.1f} MiB)")
-    per = cur / (idx.live_pods() + idx.tombstones())
+    per = (cur or (rss1 - rss0) * 2**20) / (idx.live_pods() + idx.tombstones())
     print(f"~{per:.0f} B per pod interval; build {build_s:.1f}s "
           f"({build_s / (args.pods + args.tombstones) * 1e6:.1f} us/pod event incl. conversion)")
     # Lookup cost on the big index.

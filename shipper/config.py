@@ -76,6 +76,12 @@ class ConntrackConfig(_Closed):
     resync_on_overrun: bool = Field(
         True, description="After events were lost (ENOBUFS), dump the table to resync."
     )
+    resync_min_interval_s: float = Field(
+        30.0,
+        ge=0,
+        description="At most one resync dump per this many seconds: under sustained overload "
+        "back-to-back dumps of a large table would only deepen the loss.",
+    )
     drain_interval_ms: float = Field(
         2.0,
         ge=0,

@@ -95,6 +95,8 @@ class Pipeline:
         self._gap_overruns = 0
         self._last_drops: int | None = None
         self._last_ok_ns = time.time_ns()
+        self._resync_at: float | None = None  # monotonic time of the next due resync
+        self._last_resync = float("-inf")
         # Hot-path counters, folded into metrics at housekeeping.
         self._n_events: dict[str, int] = {}
         self._n_filtered: dict[str, int] = {}
@@ -255,10 +257,15 @@ class Pipeline:
             "lost": lost, "overruns": self._gap_overruns, "resync": resync}})
         self._gap_since = None
         self._gap_overruns = 0
-        if resync:
-            self._resync()
+        if resync and self._resync_at is None:
+            self._resync_at = max(
+                time.monotonic(),
+                self._last_resync + self.cfg.conntrack.resync_min_interval_s,
+            )
 
     def _resync(self) -> None:
+        self._resync_at = None
+        self._last_resync = time.monotonic()
         try:
             n = self.handle_all(conntrack.dump_table(
                 self.cfg.conntrack.netns, self.decoder, on_decode_error=self._on_decode_error))
@@ -369,6 +376,8 @@ class Pipeline:
             now_m = monotonic()
             if self._gap_since is not None and burst < MAX_BURST:
                 self._check_drops(force_gap=True)  # queue drained: close the gap
+            if self._resync_at is not None and now_m >= self._resync_at:
+                self._resync()
             b = self.batcher.due(now_m)
             if b is not None:
                 self.delivery.submit(b, stop)

@@ -106,7 +106,10 @@ class PodMeta:
     ``ips`` holds ``(family, integer)`` pairs. ``labels`` and ``annotations``
     are already filtered and capped by whoever built the value; they are never
     mutated after construction. ``kubernetes`` is the pre-built ``kubernetes``
-    object of the record (without ``pod.ip``, which depends on the flow).
+    object of the record without ``pod.ip``; ``kubernetes_by_ip`` holds the
+    finished object for each of the pod's addresses (by :func:`ip_key`), with
+    ``pod.ip`` set. Both are filled by :meth:`with_record_object` and shared by
+    every record of the pod: they must never be mutated.
     """
 
     namespace: str
@@ -123,6 +126,7 @@ class PodMeta:
     phase: str | None = None
     created_ns: int | None = None
     kubernetes: dict[str, Any] = field(default_factory=dict, compare=False)
+    kubernetes_by_ip: dict[int, dict[str, Any]] = field(default_factory=dict, compare=False)
 
     def with_record_object(self) -> PodMeta:
         """Return a copy whose ``kubernetes`` field holds the record's object for this pod."""
@@ -138,6 +142,12 @@ class PodMeta:
             obj["owner"] = {"kind": self.owner_kind, "name": self.owner_name}
         if self.logical_switch:
             obj["ovn"] = {"logical_switch": self.logical_switch}
+        # One finished object per address (with kubernetes.pod.ip), built once
+        # here rather than copied per record. Records share them: never mutate.
+        by_ip = {
+            ip_key(fam, ip): {**obj, "pod": {**pod, "ip": ip_to_str(fam, ip)}}
+            for fam, ip in self.ips
+        }
         return PodMeta(
             namespace=self.namespace,
             name=self.name,
@@ -153,4 +163,5 @@ class PodMeta:
             phase=self.phase,
             created_ns=self.created_ns,
             kubernetes=obj,
+            kubernetes_by_ip=by_ip,
         )

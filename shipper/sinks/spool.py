@@ -223,7 +223,7 @@ class Spool:
 
     # --- writing ----------------------------------------------------------------------
 
-    def bytes(self) -> int:
+    def size_bytes(self) -> int:
         """Bytes of segment files on disk."""
         return sum(self._sizes.values())
 

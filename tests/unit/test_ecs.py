@@ -633,7 +633,7 @@ class TestBuildRecordAttribution:
                                                                "ip": POD_V4}}
 
     def test_pod_shared_object_is_not_mutated(self) -> None:
-        """Building records for a dual-stack pod leaves the PodMeta's kubernetes dict unchanged."""
+        """Records of a dual-stack pod carry each its own pod.ip; the PodMeta dict is unchanged."""
         pod = make_pod()
         before = copy.deepcopy(pod.kubernetes)
         r4 = build_record(make_event(), pod, "n")
@@ -642,10 +642,24 @@ class TestBuildRecordAttribution:
         assert "ip" not in pod.kubernetes["pod"]
         assert r4["kubernetes"]["pod"]["ip"] == POD_V4
         assert r6["kubernetes"]["pod"]["ip"] == POD_V6
-        r4["kubernetes"]["pod"]["name"] = "changed"
-        r4["kubernetes"]["namespace"] = "changed"
+        assert r4["kubernetes"]["pod"]["ip"] == r4["source"]["ip"]
+        assert r6["kubernetes"]["pod"]["ip"] == r6["source"]["ip"]
+
+    def test_repeated_records_keep_their_own_ip(self) -> None:
+        """Interleaved v4/v6 records of one pod never leak one address into the other's record."""
+        pod = make_pod()
+        recs = [build_record(make_event() if i % 2 == 0 else make_v6_event(), pod, "n")
+                for i in range(6)]
+        assert [r["kubernetes"]["pod"]["ip"] for r in recs] == [POD_V4, POD_V6] * 3
+
+    def test_pod_without_the_flow_address_still_gets_its_ip(self) -> None:
+        """A pod whose metadata does not list the flow's source still gets pod.ip == source.ip."""
+        pod = make_pod(ips=((4, ip("10.16.0.99")),))
+        before = copy.deepcopy(pod.kubernetes)
+        rec = build_record(make_event(), pod, "n")
+        assert rec["kubernetes"]["pod"] == {"name": "web-1", "uid": "uid-web-1", "ip": POD_V4}
+        assert rec["kubernetes"]["namespace"] == "shop"
         assert pod.kubernetes == before
-        assert r6["kubernetes"]["pod"]["name"] == "web-1"
 
 
 class TestSerialisation:

@@ -1,0 +1,397 @@
+"""A forward-protocol (v1) receiver for tests: msgpack over TCP on 127.0.0.1, port 0.
+
+It decodes Message, Forward, PackedForward and CompressedPackedForward, keeps
+every entry it accepted (in arrival order, across restarts) and answers
+``{"ack": chunk}`` - or misbehaves on purpose, per ``mode``:
+
+* ``ack``              ingest, ack (the default)
+* ``ack_late``         ingest, ack after ``ack_delay_s``
+* ``never_ack``        ingest, never ack
+* ``drop_mid_batch``   read part of a message, then close the connection (nothing ingested)
+* ``drop_after_ingest`` ingest, then close without ack (the sender's retry duplicates)
+* ``garbage``          answer bytes that are not msgpack instead of an ack
+* ``wrong_ack``        ack with a chunk id that was never sent
+
+``fail_next(n, mode)`` applies a mode to the next ``n`` messages only. With
+``shared_key`` the server runs the HELO/PING/PONG handshake (server side,
+checking the client's digest); a wrong key is answered like Fluentd
+(``["PONG", false, reason, "", ""]``) or, with ``auth_failure="close"``, like
+Fluent Bit (EOF). ``tls`` takes a server ``ssl.SSLContext``.
+
+Typical use::
+
+    rx = ForwardReceiver().start()
+    ... send to ("127.0.0.1", rx.port) ...
+    rx.wait_records(100, timeout=10)
+    rx.stop(); rx.start()   # same port, records kept
+    rx.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from shipper.sinks.forward_format import decode_message, unpacker
+
+MODES = (
+    "ack",
+    "ack_late",
+    "never_ack",
+    "drop_mid_batch",
+    "drop_after_ingest",
+    "garbage",
+    "wrong_ack",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One entry as accepted: tag, event time in ns, record."""
+
+    tag: str
+    time_ns: int
+    record: dict[str, Any]
+
+
+@dataclass(slots=True)
+class _Stats:
+    connections: int = 0
+    messages: int = 0
+    acks: int = 0
+    handshakes_ok: int = 0
+    handshakes_failed: int = 0
+    chunks: list[str] = field(default_factory=list)
+
+
+def _sha512_hex(*parts: bytes) -> str:
+    h = hashlib.sha512()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()
+
+
+class ForwardReceiver:
+    """Threaded fake Fluentd/Fluent Bit forward input. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        mode: str = "ack",
+        ack_delay_s: float = 0.0,
+        shared_key: bytes | None = None,
+        auth_failure: str = "pong",
+        server_hostname: str = "fake-receiver",
+        wrong_pong_digest: bool = False,
+        tls: ssl.SSLContext | None = None,
+        port: int = 0,
+        keep_records: bool = True,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}")
+        self.mode = mode
+        self.ack_delay_s = ack_delay_s
+        self.shared_key = shared_key
+        self.auth_failure = auth_failure
+        self.server_hostname = server_hostname
+        self.wrong_pong_digest = wrong_pong_digest
+        self.tls = tls
+        self.port = port
+        self.keep_records = keep_records  # False: count entries only (benchmarks)
+        self.count = 0  # entries accepted, duplicates included
+        self.stats = _Stats()
+        self.errors: list[str] = []  # protocol errors seen (for assertions)
+        self._records: list[Received] = []
+        self._cond = threading.Condition()
+        self._fail: list[tuple[int, str]] = []  # [remaining, mode]
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._conns: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+        self._running = False
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> ForwardReceiver:
+        """Listen (on the same port as before after a ``stop``); return self."""
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(64)
+        self.port = s.getsockname()[1]
+        self._listener = s
+        self._running = True
+        self._accept_thread = threading.Thread(target=self._accept, name="fwd-rx-accept",
+                                               daemon=True)
+        self._accept_thread.start()
+        return self
+
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:PORT``."""
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        """Close the listener and every connection (like a receiver crash); records are kept."""
+        self._running = False
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            self._listener = None
+        with self._cond:
+            conns = list(self._conns)
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+        if self._accept_thread is not None:
+            self._accept_thread.join(5)
+            self._accept_thread = None
+        for t in self._threads:
+            t.join(5)
+        self._threads = []
+
+    def close(self) -> None:
+        """Stop for good."""
+        self.stop()
+
+    def __enter__(self) -> ForwardReceiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- behaviour and results --------------------------------------------------------
+
+    def fail_next(self, n: int, mode: str) -> None:
+        """Handle the next ``n`` messages in ``mode``, then go back to ``self.mode``."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}")
+        with self._cond:
+            self._fail.append((n, mode))
+
+    def records(self) -> list[Received]:
+        """Every accepted entry so far, in arrival order (duplicates included)."""
+        with self._cond:
+            return list(self._records)
+
+    def clear(self) -> None:
+        """Forget the records received so far."""
+        with self._cond:
+            self._records.clear()
+            self.count = 0
+
+    def wait_records(self, n: int, timeout: float = 10.0) -> list[Received]:
+        """Wait until at least ``n`` entries arrived (bounded); return them all.
+
+        Raises TimeoutError with what did arrive if the deadline passes.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.count < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self.count} of {n} records after {timeout}s; "
+                                       f"errors: {self.errors[-3:]}")
+                self._cond.wait(left)
+            return list(self._records)
+
+    def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:
+        """Wait until ``predicate(self)`` is true (bounded poll); TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self):
+            if time.monotonic() >= deadline:
+                raise TimeoutError("condition not met in time")
+            with self._cond:
+                self._cond.wait(0.02)
+
+    # --- server -----------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        while self._running:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with self._cond:
+                self._conns.add(conn)
+                self.stats.connections += 1
+            t = threading.Thread(target=self._serve, args=(conn,), name="fwd-rx-conn",
+                                 daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _next_mode(self) -> str:
+        with self._cond:
+            if self._fail:
+                n, mode = self._fail[0]
+                if n <= 1:
+                    self._fail.pop(0)
+                else:
+                    self._fail[0] = (n - 1, mode)
+                return mode
+            return self.mode
+
+    def _serve(self, raw: socket.socket) -> None:
+        sock = raw
+        try:
+            raw.settimeout(10)
+            if self.tls is not None:
+                try:
+                    sock = self.tls.wrap_socket(raw, server_side=True)
+                except (ssl.SSLError, OSError) as exc:
+                    self._error(f"tls: {exc}")
+                    return
+                with self._cond:
+                    self._conns.add(sock)
+            sock.settimeout(None)
+            if self.shared_key is not None and not self._handshake(sock):
+                return
+            self._loop(sock)
+        finally:
+            with self._cond:
+                self._conns.discard(raw)
+                self._conns.discard(sock)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _recv(self, sock: socket.socket) -> bytes:
+        try:
+            return sock.recv(65536)
+        except OSError:
+            return b""
+
+    def _handshake(self, sock: socket.socket) -> bool:
+        key = self.shared_key
+        assert key is not None
+        nonce = os.urandom(16)
+        # Like Fluent Bit: nonce is a msgpack str holding raw (non-UTF-8) bytes.
+        sock.sendall(msgpack.packb(["HELO", {"nonce": nonce, "auth": b"", "keepalive": True}],
+                                   use_bin_type=False))
+        u = msgpack.Unpacker(raw=True)
+        ping = None
+        while ping is None:
+            data = self._recv(sock)
+            if not data:
+                return False
+            u.feed(data)
+            for obj in u:
+                ping = obj
+                break
+        if not (isinstance(ping, list) and len(ping) == 6 and ping[0] == b"PING"):
+            self._error(f"bad PING: {ping!r:.80}")
+            return False
+        _, hostname, salt, digest, _user, _pw = ping
+        if digest.decode() != _sha512_hex(salt, hostname, nonce, key):
+            with self._cond:
+                self.stats.handshakes_failed += 1
+            if self.auth_failure == "pong":
+                sock.sendall(msgpack.packb(["PONG", False, "shared_key mismatch", "", ""]))
+            return False
+        pong_key = b"not-the-key" if self.wrong_pong_digest else key
+        host = self.server_hostname.encode()
+        sock.sendall(msgpack.packb(["PONG", True, "", self.server_hostname,
+                                    _sha512_hex(salt, host, nonce, pong_key)]))
+        with self._cond:
+            self.stats.handshakes_ok += 1
+        return True
+
+    def _loop(self, sock: socket.socket) -> None:
+        u = unpacker()
+        fed = 0
+        mode: str | None = None  # the mode of the message whose bytes are arriving
+        while self._running:
+            data = self._recv(sock)
+            if not data:
+                return
+            fed += len(data)
+            if mode is None:
+                mode = self._next_mode()
+            if mode == "drop_mid_batch":
+                return  # part of a message read: hang up, ingest nothing
+            u.feed(data)
+            while True:
+                try:
+                    msg = u.unpack()
+                except msgpack.OutOfData:
+                    break
+                except Exception as exc:
+                    self._error(f"undecodable bytes: {exc}")
+                    return
+                if mode is None:
+                    mode = self._next_mode()
+                    if mode == "drop_mid_batch":
+                        return
+                if not self._handle(sock, msg, mode):
+                    return
+                mode = None
+            if mode is None and fed > u.tell():  # the next message has begun
+                mode = self._next_mode()
+                if mode == "drop_mid_batch":
+                    return
+
+    def _handle(self, sock: socket.socket, msg: Any, mode: str) -> bool:
+        try:
+            if self.keep_records:
+                tag, entries, opts = decode_message(msg)
+                n = len(entries)
+            else:
+                n, opts = _count_entries(msg)
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            self._error(f"bad message: {exc}")
+            return False
+        with self._cond:
+            self.stats.messages += 1
+            self.count += n
+            if self.keep_records:
+                self._records.extend(Received(tag, t, r) for t, r in entries)
+            chunk = opts.get("chunk")
+            if chunk is not None:
+                self.stats.chunks.append(chunk)
+            self._cond.notify_all()
+        if mode == "drop_after_ingest":
+            return False
+        if chunk is None or mode == "never_ack":
+            return True
+        if mode == "garbage":
+            sock.sendall(b"\xc1\xc1 this is not msgpack \xc1")
+            return True
+        if mode == "ack_late" and self.ack_delay_s > 0:
+            time.sleep(self.ack_delay_s)  # the fake's injected delay, not a test wait
+        ack = "not-a-chunk-we-got" if mode == "wrong_ack" else chunk
+        try:
+            sock.sendall(msgpack.packb({"ack": ack}))
+        except OSError:
+            return False
+        with self._cond:
+            self.stats.acks += 1
+        return True
+
+    def _error(self, text: str) -> None:
+        with self._cond:
+            self.errors.append(text)
+            self._cond.notify_all()
+
+
+
+def _count_entries(msg: Any) -> tuple[int, dict[str, Any]]:
+    """Entries in a message without decoding records (``keep_records=False``)."""
+    if not isinstance(msg, list) or len(msg) < 2:
+        raise ValueError("not a forward message")
+    if isinstance(msg[1], list):
+        return len(msg[1]), (msg[2] if len(msg) > 2 else {})
+    if isinstance(msg[1], bytes):
+        opts = msg[2] if len(msg) > 2 else {}
+        return int(opts["size"]), opts
+    return 1, (msg[3] if len(msg) > 3 else {})
