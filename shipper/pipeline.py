@@ -33,6 +33,7 @@ from shipper.enrich.pod_index import PodIndex
 from shipper.enrich.pods import LabelPolicy
 from shipper.errors import DecodeError, SourceError
 from shipper.filters.cidr import CidrFilter
+from shipper.memory import tune_malloc
 from shipper.metrics import Metrics
 from shipper.record import ACTION_DESTROY, ACTION_NEW, ACTION_SNAPSHOT, FlowEvent
 from shipper.sinks import Sink, build_sink
@@ -41,6 +42,8 @@ from shipper.sources import conntrack
 from shipper.sources.decode import LayoutDecoder
 
 log = logging.getLogger("shipper.pipeline")
+
+REASON_NAT_POLICY_FORWARD = "nat_policy_forward"
 
 HOUSEKEEPING_S = 1.0
 DROPS_CHECK_S = 5.0
@@ -110,16 +113,22 @@ class Pipeline:
         action = ev.action
         self._n_events[action] = self._n_events.get(action, 0) + 1
         reason = self.filter.reason(ev)
+        if reason is None and self.kube is not None:
+            policy = self.kube.nat_policy
+            if policy and policy.forwards(ev.family, ev.orig_src, ev.orig_dst):
+                # Kube-OVN forwards this flow without SNAT (natOutgoingPolicyRules):
+                # nobody outside sees the node address, there is nothing to join.
+                reason = REASON_NAT_POLICY_FORWARD
         if reason is not None:
             self._n_filtered[reason] = self._n_filtered.get(reason, 0) + 1
+            if action == ACTION_DESTROY:
+                self._starts.pop(self._start_key(ev), None)
             return
         src = ev.orig_src
-        key = ((src << 32) | (ev.ct_id or 0)) if ev.family == 4 else (
-            (src << 33) | (ev.ct_id or 0) << 1 | 1
-        )
+        key = self._start_key(ev)
         starts = self._starts
         remembered: int | None
-        if action == ACTION_NEW or action == ACTION_SNAPSHOT:
+        if action in (ACTION_NEW, ACTION_SNAPSHOT):
             remembered = starts.get(key)
             if remembered is None:
                 remembered = ev.ts_start or ecs.event_time(ev)
@@ -138,6 +147,12 @@ class Pipeline:
         record = ecs.build_record(ev, pod, self.host, flow_start_ns=remembered)
         self._n_records[action] = self._n_records.get(action, 0) + 1
         self._emit(record, ecs.event_time(ev))
+
+    @staticmethod
+    def _start_key(ev: FlowEvent) -> int:
+        """Key of a flow in the start-time cache: source address and conntrack id."""
+        ct = ev.ct_id or 0
+        return (ev.orig_src << 32 | ct) if ev.family == 4 else (ev.orig_src << 33 | ct << 1 | 1)
 
     def _emit(self, record: dict[str, Any], t_ns: int) -> None:
         for b in self.batcher.add(self.encode(record, t_ns), t_ns, time.monotonic()):
@@ -212,7 +227,7 @@ class Pipeline:
         if kube_enabled(self.cfg):
             self.kube = KubeSource(self.cfg, self.index, self.filter, self.metrics)
             self.kube.start()
-            timeout = float(getattr(self.cfg, "kubernetes").sync_timeout_s)
+            timeout = float(self.cfg.kubernetes.sync_timeout_s)
             if not self.kube.wait_synced(timeout):
                 log.warning("Kubernetes initial sync not finished; shipping anyway, "
                             "unresolved records are flagged",
@@ -287,6 +302,7 @@ class Pipeline:
         """
         self._stop = stop
         cfg = self.cfg
+        tune_malloc()
         self._sysctls()
         # Subscribe before dumping, so nothing falls between dump and events.
         self._sock = conntrack.open_event_socket(

@@ -226,11 +226,11 @@ def _event_from_values(
 ) -> FlowEvent:
     if "orig_src" not in values or "reply_dst" not in values or "proto" not in values:
         raise DecodeError("message lacks the original or reply tuple")
-    kw = {f: values.get(f) for f in _FIELDS}
+    kw: dict[str, Any] = {f: values.get(f) for f in _FIELDS}
     kw["action"] = action
     kw["family"] = 4 if family == AF_INET else 6
     kw["received_ns"] = received_ns
-    return FlowEvent(**kw)
+    return FlowEvent._make(kw[f] for f in _FIELDS)
 
 
 _LayoutFn = Callable[[Any, int, int], "FlowEvent | None"]

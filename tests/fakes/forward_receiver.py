@@ -370,12 +370,12 @@ class ForwardReceiver:
         if mode == "ack_late" and self.ack_delay_s > 0:
             time.sleep(self.ack_delay_s)  # the fake's injected delay, not a test wait
         ack = "not-a-chunk-we-got" if mode == "wrong_ack" else chunk
+        with self._cond:
+            self.stats.acks += 1  # counted before sending: the sender may check right after
         try:
             sock.sendall(msgpack.packb({"ack": ack}))
         except OSError:
             return False
-        with self._cond:
-            self.stats.acks += 1
         return True
 
     def _error(self, text: str) -> None:
