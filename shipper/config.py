@@ -516,6 +516,9 @@ def load(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None =
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError([f"cannot read: {exc.strerror or exc}"], source) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"not UTF-8 text ({exc.reason} at byte {exc.start})"],
+                              source) from exc
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:

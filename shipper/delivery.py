@@ -88,9 +88,16 @@ class Delivery:
         self._warned_too_large = False
 
     def start(self) -> None:
-        """Recover the spool (its batches are delivered first, in order), start the worker."""
+        """Recover the spool (its batches are delivered first, in order), start the worker.
+
+        Raises SinkError (not retriable) if the spool directory cannot be used.
+        """
         if self.spool is not None:
-            refs = self.spool.recover()
+            try:
+                refs = self.spool.recover()
+            except OSError as exc:
+                raise SinkError(f"cannot open the spool in {self.spool.dir}: "
+                                f"{exc.strerror or exc}", retriable=False) from exc
             with self._cond:
                 self._q.extendleft(_Item(None, r, r.records) for r in reversed(refs))
                 self._gauge()

@@ -20,6 +20,9 @@ class FileSink:
 
     name = "file"
     encode = staticmethod(encode_json)
+    #: Entries are NDJSON lines: the pipeline may use the fused event encoder
+    #: (``shipper.ecs_json``), which yields the same lines as ``encode``.
+    ndjson = True
 
     def __init__(self, path: Path, *, max_bytes: int, keep: int, fsync: bool) -> None:
         self.path = Path(path)
@@ -28,6 +31,7 @@ class FileSink:
         self.fsync = fsync
         self._fd: int | None = None
         self._size = 0
+        self._torn = False  # a partial write could not be undone
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -59,7 +63,12 @@ class FileSink:
         self._open()
 
     def deliver(self, batch: Batch) -> None:
-        """Append the batch (one write), fsync if configured."""
+        """Append the batch (one write), fsync if configured.
+
+        A failed write is undone by truncating the file back to its size
+        before the batch, so the retry never appends to a torn line; if even
+        that fails, the next successful write starts on a fresh line.
+        """
         data = b"".join(batch.entries)
         try:
             if self._fd is None:
@@ -67,31 +76,34 @@ class FileSink:
             if self._size and self._size + len(data) > self.max_bytes:
                 self._rotate()
             assert self._fd is not None
-            view = memoryview(data)
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
-                self._size += n
+            if self._torn:
+                data = b"\n" + data
+            before = self._size
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(self._fd, view)
+                    view = view[n:]
+                    self._size += n
+            except OSError:
+                self._undo(before)
+                raise
+            self._torn = False
             if self.fsync:
                 os.fsync(self._fd)
         except OSError as exc:
-            # A partial write leaves a torn line: reopen so the retry starts clean
-            # on a new line rather than appending to half a record.
-            self._reset_after_error()
             raise SinkError(f"write to {self.path} failed: {exc.strerror}",
                             retriable=exc.errno not in (13, 30)) from exc
 
-    def _reset_after_error(self) -> None:
-        if self._fd is not None:
-            try:
-                os.write(self._fd, b"\n")
-            except OSError:
-                pass
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = None
+    def _undo(self, size: int) -> None:
+        """Drop a partial batch from the end of the file (or remember it is torn)."""
+        if self._size == size or self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, size)
+            self._size = size
+        except OSError:
+            self._torn = True
 
     def close(self) -> None:
         """fsync and close the file."""

@@ -62,11 +62,10 @@ _NS = 1_000_000_000
 
 def _fallback(obj: Any) -> Any:
     """Types a record may carry that msgpack does not know (slow path, rare)."""
-    contents = getattr(obj, "contents", None)  # orjson.Fragment: pre-serialised JSON
-    if contents is not None:
+    if type(obj).__name__ == "Fragment":  # orjson.Fragment: pre-serialised JSON
         import orjson
 
-        return orjson.loads(contents)
+        return orjson.loads(orjson.dumps(obj))
     if isinstance(obj, (set, frozenset, tuple)):
         return list(obj)
     return str(obj)

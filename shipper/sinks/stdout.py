@@ -24,6 +24,9 @@ class StdoutSink:
 
     name = "stdout"
     encode = staticmethod(encode_json)
+    #: Entries are NDJSON lines: the pipeline may use the fused event encoder
+    #: (``shipper.ecs_json``), which yields the same lines as ``encode``.
+    ndjson = True
 
     def __init__(self, stream: IO[bytes] | None = None) -> None:
         self._out = stream if stream is not None else sys.stdout.buffer
@@ -35,6 +38,8 @@ class StdoutSink:
             self._out.flush()
         except BrokenPipeError as exc:
             raise SinkError("stdout is closed (broken pipe)", retriable=False) from exc
+        except ValueError as exc:  # the stream object itself was closed
+            raise SinkError(f"stdout is closed ({exc})", retriable=False) from exc
         except OSError as exc:
             raise SinkError(f"stdout write failed: {os.strerror(exc.errno or 0)}",
                             retriable=True) from exc

@@ -259,6 +259,8 @@ class ForwardReceiver:
             if self.shared_key is not None and not self._handshake(sock):
                 return
             self._loop(sock)
+        except OSError:
+            pass  # the sender went away: nothing to report
         finally:
             with self._cond:
                 self._conns.discard(raw)

@@ -215,11 +215,6 @@ typo: true
             load(tmp_path, POD)
         assert ei.value.problems[0].startswith("cannot read")
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: load() catches only OSError around read_text(); a non-UTF-8 file raises "
-        "UnicodeDecodeError instead of ConfigError (check-config crashes instead of exit 2)",
-    )
     def test_not_utf8_is_a_config_error(self, tmp_path: Path) -> None:
         """A file that is not UTF-8 text is a ConfigError, not a crash."""
         p = tmp_path / "bin.yaml"

@@ -364,3 +364,13 @@ class TestSpooled:
         assert d.close(5)
         assert sink.seqs() == [0, 1]
         assert m.value("shipper_records_dropped_total", "spool_corrupt") == 2
+
+    def test_unusable_spool_dir_is_a_clear_start_error(self, tmp_path: Path) -> None:
+        """A spool directory that cannot be created fails start() with a non-retriable error."""
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        m = Metrics()
+        d = _delivery(FakeSink(), m, spool=_spool(blocker / "spool", m))
+        with pytest.raises(SinkError, match="cannot open the spool") as ei:
+            d.start()
+        assert not ei.value.retriable

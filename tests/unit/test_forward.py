@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import orjson
 import pytest
 from fluent.sender import EventTime, FluentSender
 
@@ -85,8 +86,10 @@ class TestEncode:
 
     def test_unknown_types_fall_back(self) -> None:
         """Types msgpack does not know are encoded through the fallback, not rejected."""
-        (_, rec), = ff.decode_entries(ff.encode_entry({"t": (1, 2), "p": Path("/x")}, T0))
-        assert rec == {"t": [1, 2], "p": "/x"}
+        frag = orjson.Fragment(b'{"pre":["serialised",1]}')
+        (_, rec), = ff.decode_entries(
+            ff.encode_entry({"t": (1, 2), "p": Path("/x"), "f": frag}, T0))
+        assert rec == {"t": [1, 2], "p": "/x", "f": {"pre": ["serialised", 1]}}
 
 
 class TestBuildMessage:

@@ -251,12 +251,6 @@ class TestFileSink:
         assert raw[0] == encode_json(record(1), 1).rstrip(b"\n")
         assert raw[-1] == encode_json(record(2), 2).rstrip(b"\n")
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: after a torn write, sinks/file.py _reset_after_error writes the separating "
-        "newline while the disk is still failing (ENOSPC), swallows that error, and the retried "
-        "batch is then appended to the torn fragment, corrupting its first record",
-    )
     def test_retry_after_persistent_torn_write(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -336,11 +330,6 @@ class TestStdoutSink:
         StdoutSink().deliver(batch(7))
         assert orjson.loads(buf.getvalue())["n"] == 7
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: StdoutSink.deliver lets ValueError from a closed stream escape instead of "
-        "raising SinkError(retriable=False) as the Sink contract requires (sinks/stdout.py)",
-    )
     def test_closed_stream_is_final_sink_error(self) -> None:
         """Writing to a closed stream is a non-retriable SinkError."""
         closed = io.BytesIO()

@@ -1,0 +1,406 @@
+"""Pod attribution from the live Kubernetes API on the real kernel (issue 3).
+
+Each test builds its own lab (gateway namespace with MASQUERADE, pod
+namespaces, an external host) and its own fake Kubernetes API server on
+127.0.0.1 port 0, runs ``python -m shipper run`` with a kubeconfig pointing at
+the fake and no pods file, makes traffic that stays inside the lab, and checks
+the records the file sink wrote. Pods and Kube-OVN Subnets reach the shipper
+only through list + watch. Everything is removed at the end, also when a test
+fails: the shipper is stopped by PID, the fake API is stopped, the lab deletes
+its namespaces.
+
+Waits are bounded polls. The only deliberate pause waits for the next wall
+clock second, so that a pod created later also has a later RFC 3339
+``creationTimestamp`` (second resolution).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from shipper.lab import Lab
+from tests.fakes.kube_api import (
+    NODES,
+    PODS,
+    SUBNETS,
+    FakeKubeApi,
+    node,
+    subnet,
+    write_kubeconfig,
+)
+from tests.integration.harness import Record, ShipperProcess, ct_delete, get
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+]
+
+Factory = Callable[..., ShipperProcess]
+T = TypeVar("T")
+
+#: Bound of every wait for the shipper (records, metrics, logs).
+WAIT_S = 15.0
+#: A record must appear this soon after its connection, also while the API is down
+#: (batch.max_age_s is 0.2 s in the harness, so this leaves a wide margin for CI noise).
+MAX_LATENCY_S = 2.0
+#: Long enough to outlive any test; the lab kills held clients on close.
+HOLD_S = 60.0
+
+
+# ---- helpers ----------------------------------------------------------------------
+
+
+def poll(fn: Callable[[], T], ok: Callable[[T], bool], what: str,
+         timeout: float = WAIT_S) -> T:
+    """Call ``fn`` until ``ok(value)`` (bounded); return the value or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if ok(value):
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: still {value!r} after {timeout}s")
+        time.sleep(0.05)
+
+
+def metric_now(sp: ShipperProcess, name: str, labels: dict[str, str] | None = None) -> float:
+    """One /metrics sample; -1 while the endpoint does not answer yet."""
+    try:
+        return sp.metric(name, labels)
+    except OSError:
+        return -1.0
+
+
+def wait_gauge(sp: ShipperProcess, name: str, value: float,
+               labels: dict[str, str] | None = None, timeout: float = WAIT_S) -> None:
+    """Poll until a sample equals ``value`` exactly (gauges may go down as well as up)."""
+    poll(lambda: metric_now(sp, name, labels), lambda v: v == value,
+         f"{name}{labels or ''} != {value}", timeout)
+
+
+def is_new(r: Record) -> bool:
+    return get(r, "event.action") == "new"
+
+
+def from_ip(ip: str) -> Callable[[Record], bool]:
+    return lambda r: get(r, "source.ip") == ip
+
+
+def next_second() -> None:
+    """Wait (at most 1 s) until the wall clock enters a new second.
+
+    ``creationTimestamp`` has second resolution: a pod created after this
+    returns has a strictly later timestamp than one created before it was called.
+    """
+    start = int(time.time())
+    poll(lambda: int(time.time()), lambda s: s > start, "next second", timeout=2.0)
+
+
+def put_lab_pods(api: FakeKubeApi, lab: Lab, only: list[int] | None = None) -> None:
+    """Publish the lab's pods (all, or those in ``only``) through the fake API."""
+    items = lab.pod_list()["items"]
+    for i, item in enumerate(items):
+        if only is None or i in only:
+            api.put(PODS, item)
+
+
+def pod_key(lab: Lab, i: int) -> str:
+    ident = lab.identities[i]
+    return f"{ident.namespace}/{ident.name}"
+
+
+def assert_names(r: Record, lab: Lab, i: int) -> None:
+    """``r`` is attributed to lab pod ``i`` as it is now (name, uid, namespace)."""
+    ident = lab.identities[i]
+    assert get(r, "flowlog.attribution") == "resolved", r
+    assert get(r, "kubernetes.pod.name") == ident.name, r
+    assert get(r, "kubernetes.pod.uid") == ident.uid, r
+    assert get(r, "kubernetes.namespace") == ident.namespace, r
+
+
+# ---- fixtures ---------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_kube(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipper child inherits our environment: no real cluster, no proxy for loopback."""
+    for var in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "HTTP_PROXY", "HTTPS_PROXY",
+                "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with Lab(pods=3) as built:
+        yield built
+
+
+@pytest.fixture
+def api(lab: Lab) -> Iterator[FakeKubeApi]:
+    """A fake API server knowing the lab's node (pods and Subnets are up to each test)."""
+    fake = FakeKubeApi().start()
+    try:
+        fake.put(NODES, node(lab.node_name, [lab.node_ip4, lab.node_ip6]))
+        yield fake
+    finally:
+        fake.stop()
+
+
+@pytest.fixture
+def shipper(lab: Lab, api: FakeKubeApi, tmp_path: Path) -> Iterator[Factory]:
+    """Start ``python -m shipper run`` fed by the fake API only (no pods file)."""
+    started: list[ShipperProcess] = []
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url)
+
+    def start(config: dict[str, Any] | None = None) -> ShipperProcess:
+        cfg: dict[str, Any] = {
+            "kubernetes.kubeconfig": str(kubeconfig),
+            "kubernetes.in_cluster": "never",
+            "kubernetes.sync_timeout_s": 30.0,
+            "kubernetes.request_timeout_s": 5.0,
+            "kubernetes.backoff_initial_s": 0.1,
+            "kubernetes.backoff_max_s": 0.5,
+        }
+        cfg.update(config or {})
+        tmp = tmp_path / f"s{len(started)}"
+        tmp.mkdir()
+        sp = ShipperProcess(lab, tmp, config=cfg, pods_file=False)
+        started.append(sp)
+        return sp
+
+    try:
+        yield start
+    finally:
+        for sp in started:
+            sp.stop()
+
+
+# ---- tests ------------------------------------------------------------------------
+
+
+class TestPodIpReuse:
+    """A pod deleted and its IP given to a new pod, all learnt through the watch."""
+
+    @pytest.mark.parametrize("family", [4, 6])
+    def test_flows_and_late_destroys_name_the_pod_that_owned_the_ip(
+        self, lab: Lab, api: FakeKubeApi, shipper: Factory, family: int
+    ) -> None:
+        """Old and new flows from one IP, and both DESTROYs (the old one arriving after
+        the old pod's deletion), name the pod that owned the IP when each flow started."""
+        put_lab_pods(api, lab)
+        sp = shipper()
+        sp.wait_ready()
+        wait_gauge(sp, "shipper_kube_cache_stale", 0, {"resource": "pods"})
+        ip = lab.pod_ip(0, family)
+        lab.start_server("tcp", 8080, family)
+        lab.connect(0, "tcp", family, 8080, hold_s=HOLD_S)
+        old = sp.wait_records(lambda r: is_new(r) and from_ip(ip)(r))[0]
+        assert_names(old, lab, 0)
+        pod_a = lab.identities[0]
+
+        # Kubernetes deletes pod A ...
+        api.delete(PODS, pod_key(lab, 0))
+        sp.wait_metric("shipper_kube_events_total", 1, {"resource": "pods", "type": "DELETED"})
+        wait_gauge(sp, "shipper_pods_live", 2)
+        # ... and a second later hands its addresses to the new pod B.
+        next_second()
+        lab.reassign_ip(0)
+        pod_b = lab.identities[0]
+        assert pod_b.uid != pod_a.uid and pod_b.name != pod_a.name
+        put_lab_pods(api, lab, only=[0])
+        b_obj = api.objects(PODS)
+        assert any(p["metadata"]["uid"] == pod_b.uid and p["metadata"]["creationTimestamp"]
+                   > pod_a.created.strftime("%Y-%m-%dT%H:%M:%SZ") for p in b_obj)
+        # DELETED was applied before ADDED (watch order), so 3 live pods means B is in.
+        sp.wait_metric("shipper_kube_events_total", 1, {"resource": "pods", "type": "ADDED"})
+        wait_gauge(sp, "shipper_pods_live", 3)
+
+        lab.connect(0, "tcp", family, 8080, hold_s=HOLD_S)
+        old_id = get(old, "conntrack.id")
+        fresh = sp.wait_records(lambda r: is_new(r) and from_ip(ip)(r)
+                                and get(r, "conntrack.id") != old_id)[0]
+        assert_names(fresh, lab, 0)
+        assert get(fresh, "kubernetes.pod.name") == pod_b.name
+
+        # Both conntrack entries end now, long after A was deleted.
+        ct_delete(lab, "-s", ip)
+        ids = {old_id: pod_a, get(fresh, "conntrack.id"): pod_b}
+        destroys = sp.wait_records(lambda r: get(r, "event.action") == "destroy"
+                                   and get(r, "conntrack.id") in ids, n=2)
+        assert len(destroys) == 2, destroys
+        for d in destroys:
+            want = ids[get(d, "conntrack.id")]
+            assert get(d, "flowlog.attribution") == "resolved", d
+            assert get(d, "kubernetes.pod.name") == want.name, d
+            assert get(d, "kubernetes.pod.uid") == want.uid, d
+            assert get(d, "source.ip") == ip
+        assert sp.metric("shipper_records_unresolved_total") == 0
+
+
+class TestSubnetDiscovery:
+    """Pod CIDRs come from Kube-OVN Subnets watched at runtime, not from the config."""
+
+    def test_subnet_added_and_deleted_at_runtime_changes_what_is_shipped(
+        self, lab: Lab, api: FakeKubeApi, shipper: Factory
+    ) -> None:
+        """Only sources in a natOutgoing Subnet are shipped; adding such a Subnet through the
+        API ships its pods' new flows, deleting it stops them, without a restart."""
+        put_lab_pods(api, lab)
+        api.put(SUBNETS, subnet("join", "100.64.0.0/16", nat_outgoing=False))
+        # Pod 0 (10.244.0.10) only.
+        api.put(SUBNETS, subnet("team-a", "10.244.0.10/32"))
+        # Pod 1 (10.244.0.11) is in a Subnet without natOutgoing: never a pod CIDR.
+        api.put(SUBNETS, subnet("internal", "10.244.0.11/32", nat_outgoing=False))
+        sp = shipper({"filter.pod_cidrs": [], "filter.cluster_cidrs": [],
+                      "kubernetes.subnets_enabled": True})
+        sp.wait_ready()
+        wait_gauge(sp, "shipper_kube_cidrs", 1, {"kind": "pod"})
+        lab.start_server("tcp", 8080, 4)
+        pod0, pod2 = lab.pod_ip(0, 4), lab.pod_ip(2, 4)
+
+        def filtered() -> float:
+            return sp.metric("shipper_events_filtered_total", {"reason": "source_not_pod"})
+
+        def shipped_from(i: int) -> int:
+            return len([r for r in sp.records() if from_ip(lab.pod_ip(i, 4))(r)])
+
+        def assert_not_shipped(pods: list[int]) -> None:
+            """New flows from ``pods`` are counted as filtered and never become records.
+
+            A flow from pod 0 made afterwards is awaited: its record is written after
+            any record for the earlier flows would have been.
+            """
+            base = filtered()
+            before = {i: shipped_from(i) for i in pods}
+            marker = len([r for r in sp.records() if is_new(r) and from_ip(pod0)(r)]) + 1
+            for i in pods:
+                lab.connect(i, "tcp", 4, 8080)
+            lab.connect(0, "tcp", 4, 8080)
+            rec = sp.wait_records(lambda r: is_new(r) and from_ip(pod0)(r), n=marker)[-1]
+            assert_names(rec, lab, 0)
+            poll(filtered, lambda v: v >= base + len(pods), "source_not_pod count")
+            assert {i: shipped_from(i) for i in pods} == before
+
+        assert_not_shipped([1, 2])
+        first = sp.wait_records(lambda r: is_new(r) and from_ip(pod0)(r))[0]
+        assert get(first, "destination.ip") == lab.ext_ip4  # the ext host is no cluster CIDR
+
+        # A natOutgoing Subnet for pod 2 (10.244.0.12-15) appears at runtime.
+        api.put(SUBNETS, subnet("team-b", "10.244.0.12/30"))
+        wait_gauge(sp, "shipper_kube_cidrs", 2, {"kind": "pod"})  # set after the filter swap
+        lab.connect(2, "tcp", 4, 8080)
+        rec = sp.wait_records(lambda r: is_new(r) and from_ip(pod2)(r))[0]
+        assert_names(rec, lab, 2)
+        assert_not_shipped([1])
+        assert shipped_from(1) == 0
+
+        # And it goes away again.
+        api.delete(SUBNETS, "team-b")
+        wait_gauge(sp, "shipper_kube_cidrs", 1, {"kind": "pod"})
+        assert_not_shipped([2])
+        assert sp.metric("shipper_events_filtered_total",
+                         {"reason": "destination_in_cluster"}) == 0
+
+
+class TestApiOutage:
+    """The API going away mid-run neither stops nor slows the event path."""
+
+    def test_cache_serves_during_outage_and_recovers(
+        self, lab: Lab, api: FakeKubeApi, shipper: Factory
+    ) -> None:
+        """With the API down, records keep coming within normal latency, attributed from the
+        cache, and the stale gauge is 1; after it returns the gauge is 0 and changes made
+        during the outage are applied."""
+        put_lab_pods(api, lab)
+        sp = shipper()
+        sp.wait_ready()
+        wait_gauge(sp, "shipper_kube_cache_stale", 0, {"resource": "pods"})
+        lab.start_server("tcp", 8080, 4)
+        lab.connect(1, "tcp", 4, 8080)
+        assert_names(sp.wait_records(is_new)[0], lab, 1)
+
+        api.stop()
+        wait_gauge(sp, "shipper_kube_cache_stale", 1, {"resource": "pods"})
+        wait_gauge(sp, "shipper_kube_cache_stale", 1, {"resource": "nodes"})
+        for round_ in range(2):
+            for i in range(3):
+                before = len([r for r in sp.records() if is_new(r)])
+                t0 = time.monotonic()
+                lab.connect(i, "tcp", 4, 8080)
+                rec = sp.wait_records(is_new, n=before + 1, timeout=WAIT_S)[-1]
+                latency = time.monotonic() - t0
+                assert latency < MAX_LATENCY_S, (round_, i, latency)
+                assert_names(rec, lab, i)
+        assert sp.proc.poll() is None
+        assert sp.metric("shipper_records_unresolved_total") == 0
+        assert sp.metric("shipper_kube_watch_restarts_total",
+                         {"resource": "pods", "reason": "error"}) >= 1
+
+        # While we cannot watch, pod 2 is deleted and its IP goes to a new pod.
+        old2 = lab.identities[2]
+        api.delete(PODS, pod_key(lab, 2))
+        next_second()
+        lab.reassign_ip(2)
+        put_lab_pods(api, lab, only=[2])
+
+        api.start()
+        wait_gauge(sp, "shipper_kube_cache_stale", 0, {"resource": "pods"})
+        wait_gauge(sp, "shipper_kube_cache_stale", 0, {"resource": "nodes"})
+        # The watch resumed from its resourceVersion and got the missed events.
+        sp.wait_metric("shipper_kube_events_total", 1, {"resource": "pods", "type": "ADDED"})
+        wait_gauge(sp, "shipper_pods_live", 3)
+        lab.connect(2, "tcp", 4, 8080)
+        rec = sp.wait_records(lambda r: is_new(r) and from_ip(lab.pod_ip(2, 4))(r), n=3)[-1]
+        assert_names(rec, lab, 2)
+        assert get(rec, "kubernetes.pod.name") != old2.name
+        assert sp.proc.poll() is None
+
+
+class TestStartupSync:
+    """At start the shipper waits (bounded) for the first lists before reading events."""
+
+    @pytest.mark.parametrize("outage", ["refused", "http503"])
+    def test_records_are_attributed_once_the_late_api_answers(
+        self, lab: Lab, api: FakeKubeApi, shipper: Factory, outage: str
+    ) -> None:
+        """With the API down (connection refused, or answering 503) when the shipper starts,
+        a flow older than the shipper (snapshot) and one made during the wait (NEW) are
+        shipped attributed once the API comes back within sync_timeout_s."""
+        put_lab_pods(api, lab)
+        lab.start_server("tcp", 8080, 4)
+        lab.connect(0, "tcp", 4, 8080, hold_s=HOLD_S)
+        if outage == "refused":
+            api.stop()
+        else:
+            api.fail_with = 503
+        sp = shipper()
+        # Subscribed to conntrack events, now waiting for the API.
+        poll(sp.stderr, lambda s: "listening for conntrack events" in s, "subscribed")
+        sp.wait_metric("shipper_kube_watch_restarts_total", 2,
+                       {"resource": "pods", "reason": "error"})
+        lab.connect(1, "tcp", 4, 8080)
+        assert sp.records() == []
+        assert "initial table dump" not in sp.stderr()
+        assert metric_now(sp, "shipper_kube_cache_stale", {"resource": "pods"}) == 1
+
+        if outage == "refused":
+            api.start()
+        else:
+            api.fail_with = None
+        sp.wait_ready()
+        snap = sp.wait_records(lambda r: get(r, "event.action") == "snapshot"
+                               and from_ip(lab.pod_ip(0, 4))(r))[0]
+        assert_names(snap, lab, 0)
+        new = sp.wait_records(lambda r: is_new(r) and from_ip(lab.pod_ip(1, 4))(r))[0]
+        assert_names(new, lab, 1)
+        assert all(get(r, "flowlog.attribution") == "resolved" for r in sp.records())
+        assert "not listed within" not in sp.stderr()
+        sp.wait_metric("shipper_records_total", 2)
+        assert sp.metric("shipper_records_unresolved_total") == 0
+        wait_gauge(sp, "shipper_kube_cache_stale", 0, {"resource": "pods"})
