@@ -194,6 +194,9 @@ def _run(cfg: config_mod.Config, command: str) -> int:
         except SourceError as exc:
             log.error("conntrack source failed", extra={"fields": {"error": str(exc)}})
             return EXIT_SOURCE
+        except SinkError as exc:
+            log.error("sink failed", extra={"fields": {"error": str(exc)}})
+            return EXIT_SINK
     server = None
     if cfg.metrics.address:
         try:
@@ -215,6 +218,9 @@ def _run(cfg: config_mod.Config, command: str) -> int:
     except SourceError as exc:
         log.error("conntrack source failed", extra={"fields": {"error": str(exc)}})
         return EXIT_SOURCE
+    except SinkError as exc:
+        log.error("sink failed", extra={"fields": {"error": str(exc)}})
+        return EXIT_SINK
     finally:
         if server is not None:
             shutdown = getattr(server, "shutdown", None)

@@ -175,8 +175,12 @@ DEFS: dict[str, MetricDef] = {
             ("endpoint",),
         ),
         MetricDef("shipper_spool_bytes", "gauge", "Bytes of spool segment files on disk."),
-        MetricDef("shipper_spool_batches", "gauge", "Batches in the spool not yet confirmed."),
-        MetricDef("shipper_spool_records", "gauge", "Records in the spool not yet confirmed."),
+        MetricDef(
+            "shipper_spool_pending_batches", "gauge", "Batches in the spool not yet confirmed."
+        ),
+        MetricDef(
+            "shipper_spool_pending_records", "gauge", "Records in the spool not yet confirmed."
+        ),
         MetricDef(
             "shipper_spool_batches_total",
             "counter",

@@ -39,6 +39,7 @@ from shipper.metrics import Metrics
 from shipper.record import ACTION_DESTROY, ACTION_NEW, ACTION_SNAPSHOT, FlowEvent
 from shipper.sinks import Sink, build_sink
 from shipper.sinks.retry import RetryPolicy
+from shipper.sinks.spool import open_spool
 from shipper.sources import conntrack
 from shipper.sources.decode import LayoutDecoder
 
@@ -85,6 +86,7 @@ class Pipeline:
             overflow=cfg.queue.overflow,
             retry=RetryPolicy(cfg.sink.retry_initial_s, cfg.sink.retry_max_s,
                               cfg.sink.max_retries),
+            spool=open_spool(cfg.sink.spool, self.sink.name, metrics),
         )
         self.inventory: InventoryWatcher | None = None
         if cfg.inventory.pods_file is not None:
@@ -312,18 +314,22 @@ class Pipeline:
         self._stop = stop
         cfg = self.cfg
         tune_malloc()
-        self._sysctls()
-        # Subscribe before dumping, so nothing falls between dump and events.
-        self._sock = conntrack.open_event_socket(
-            cfg.conntrack.netns, list(cfg.conntrack.events), cfg.conntrack.rcvbuf_bytes
-        )
+        self.delivery.start()  # recovers the spool first; raises SinkError if unusable
+        try:
+            self._sysctls()
+            # Subscribe before dumping, so nothing falls between dump and events.
+            self._sock = conntrack.open_event_socket(
+                cfg.conntrack.netns, list(cfg.conntrack.events), cfg.conntrack.rcvbuf_bytes
+            )
+        except BaseException:
+            self.delivery.close(cfg.shutdown_grace_s)
+            raise
         self._last_drops = conntrack.socket_drops(cfg.conntrack.netns, self._sock)
         log.info("listening for conntrack events", extra={"fields": {
             "netns": cfg.conntrack.netns, "events": list(cfg.conntrack.events),
             "rcvbuf": conntrack.effective_rcvbuf(self._sock),
             "pod_cidrs": list(self.filter.pod_cidrs),
             "cluster_cidrs": list(self.filter.cluster_cidrs), "sink": self.sink.name}})
-        self.delivery.start()
         try:
             self._start_enrichment()
             if cfg.conntrack.dump_at_start:

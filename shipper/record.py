@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import sys
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, NamedTuple
 
 # The action names of the record schema (`event.action`).
@@ -99,17 +101,80 @@ class FlowEvent(NamedTuple):
     received_ns: int
 
 
+# Sub-objects of pods' record objects that many pods have in common (the labels
+# of a Deployment's replicas, ``{"name": node}``, owner and logical switch
+# objects, the usually empty annotations) are shared through these bounded
+# caches rather than copied per pod: at 100k pods plus tombstones, per-pod
+# copies were most of the pod index's memory. Everything in them is reachable
+# from records and PodMeta values, which never mutate them. When a cache is
+# full it is cleared (cheap, and safe: pods keep their objects; only sharing
+# with later pods is lost), so a cluster where every pod has unique labels
+# costs at most the keys of one full cache.
+_SHARED_MAX = 16384
+_shared_maps: dict[tuple[str, ...], dict[str, str]] = {}
+_shared_objs: dict[tuple[str, ...], dict[str, str]] = {}
+
+
+def _intern(text: str) -> str:
+    """``sys.intern`` for exact strings; anything else is returned as it is."""
+    return sys.intern(text) if type(text) is str else text
+
+
+def _shared_map(items: dict[str, str]) -> dict[str, str]:
+    """The shared dict equal to ``items`` (labels or annotations), with interned strings.
+
+    Equal means equal including order, so records keep their key order.
+    """
+    try:
+        key = tuple(chain.from_iterable(items.items()))
+        shared = _shared_maps.get(key)
+    except TypeError:  # an unhashable value: not ours to share
+        return dict(items)
+    if shared is None:
+        if len(_shared_maps) >= _SHARED_MAX:
+            _shared_maps.clear()
+        # A copy the cache owns (the caller's dict is never shared), keyed by
+        # its own interned strings so the key keeps no duplicate alive. Two
+        # threads may race here: the worst outcome is two equal dicts.
+        shared = {_intern(k): _intern(v) for k, v in items.items()}
+        _shared_maps[tuple(chain.from_iterable(shared.items()))] = shared
+    return shared
+
+
+def _shared_obj(*pairs: str) -> dict[str, str]:
+    """The shared dict ``{pairs[0]: pairs[1], ...}`` (node, owner, ovn objects)."""
+    shared = _shared_objs.get(pairs)
+    if shared is None:
+        if len(_shared_objs) >= _SHARED_MAX:
+            _shared_objs.clear()
+        pairs = tuple(_intern(p) for p in pairs)
+        it = iter(pairs)
+        shared = dict(zip(it, it, strict=True))
+        _shared_objs[pairs] = shared
+    return shared
+
+
+def _opt_intern(text: str | None) -> str | None:
+    return None if text is None else _intern(text)
+
+
 @dataclass(frozen=True, slots=True)
 class PodMeta:
     """Identity of the pod that owns an address during some interval.
 
     ``ips`` holds ``(family, integer)`` pairs. ``labels`` and ``annotations``
     are already filtered and capped by whoever built the value; they are never
-    mutated after construction. ``kubernetes`` is the pre-built ``kubernetes``
-    object of the record without ``pod.ip``; ``kubernetes_by_ip`` holds the
-    finished object for each of the pod's addresses (by :func:`ip_key`), with
-    ``pod.ip`` set. Both are filled by :meth:`with_record_object` and shared by
-    every record of the pod: they must never be mutated.
+    mutated after construction. ``kubernetes_by_ip`` holds the finished
+    ``kubernetes`` object of the record for each of the pod's addresses (by
+    :func:`ip_key`), with ``pod.ip`` set; it is filled by
+    :meth:`with_record_object` and shared by every record of the pod.
+    :attr:`kubernetes` is the same object without ``pod.ip``, built on access.
+
+    Sharing: after :meth:`with_record_object`, ``labels``, ``annotations`` and
+    the ``node``/``owner``/``ovn`` sub-objects are the very dicts inside the
+    record objects, and pods with equal values share one dict (see
+    ``_shared_map``). None of them may ever be mutated: build a new value
+    (``dataclasses.replace(...).with_record_object()``) instead.
     """
 
     namespace: str
@@ -125,43 +190,69 @@ class PodMeta:
     host_network: bool = False
     phase: str | None = None
     created_ns: int | None = None
-    kubernetes: dict[str, Any] = field(default_factory=dict, compare=False)
     kubernetes_by_ip: dict[int, dict[str, Any]] = field(default_factory=dict, compare=False)
 
-    def with_record_object(self) -> PodMeta:
-        """Return a copy whose ``kubernetes`` field holds the record's object for this pod."""
-        pod: dict[str, Any] = {"name": self.name, "uid": self.uid}
+    @property
+    def kubernetes(self) -> dict[str, Any]:
+        """The record's ``kubernetes`` object for this pod without ``pod.ip`` (a new dict).
+
+        Built on each access rather than stored: the event path reads
+        ``kubernetes_by_ip`` and needs this only for an address the pod does
+        not list, which does not happen in practice. Its sub-objects are the
+        shared ones: do not mutate them.
+        """
+        return self._object({"name": self.name, "uid": self.uid})
+
+    def _object(self, pod: dict[str, Any]) -> dict[str, Any]:
+        """The record object around ``pod``; keys in the schema's order."""
         obj: dict[str, Any] = {"namespace": self.namespace, "pod": pod}
         if self.labels:
-            obj["labels"] = dict(self.labels)
+            obj["labels"] = self.labels
         if self.annotations:
-            obj["annotations"] = dict(self.annotations)
+            obj["annotations"] = self.annotations
         if self.node:
-            obj["node"] = {"name": self.node}
+            obj["node"] = _shared_obj("name", self.node)
         if self.owner_kind and self.owner_name:
-            obj["owner"] = {"kind": self.owner_kind, "name": self.owner_name}
+            obj["owner"] = _shared_obj("kind", self.owner_kind, "name", self.owner_name)
         if self.logical_switch:
-            obj["ovn"] = {"logical_switch": self.logical_switch}
-        # One finished object per address (with kubernetes.pod.ip), built once
-        # here rather than copied per record. Records share them: never mutate.
-        by_ip = {
-            ip_key(fam, ip): {**obj, "pod": {**pod, "ip": ip_to_str(fam, ip)}}
-            for fam, ip in self.ips
-        }
-        return PodMeta(
-            namespace=self.namespace,
+            obj["ovn"] = _shared_obj("logical_switch", self.logical_switch)
+        return obj
+
+    def with_record_object(self) -> PodMeta:
+        """Return a copy with ``kubernetes_by_ip`` built and repeated values shared.
+
+        The copy equals ``self`` (``==``) and yields the same records; its
+        strings that repeat across pods (namespace, node, owner, switch,
+        phase, label keys and values) are interned and its ``labels`` and
+        ``annotations`` are the shared dicts equal to the originals.
+        """
+        meta = PodMeta(
+            namespace=_intern(self.namespace),
             name=self.name,
             uid=self.uid,
             ips=self.ips,
-            node=self.node,
-            labels=self.labels,
-            annotations=self.annotations,
-            owner_kind=self.owner_kind,
-            owner_name=self.owner_name,
-            logical_switch=self.logical_switch,
+            node=_opt_intern(self.node),
+            labels=_shared_map(self.labels) if self.labels else _EMPTY,
+            annotations=_shared_map(self.annotations) if self.annotations else _EMPTY,
+            owner_kind=_opt_intern(self.owner_kind),
+            owner_name=_opt_intern(self.owner_name),
+            logical_switch=_opt_intern(self.logical_switch),
             host_network=self.host_network,
-            phase=self.phase,
+            phase=_opt_intern(self.phase),
             created_ns=self.created_ns,
-            kubernetes=obj,
-            kubernetes_by_ip=by_ip,
         )
+        # One finished object per address (with kubernetes.pod.ip), built once
+        # here rather than copied per record. Records share them: never mutate.
+        # Filled in place: the dict is the new value's own (default factory),
+        # not yet visible to anyone else.
+        by_ip = meta.kubernetes_by_ip
+        name, uid = meta.name, meta.uid
+        for fam, ip in meta.ips:
+            by_ip[ip_key(fam, ip)] = meta._object(
+                {"name": name, "uid": uid, "ip": ip_to_str(fam, ip)}
+            )
+        return meta
+
+
+# The labels/annotations of every pod that has none (shared: never mutate).
+_EMPTY: dict[str, str] = {}

@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from shipper.record import PodMeta, ip_key
 
 Interval = tuple[int, "int | None", PodMeta]
+ClosedInterval = tuple[int, int, PodMeta]
 
 DEFAULT_RETENTION_NS = 5 * 24 * 3600 * 1_000_000_000
 DEFAULT_SKEW_NS = 5 * 1_000_000_000
@@ -56,8 +57,11 @@ class PodIndex:
         self.skew_ns = skew_ns
         self._hist: dict[int, tuple[Interval, ...]] = {}
         self._live: dict[str, PodMeta] = {}
-        # (end_ns, key, uid) of closed intervals, in closing order, for pruning.
-        self._closed: deque[tuple[int, int, str]] = deque()
+        # Closed intervals in closing order, for pruning: two parallel deques
+        # (address key, the interval itself) rather than one deque of
+        # (end, key, uid) tuples, which cost a tuple and an int per tombstone.
+        self._closed_keys: deque[int] = deque()
+        self._closed: deque[ClosedInterval] = deque()
         self._lock = threading.Lock()
         self.evicted_total = 0
         self.version = 0
@@ -134,10 +138,11 @@ class PodIndex:
         removed = 0
         with self._lock:
             horizon = now_ns - self.retention_ns
-            while self._closed and (
-                self._closed[0][0] < horizon or len(self._closed) > self.max_tombstones
-            ):
-                end, key, uid = self._closed.popleft()
+            closed, keys = self._closed, self._closed_keys
+            while closed and (closed[0][1] < horizon or len(closed) > self.max_tombstones):
+                _, end, meta = closed.popleft()
+                key = keys.popleft()
+                uid = meta.uid
                 if end >= horizon:
                     self.evicted_total += 1
                 hist = self._hist.get(key)
@@ -191,8 +196,10 @@ class PodIndex:
             if last_end is None and last_meta.uid != pod.uid:
                 # The address moved to a new pod before we saw the old one go.
                 last_end = max(now_ns, last_start)
-                hist = (*hist[:-1], (last_start, last_end, last_meta))
-                self._closed.append((last_end, key, last_meta.uid))
+                closed_iv: ClosedInterval = (last_start, last_end, last_meta)
+                hist = (*hist[:-1], closed_iv)
+                self._closed.append(closed_iv)
+                self._closed_keys.append(key)
                 stale = self._live.get(last_meta.uid)
                 if stale is not None:
                     remaining = tuple(
@@ -212,9 +219,10 @@ class PodIndex:
             return
         start, end, meta = hist[-1]
         if end is None and meta.uid == uid:
-            end = max(now_ns, start)
-            self._hist[key] = (*hist[:-1], (start, end, meta))
-            self._closed.append((end, key, uid))
+            closed_iv: ClosedInterval = (start, max(now_ns, start), meta)
+            self._hist[key] = (*hist[:-1], closed_iv)
+            self._closed.append(closed_iv)
+            self._closed_keys.append(key)
 
 
 def _with_ips(pod: PodMeta, ips: tuple[tuple[int, int], ...]) -> PodMeta:

@@ -52,3 +52,9 @@ class Sink(Protocol):
     def close(self) -> None:
         """Release files and connections. Called once, after the last deliver."""
         ...
+
+
+# Optional: a sink whose ``deliver`` can block on the network may also define
+# ``abort() -> None``, which makes a ``deliver`` in progress fail at once (shut
+# the socket down). ``Delivery.close`` calls it when the shutdown grace period
+# is over, so SIGTERM is never held up by a receiver that stopped answering.

@@ -444,8 +444,8 @@ class Spool:
 
     def _gauges(self) -> None:
         self.metrics.set("shipper_spool_bytes", sum(self._sizes.values()))
-        self.metrics.set("shipper_spool_batches", sum(p[0] for p in self._pending.values()))
-        self.metrics.set("shipper_spool_records", sum(p[1] for p in self._pending.values()))
+        self.metrics.set("shipper_spool_pending_batches", sum(p[0] for p in self._pending.values()))
+        self.metrics.set("shipper_spool_pending_records", sum(p[1] for p in self._pending.values()))
 
 
 def open_spool(cfg: SpoolConfig, sink_name: str, metrics: Metrics) -> Spool | None:

@@ -56,7 +56,10 @@ class ShipperProcess:
         extra_args: list[str] | None = None,
         pods_file: bool = True,
         command: str = "run",
+        receiver: Any = None,
     ) -> None:
+        """``receiver``: a started ``tests.fakes.forward_receiver.ForwardReceiver``; the
+        shipper then uses the forward sink to it and records are read from it."""
         self.lab = lab
         self.tmp = tmp
         self.output = tmp / "flows.json"
@@ -72,6 +75,10 @@ class ShipperProcess:
             "metrics": {"address": f"127.0.0.1:{self.metrics_port}"},
             "inventory": {"reload_interval_s": 0.2},
         }
+        self.receiver = receiver
+        if receiver is not None:
+            cfg["sink"] = {"type": "forward", "forward": {"addresses": [receiver.address],
+                                                          "tag": "flowlog.test"}}
         if pods_file:
             lab.write_pod_list(self.pods_file)
             cfg["inventory"]["pods_file"] = str(self.pods_file)
@@ -93,7 +100,9 @@ class ShipperProcess:
     # ---- observation ---------------------------------------------------------
 
     def records(self) -> list[Record]:
-        """Every complete record written so far."""
+        """Every complete record written (file sink) or received (forward sink) so far."""
+        if self.receiver is not None:
+            return [r.record for r in self.receiver.records()]
         try:
             data = self.output.read_bytes()
         except FileNotFoundError:

@@ -111,6 +111,27 @@ class TestAttribution:
         sp.wait_ready()
         _check_collision(lab, sp, 4)
 
+    def test_port_collision_forward_sink(self, lab: Lab, shipper: Factory) -> None:
+        """The same end to end through the forward sink to a forward-protocol receiver:
+        acked PackedForward batches with EventTime and the configured tag."""
+        from tests.fakes.forward_receiver import ForwardReceiver
+
+        rx = ForwardReceiver().start()
+        sp = None
+        try:
+            sp = shipper(receiver=rx)
+            sp.wait_ready()
+            _check_collision(lab, sp, 4)
+            got = rx.records()
+            assert got and all(r.tag == "flowlog.test" for r in got)
+            ids = [r.record["event"]["id"] for r in got]
+            assert len(set(ids)) == len(ids)
+            sp.wait_metric("shipper_records_shipped_total", 3, {"sink": "forward"})
+        finally:
+            if sp is not None:
+                sp.stop()  # before the receiver goes, so the final flush is acked
+            rx.close()
+
     def test_port_collision_ipv6(self, lab: Lab, shipper: Factory) -> None:
         """The same with ip6tables MASQUERADE over IPv6."""
         sp = shipper()

@@ -226,11 +226,11 @@ class TestSpooled:
         d.start()
         for i in range(3):
             d.submit(_batch(i))
-        assert m.value("shipper_spool_batches") == 3
+        assert m.value("shipper_spool_pending_batches") == 3
         sink.gate.set()
         assert d.close(5)
         assert sink.seqs() == [0, 1, 2]
-        assert m.value("shipper_spool_batches") == 0
+        assert m.value("shipper_spool_pending_batches") == 0
         assert m.value("shipper_spool_batches_total", "spooled") == 3
         assert m.value("shipper_spool_batches_total", "removed") == 3
 
@@ -242,7 +242,7 @@ class TestSpooled:
         d.start()
         for i in range(20):
             d.submit(_batch(i))  # never blocks: the spool has room
-        assert m.value("shipper_spool_batches") == 20
+        assert m.value("shipper_spool_pending_batches") == 20
         sink.gate.set()
         assert d.close(10)
         assert sink.seqs() == list(range(20))
@@ -270,7 +270,7 @@ class TestSpooled:
         assert d2.close(5)
         assert sink2.seqs() == [0, 1, 2, 3, 4, 100]
         assert m2.value("shipper_spool_batches_total", "replayed") == 5
-        assert m2.value("shipper_spool_batches") == 0
+        assert m2.value("shipper_spool_pending_batches") == 0
 
     def test_full_spool_blocks_until_space(self, tmp_path: Path) -> None:
         """With the block policy a full spool makes submit wait until delivery frees space."""

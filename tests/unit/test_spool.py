@@ -67,7 +67,7 @@ class TestSpool:
         assert s.recover() == []
         refs = [_append(s, _batch(i)) for i in range(3)]
         assert s.pending() == (3, 9)
-        assert m.value("shipper_spool_batches", ) == 3
+        assert m.value("shipper_spool_pending_batches", ) == 3
         for i, r in enumerate(refs):
             b = s.read(r)
             assert b is not None and b.entries == _batch(i).entries
