@@ -1,10 +1,24 @@
-"""Memory of the PodIndex for a large cluster with heavy churn.
+"""Memory and speed of the PodIndex for a large cluster with heavy churn.
 
-Builds N live pods (dual-stack optional) through pod_from_dict (the same path
-the API watch takes, labels included) plus T tombstones (pods deleted, their
-IPs reused by new pods), then reports tracemalloc and RSS growth.
+Builds N live pods plus T tombstones (a pod deleted and a new pod created in
+its place, T times) through ``pod_from_dict`` and ``PodIndex.update/delete``,
+exactly as the API watch does, then reports tracemalloc and RSS growth and the
+event path's costs: ``PodIndex.lookup`` (live and tombstone) and
+``ecs.build_record`` for a resolved event.
 
-    python bench/bench_pod_index.py --pods 100000 --tombstones 300000
+The cluster is shaped like a real one: replicas of ``--deployments``
+Deployments (default 2,000) across 20 namespaces and 100 nodes, 5-8 labels per
+pod (equal for the replicas of one Deployment), the Kube-OVN annotations, a
+Deployment owner, and a share of dual-stack pods. Every pod object goes
+through an orjson encode/decode round trip, so its strings are fresh objects,
+as they are when decoded from the API server's JSON.
+
+    python bench/bench_pod_index.py                      # 100k pods + 300k tombstones
+    python bench/bench_pod_index.py --no-tracemalloc     # RSS only (the number to size by)
+    python bench/bench_pod_index.py --fresh-ips          # new pods get new addresses
+
+Measure RSS with ``--no-tracemalloc``: tracemalloc slows the build and adds
+its own memory to RSS.
 """
 
 from __future__ import annotations
@@ -14,12 +28,22 @@ import gc
 import resource
 import time
 import tracemalloc
+from typing import Any
 
+import orjson
+
+from shipper import ecs
 from shipper.enrich.pod_index import PodIndex
 from shipper.enrich.pods import LabelPolicy, pod_from_dict
+from shipper.record import ACTION_NEW, FlowEvent
+
+NAMESPACES = 20
+NODES = 100
+_TIERS = ("frontend", "backend", "worker")
 
 
 def rss_mb() -> float:
+    """Current resident set size in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
@@ -27,34 +51,89 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make(i: int, gen: int, dual: bool) -> dict:
-    a, b = divmod(i, 65536)
-    ips = [f"10.{16 + a}.{b >> 8}.{b & 255}"]
-    if dual:
-        ips.append(f"fd00:10:{16 + a:x}::{b:x}")
-    dep = f"svc-{i % 2000}"
-    return {
+def address(n: int) -> tuple[str, str]:
+    """The v4 and v6 texts of pod address number ``n``."""
+    a, b = divmod(n, 65536)
+    return f"10.{16 + a}.{b >> 8}.{b & 255}", f"fd00:10:{16 + a:x}::{b:x}"
+
+
+def v4_int(n: int) -> int:
+    """Pod address number ``n`` (v4) as an integer."""
+    a, b = divmod(n, 65536)
+    return (10 << 24) | ((16 + a) << 16) | b
+
+
+def make(i: int, gen: int, n_addr: int, deployments: int, dual_share: float) -> dict[str, Any]:
+    """Pod slot ``i``, generation ``gen``, owning address number ``n_addr``, as an API object."""
+    d = i % deployments
+    dep = f"svc-{d}"
+    tmpl = format(d * 2654435761 % 16**9, "09x")
+    labels = dict(
+        [
+            ("app", dep),
+            ("app.kubernetes.io/name", dep),
+            ("pod-template-hash", tmpl),
+            ("tier", _TIERS[d % 3]),
+            ("team", f"team-{d % 25}"),
+            ("app.kubernetes.io/part-of", f"platform-{d % 40}"),
+            ("env", "production"),
+            ("app.kubernetes.io/version", f"1.{d % 7}.{d % 3}"),
+        ][: 5 + d % 4]
+    )
+    v4, v6 = address(n_addr)
+    ips = [v4, v6] if (i % 100) < dual_share * 100 else [v4]
+    ns = f"ns-{d % NAMESPACES}"
+    obj = {
         "metadata": {
-            "namespace": f"ns-{i % 500}",
-            "name": f"{dep}-7d4b9c8f5-{i:06d}{gen}",
+            "namespace": ns,
+            "name": f"{dep}-{tmpl}-{i:06x}{gen:x}",
             "uid": f"{i:08d}-{gen:04d}-4000-8000-000000000000",
             "creationTimestamp": "2024-05-01T10:00:00Z",
-            "labels": {"app": dep, "pod-template-hash": "7d4b9c8f5", "tier": "backend",
-                       "app.kubernetes.io/version": "1.2.3"},
-            "annotations": {"ovn.kubernetes.io/logical_switch": "ovn-default"},
-            "ownerReferences": [{"kind": "ReplicaSet", "name": f"{dep}-7d4b9c8f5",
-                                 "controller": True}],
+            "labels": labels,
+            "annotations": {
+                "ovn.kubernetes.io/allocated": "true",
+                "ovn.kubernetes.io/cidr": "10.16.0.0/12",
+                "ovn.kubernetes.io/gateway": "10.16.0.1",
+                "ovn.kubernetes.io/ip_address": ",".join(ips),
+                "ovn.kubernetes.io/logical_router": "ovn-cluster",
+                "ovn.kubernetes.io/logical_switch": "ovn-default" if d % 10 else f"sub-{ns}",
+                "ovn.kubernetes.io/mac_address": f"00:00:{i:08x}",
+                "ovn.kubernetes.io/pod_nic_type": "veth-pair",
+                "ovn.kubernetes.io/routed": "true",
+            },
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                 "name": f"{dep}-{tmpl}", "controller": True}],
         },
-        "spec": {"nodeName": f"node-{i % 300}"},
-        "status": {"phase": "Running", "podIPs": [{"ip": x} for x in ips]},
+        "spec": {"nodeName": f"node-{(i * 7) % NODES}"},
+        "status": {"phase": "Running", "podIP": ips[0], "podIPs": [{"ip": x} for x in ips]},
     }
+    # Fresh strings, as decoded from the API server's JSON.
+    result: dict[str, Any] = orjson.loads(orjson.dumps(obj))
+    return result
+
+
+def event(src: int, t_ns: int) -> FlowEvent:
+    """A MASQUERADEd TCP NEW event from ``src`` (v4) with timestamps."""
+    return FlowEvent(
+        action=ACTION_NEW, family=4, proto=6, orig_src=src, orig_dst=0x08080808,
+        orig_sport=40000, orig_dport=443, reply_src=0x08080808, reply_dst=0xC0A80001,
+        reply_sport=443, reply_dport=61000, icmp_type=None, icmp_code=None, icmp_id=None,
+        ct_id=123456, status=None, tcp_state=None, mark=None, zone=None, timeout=None,
+        orig_packets=None, orig_bytes=None, reply_packets=None, reply_bytes=None,
+        ts_start=t_ns, ts_stop=None, ts_event=t_ns, received_ns=t_ns,
+    )
 
 
 def main() -> None:
+    """Run the benchmark and print its report."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--pods", type=int, default=100_000)
     ap.add_argument("--tombstones", type=int, default=300_000)
-    ap.add_argument("--dual-stack", action="store_true")
+    ap.add_argument("--deployments", type=int, default=2_000)
+    ap.add_argument("--dual-stack-share", type=float, default=0.2,
+                    help="share of pods with a v6 address as well (default 0.2)")
+    ap.add_argument("--fresh-ips", action="store_true",
+                    help="a new pod gets a new address (default: the deleted pod's)")
     ap.add_argument("--no-tracemalloc", action="store_true",
                     help="RSS only (tracemalloc slows the build and inflates RSS)")
     args = ap.parse_args()
@@ -64,37 +143,69 @@ def main() -> None:
     if not args.no_tracemalloc:
         tracemalloc.start()
     idx = PodIndex(max_tombstones=10_000_000)
-    now = time.time_ns()
+    t_first = now = time.time_ns()
     t0 = time.perf_counter()
+    conv_s = 0.0
     for i in range(args.pods):
-        idx.update(pod_from_dict(make(i, 0, args.dual_stack), policy), now)
-    # Churn: delete a pod and give its IP to a new pod, `tombstones` times.
+        obj = make(i, 0, i, args.deployments, args.dual_stack_share)
+        c0 = time.perf_counter()
+        idx.update(pod_from_dict(obj, policy), now)
+        conv_s += time.perf_counter() - c0
+    # Churn: delete a pod and create its successor, `tombstones` times.
     gen = [0] * args.pods
+    addr_of = list(range(args.pods))
     for k in range(args.tombstones):
         i = k % args.pods
         old = f"{i:08d}-{gen[i]:04d}-4000-8000-000000000000"
         now += 1_000_000
-        idx.delete(old, now)
         gen[i] += 1
-        idx.update(pod_from_dict(make(i, gen[i], args.dual_stack), policy), now)
+        if args.fresh_ips:
+            addr_of[i] = args.pods + k
+        obj = make(i, gen[i], addr_of[i], args.deployments, args.dual_stack_share)
+        c0 = time.perf_counter()
+        idx.delete(old, now)
+        idx.update(pod_from_dict(obj, policy), now)
+        conv_s += time.perf_counter() - c0
     build_s = time.perf_counter() - t0
     gc.collect()
     cur, peak = tracemalloc.get_traced_memory() if tracemalloc.is_tracing() else (0, 0)
     tracemalloc.stop()
     rss1 = rss_mb()
+    kept = idx.live_pods() + idx.tombstones()
     print(f"pods={idx.live_pods()} addresses={idx.addresses()} tombstones={idx.tombstones()} "
-          f"dual_stack={args.dual_stack}")
-    print(f"tracemalloc current={cur / 2**20:.1f} MiB peak={peak / 2**20:.1f} MiB")
-    print(f"RSS growth={rss1 - rss0:.1f} MiB (RSS {rss1:.1f} MiB)")
-    per = (cur or (rss1 - rss0) * 2**20) / (idx.live_pods() + idx.tombstones())
-    print(f"~{per:.0f} B per pod interval; build {build_s:.1f}s "
-          f"({build_s / (args.pods + args.tombstones) * 1e6:.1f} us/pod event incl. conversion)")
-    # Lookup cost on the big index.
-    t0 = time.perf_counter()
+          f"dual_stack_share={args.dual_stack_share} fresh_ips={args.fresh_ips}")
+    if cur:
+        print(f"tracemalloc current={cur / 2**20:.1f} MiB peak={peak / 2**20:.1f} MiB "
+              f"(~{cur / kept:.0f} B per pod interval)")
+    print(f"RSS growth={rss1 - rss0:.1f} MiB (RSS {rss1:.1f} MiB, "
+          f"~{(rss1 - rss0) * 2**20 / kept:.0f} B per pod interval)")
+    n_ev = args.pods + args.tombstones
+    print(f"build {build_s:.1f}s; pod_from_dict+update(+delete) {conv_s / n_ev * 1e6:.1f} us "
+          f"per pod event (JSON decode excluded)")
+
+    # The event path on the big index. Live: the newest owner of each address;
+    # tombstone: an address's first owner, long deleted (a late DESTROY).
     n = 200_000
-    for k in range(n):
-        idx.lookup(4, (10 << 24) | (16 << 16) | (k % 60000), now)
-    print(f"lookup {((time.perf_counter() - t0) / n) * 1e9:.0f} ns")
+    span = min(args.pods, 60_000)
+    live = [v4_int(addr_of[k % span]) for k in range(n)]
+    first = [v4_int(k % span) for k in range(n)]
+    lookup = idx.lookup
+    for label, keys, t in (("live", live, now), ("tombstone", first, t_first)):
+        t0 = time.perf_counter()
+        for a in keys:
+            lookup(4, a, t)
+        print(f"lookup ({label}) {(time.perf_counter() - t0) / n * 1e9:.0f} ns")
+    pods = [idx.lookup(4, a, now) for a in live[:span]]
+    assert all(p is not None for p in pods)
+    events = [event(a, now) for a in live[:span]]
+    build = ecs.build_record
+    reps = 3
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for ev, pod in zip(events, pods, strict=True):
+            build(ev, pod, "node-1")
+    per = (time.perf_counter() - t0) / (reps * span)
+    print(f"build_record (resolved) {per * 1e6:.2f} us")
 
 
 if __name__ == "__main__":

@@ -24,3 +24,37 @@ class TestGeneratedDocs:
         assert "bash scripts/demo.sh" in readme and "bash scripts/test.sh" in readme
         assert (ROOT / "scripts" / "demo.sh").exists() and (ROOT / "scripts" / "test.sh").exists()
         assert "scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+class TestManifests:
+    """The Kubernetes manifests parse and agree with each other and the config schema."""
+
+    def test_configmap_config_is_valid(self, tmp_path: Path) -> None:
+        """The ConfigMap's flowlog-shipper.yaml passes the shipper's own validation."""
+        import yaml
+
+        from shipper import config
+
+        cm = yaml.safe_load((ROOT / "manifests" / "configmap.yaml").read_text())
+        path = tmp_path / "c.yaml"
+        path.write_text(cm["data"]["flowlog-shipper.yaml"])
+        cfg = config.load(path)
+        assert cfg.sink.type == "forward"
+
+    def test_daemonset_uses_rbac_and_configmap(self) -> None:
+        """The DaemonSet runs as the RBAC service account, mounts the ConfigMap, has NET_ADMIN."""
+        import yaml
+
+        ds = yaml.safe_load((ROOT / "manifests" / "daemonset.yaml").read_text())
+        rbac = list(yaml.safe_load_all((ROOT / "manifests" / "rbac.yaml").read_text()))
+        sa = next(d for d in rbac if d["kind"] == "ServiceAccount")["metadata"]["name"]
+        spec = ds["spec"]["template"]["spec"]
+        assert spec["serviceAccountName"] == sa
+        assert spec["hostNetwork"] is True
+        assert any(v.get("configMap", {}).get("name") == "flowlog-shipper"
+                   for v in spec["volumes"])
+        caps = spec["containers"][0]["securityContext"]["capabilities"]["add"]
+        assert "NET_ADMIN" in caps
+        role = next(d for d in rbac if d["kind"] == "ClusterRole")
+        verbs = {v for r in role["rules"] for v in r["verbs"]}
+        assert verbs == {"get", "list", "watch"}
