@@ -23,10 +23,7 @@ from shipper.metrics import DEFS  # noqa: E402
 def _default(field: Any, name: str) -> str:
     if name == "node_name":
         return "`$NODE_NAME`, else the hostname"
-    if field.default_factory is not None:
-        value = field.default_factory()
-    else:
-        value = field.default
+    value = field.default_factory() if field.default_factory is not None else field.default
     if isinstance(value, BaseModel):
         return ""
     return "`" + json.dumps(value, default=str) + "`"

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --test
-.venv/bin/ruff check shipper tests bench
+.venv/bin/ruff check shipper tests bench scripts
 .venv/bin/mypy
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from binascii import b2a_base64
-from hashlib import sha1
 import struct
 import time
+from binascii import b2a_base64
+from hashlib import sha1
 from typing import Any
 
-from shipper.record import (
+from shipper.record import (  # the address-text cache, read inline
+    _V6_TAG,
     ACTION_DESTROY,
     ACTION_GAP,
     ACTION_NEW,
@@ -28,9 +29,9 @@ from shipper.record import (
     ACTION_UPDATE,
     FlowEvent,
     PodMeta,
+    _ip_text,
     ip_to_str,
 )
-from shipper.record import _V6_TAG, _ip_text  # the address-text cache, read inline
 
 SCHEMA_VERSION = "1"
 
@@ -230,10 +231,7 @@ def build_record(
     (action, fam, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport,
      itype, icode, iid, ct_id, status, tcp_state, mark, zone, timeout,
      opk, oby, rpk, rby, ts_start, ts_stop, ts_event, received) = ev
-    if action == ACTION_DESTROY and ts_stop:
-        t_ns = ts_stop
-    else:
-        t_ns = ts_event or received
+    t_ns = ts_stop if action == ACTION_DESTROY and ts_stop else ts_event or received
     v6 = fam != 4
     src_key = osrc | _V6_TAG if v6 else osrc
     src_ip = _ip_text.get(src_key) or ip_to_str(fam, osrc)

@@ -74,10 +74,7 @@ class JsonLineEncoder:
         (action, fam, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport,
          itype, icode, iid, ct_id, status, tcp_state, mark, zone, timeout,
          opk, oby, rpk, rby, ts_start, ts_stop, ts_event, received) = ev
-        if action == ACTION_DESTROY and ts_stop:
-            t_ns = ts_stop
-        else:
-            t_ns = ts_event or received
+        t_ns = ts_stop if action == ACTION_DESTROY and ts_stop else ts_event or received
         v6 = fam != 4
         src_key = osrc | _V6_TAG if v6 else osrc
         src_ip = _ip_text.get(src_key) or ip_to_str(fam, osrc)
@@ -94,7 +91,8 @@ class JsonLineEncoder:
             if start and end >= start:
                 ev_extra += f',"duration":{end - start}'
         if osport is not None:
-            source = f'{{"ip":"{src_ip}","port":{osport},"nat":{{"ip":"{nat_ip}","port":{_n(rdport)}}}'
+            source = (f'{{"ip":"{src_ip}","port":{osport},'
+                      f'"nat":{{"ip":"{nat_ip}","port":{_n(rdport)}}}')
             destination = f'{{"ip":"{dst_ip}","port":{_n(odport)}'
         else:
             source = f'{{"ip":"{src_ip}","nat":{{"ip":"{nat_ip}"}}'

@@ -337,6 +337,8 @@ def serve(registry: CollectorRegistry, address: str) -> object:
     from prometheus_client import start_http_server
 
     host, _, port = address.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
+    server, _thread = start_http_server(
+        int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry
+    )
     return server
 

@@ -7,6 +7,7 @@ by name follow it. A batch is never split across two files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -108,9 +109,7 @@ class FileSink:
     def close(self) -> None:
         """fsync and close the file."""
         if self._fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.fsync(self._fd)
-            except OSError:
-                pass
             os.close(self._fd)
             self._fd = None

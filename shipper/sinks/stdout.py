@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import IO, Any
@@ -46,7 +47,5 @@ class StdoutSink:
 
     def close(self) -> None:
         """Flush; stdout itself stays open."""
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self._out.flush()
-        except (OSError, ValueError):
-            pass

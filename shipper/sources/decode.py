@@ -173,7 +173,7 @@ def action_of(msg_type: int, flags: int) -> str | None:
 def _walk_attrs(
     buf: bytes | bytearray | memoryview, off: int, end: int
 ) -> Iterator[tuple[int, int, int, int]]:
-    """Yield ``(header_offset, type, payload_offset, payload_len)``; raise DecodeError on garbage."""
+    """Yield ``(header_offset, type, payload_offset, payload_len)``; DecodeError on garbage."""
     while off + 4 <= end:
         alen, atype = _NLA.unpack_from(buf, off)
         if alen < 4 or off + alen > end:

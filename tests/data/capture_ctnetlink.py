@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from shipper.lab import Lab  # noqa: E402
-from shipper.sources import conntrack  # noqa: E402
-from shipper.sources.decode import LayoutDecoder  # noqa: E402
+from shipper.lab import Lab
+from shipper.sources import conntrack
+from shipper.sources.decode import LayoutDecoder
 
 RAW = r"""
 import socket, sys

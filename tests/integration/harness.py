@@ -132,7 +132,7 @@ class ShipperProcess:
         from prometheus_client.parser import text_string_to_metric_families
 
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(url, timeout=5) as resp:
             text = resp.read().decode()
         total = 0.0
         for fam in text_string_to_metric_families(text):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import orjson
 import pytest
 
 from shipper.config import EnrichConfig
@@ -15,7 +16,7 @@ from shipper.enrich.pods import (
     pods_from_list,
 )
 from shipper.errors import EnrichError
-from shipper.record import parse_ip
+from shipper.record import ip_key, parse_ip
 
 
 def make_pod(**over: Any) -> dict[str, Any]:
@@ -174,6 +175,34 @@ class TestPodFromDict:
             "owner": {"kind": "Deployment", "name": "web"},
             "ovn": {"logical_switch": "ovn-default"},
         }
+
+    def test_replicas_share_labels_and_sub_objects(self) -> None:
+        """Two replicas decoded separately share labels, node, owner and ovn dicts, safely."""
+        a = pod_from_dict(orjson.loads(orjson.dumps(make_pod())), LabelPolicy())
+        b = pod_from_dict(
+            orjson.loads(orjson.dumps(make_pod(metadata__name="web-7d4b9c8f5-zzzzz",
+                                               metadata__uid="other-uid"))),
+            LabelPolicy(),
+        )
+        assert a.labels is b.labels
+        ka = a.kubernetes_by_ip[ip_key(*parse_ip("10.16.0.5"))]
+        kb = b.kubernetes_by_ip[ip_key(*parse_ip("10.16.0.5"))]
+        assert ka["labels"] is a.labels
+        for part in ("labels", "node", "owner", "ovn"):
+            assert ka[part] is kb[part]
+        assert ka["pod"] == {"name": "web-7d4b9c8f5-x2x9q",
+                             "uid": "11111111-2222-3333-4444-555555555555", "ip": "10.16.0.5"}
+        assert kb["pod"] == {"name": "web-7d4b9c8f5-zzzzz", "uid": "other-uid",
+                             "ip": "10.16.0.5"}
+        assert orjson.dumps(ka) == orjson.dumps({
+            "namespace": "shop",
+            "pod": {"name": "web-7d4b9c8f5-x2x9q", "uid": "11111111-2222-3333-4444-555555555555",
+                    "ip": "10.16.0.5"},
+            "labels": {"app": "web", "pod-template-hash": "7d4b9c8f5"},
+            "node": {"name": "node-1"},
+            "owner": {"kind": "Deployment", "name": "web"},
+            "ovn": {"logical_switch": "ovn-default"},
+        })
 
     def test_replicaset_becomes_deployment(self) -> None:
         """A controller ReplicaSet named <x>-<pod-template-hash> yields Deployment <x>."""
