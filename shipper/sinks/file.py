@@ -2,13 +2,15 @@
 
 Rotation renames ``path`` -> ``path.1`` -> ... -> ``path.N`` (``keep`` = N) and
 deletes the oldest, like logrotate's default scheme, so tools tailing ``path``
-by name follow it. A batch is never split across two files.
+by name follow it. A batch is never split across two files. A path that is not
+a regular file (``/dev/stdout``, a FIFO) is never rotated.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 
 from shipper.errors import SinkError
@@ -33,6 +35,7 @@ class FileSink:
         self._fd: int | None = None
         self._size = 0
         self._torn = False  # a partial write could not be undone
+        self._regular = True
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -43,7 +46,11 @@ class FileSink:
     def _open(self) -> None:
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-            self._size = os.fstat(self._fd).st_size
+            st = os.fstat(self._fd)
+            self._size = st.st_size
+            # Rotation (renaming) is only for regular files: a device, FIFO or
+            # socket (/dev/stdout, a named pipe to a collector) is written as is.
+            self._regular = stat.S_ISREG(st.st_mode)
         except OSError as exc:
             self._fd = None
             raise SinkError(f"cannot open {self.path}: {exc.strerror}",
@@ -74,7 +81,7 @@ class FileSink:
         try:
             if self._fd is None:
                 self._open()
-            if self._size and self._size + len(data) > self.max_bytes:
+            if self._regular and self._size and self._size + len(data) > self.max_bytes:
                 self._rotate()
             assert self._fd is not None
             if self._torn:
@@ -99,6 +106,9 @@ class FileSink:
     def _undo(self, size: int) -> None:
         """Drop a partial batch from the end of the file (or remember it is torn)."""
         if self._size == size or self._fd is None:
+            return
+        if not self._regular:
+            self._torn = True
             return
         try:
             os.ftruncate(self._fd, size)

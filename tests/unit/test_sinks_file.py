@@ -338,3 +338,54 @@ class TestStdoutSink:
         with pytest.raises(SinkError) as ei:
             sink.deliver(batch(1))
         assert ei.value.retriable is False
+
+
+class TestNonRegularFiles:
+    """Devices and FIFOs are written to, never rotated (renamed) or truncated."""
+
+    def test_device_is_never_rotated(self, tmp_path: Path) -> None:
+        """Writing past max_bytes to a character device leaves the device in place."""
+        import stat as stat_mod
+
+        from shipper.sinks.base import Batch
+        from shipper.sinks.file import FileSink
+
+        # A private null device node, so that a failing test cannot harm /dev/null.
+        dev = str(tmp_path / "null")
+        os.mknod(dev, stat_mod.S_IFCHR | 0o666, os.makedev(1, 3))
+        before = os.stat(dev)
+        sink = FileSink(Path(dev), max_bytes=1024, keep=2, fsync=False)
+        try:
+            for i in range(5):
+                sink.deliver(Batch(seq=i, entries=[b"x" * 900 + b"\n"]))
+        finally:
+            sink.close()
+        after = os.stat(dev)
+        assert stat_mod.S_ISCHR(after.st_mode)
+        assert (after.st_rdev, after.st_ino) == (before.st_rdev, before.st_ino)
+        assert not Path(dev + ".1").exists()
+
+    def test_fifo_is_written_not_rotated(self, tmp_path: Path) -> None:
+        """A named pipe receives the lines and is not renamed."""
+        import threading
+
+        from shipper.sinks.base import Batch
+        from shipper.sinks.file import FileSink
+
+        fifo = tmp_path / "pipe"
+        os.mkfifo(fifo)
+        got: list[bytes] = []
+
+        def reader() -> None:
+            with open(fifo, "rb") as f:
+                got.append(f.read())
+
+        t = threading.Thread(target=reader)
+        t.start()
+        sink = FileSink(fifo, max_bytes=1024, keep=2, fsync=False)
+        for i in range(3):
+            sink.deliver(Batch(seq=i, entries=[b"y" * 700 + b"\n"]))
+        sink.close()
+        t.join(10)
+        assert got and got[0].count(b"\n") == 3
+        assert fifo.exists() and not (tmp_path / "pipe.1").exists()
