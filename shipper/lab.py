@@ -546,7 +546,7 @@ class Lab:
     def connect_many(self, pods: list[int], sport: int, proto: str = "tcp", family: int = 4,
                      dport: int = 8080, hold_s: float = 2.0, payload: bytes = b"hello",
                      timeout: float = 15.0, payloads: Sequence[bytes] | None = None,
-                     ) -> list[int]:
+                     stagger_s: float | None = None) -> list[int]:
         """Connect from several pods with the SAME source port at the same moment.
 
         All clients bind ``sport`` first, then get one "go" together, so their
@@ -555,7 +555,15 @@ class Lab:
         ``timeout``); the connections stay open for ``hold_s`` seconds. The
         returned list holds each pod's local source port (all ``sport``).
         ``payloads`` (one per pod, optional) replaces ``payload`` per client.
+
+        ``stagger_s`` spaces the "go"s (default 50 ms for UDP, none for TCP).
+        Truly simultaneous UDP sends race inside NAT, and the kernel resolves
+        such a clash by letting both entries keep the *same* node port (status
+        NAT_CLASH, replies go to one pod only); staggering makes MASQUERADE see
+        the first entry and pick another port, which is what this helper is for.
         """
+        if stagger_s is None:
+            stagger_s = 0.05 if proto == "udp" else 0.0
         if payloads is not None and len(payloads) != len(pods):
             raise LabError("connect_many: one payload per pod expected")
         each = list(payloads) if payloads is not None else [payload] * len(pods)
@@ -570,8 +578,10 @@ class Lab:
                 for q in procs:
                     self._stop(q)
                 raise LabError(f"client in pod {p} not ready: {line!r} {_drain_stderr(proc)}")
-        for proc in procs:
+        for i, proc in enumerate(procs):
             assert proc.stdin is not None
+            if i and stagger_s:
+                time.sleep(stagger_s)
             proc.stdin.write(b"go\n")
             proc.stdin.flush()
         ports = []

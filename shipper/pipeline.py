@@ -228,7 +228,7 @@ class Pipeline:
             log.warning("nf_conntrack_timestamp is not 1: flow start/end times are "
                         "approximated by when events were read")
 
-    def _start_enrichment(self) -> None:
+    def _start_enrichment(self, stop: threading.Event | None = None) -> None:
         if self.inventory is not None:
             self.inventory.start()
         try:
@@ -239,7 +239,17 @@ class Pipeline:
             self.kube = KubeSource(self.cfg, self.index, self.filter, self.metrics)
             self.kube.start()
             timeout = float(self.cfg.kubernetes.sync_timeout_s)
-            if not self.kube.wait_synced(timeout):
+            # Wait in short slices so SIGTERM during a long wait is honoured at once.
+            deadline = time.monotonic() + timeout
+            synced = False
+            while not synced and not (stop is not None and stop.is_set()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                synced = self.kube.wait_synced(min(0.1, left))
+            if stop is not None and stop.is_set():
+                return
+            if not synced:
                 log.warning("Kubernetes initial sync not finished; shipping anyway, "
                             "unresolved records are flagged",
                             extra={"fields": {"waited_s": timeout}})
@@ -331,8 +341,8 @@ class Pipeline:
             "pod_cidrs": list(self.filter.pod_cidrs),
             "cluster_cidrs": list(self.filter.cluster_cidrs), "sink": self.sink.name}})
         try:
-            self._start_enrichment()
-            if cfg.conntrack.dump_at_start:
+            self._start_enrichment(stop)
+            if cfg.conntrack.dump_at_start and not stop.is_set():
                 n = self.handle_all(conntrack.dump_table(
                     cfg.conntrack.netns, self.decoder, on_decode_error=self._on_decode_error))
                 log.info("initial table dump", extra={"fields": {"entries": n}})

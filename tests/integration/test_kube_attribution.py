@@ -451,12 +451,6 @@ class TestStartupSync:
         new = sp.wait_records(lambda r: is_new(r) and from_ip(lab.pod_ip(1, 4))(r))[0]
         assert_names(new, lab, 1)
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "BUG: SIGTERM is ignored while the pipeline waits for the first API lists: "
-        "Pipeline._start_enrichment calls KubeSource.wait_synced(sync_timeout_s) without "
-        "watching the stop event (shipper/pipeline.py), so shutdown takes up to "
-        "sync_timeout_s (default 60 s, beyond Kubernetes' 30 s grace period) and then "
-        "still dumps the whole table"))
     def test_sigterm_during_startup_wait_exits_promptly(
         self, lab: Lab, api: FakeKubeApi, shipper: Factory
     ) -> None:
