@@ -139,7 +139,7 @@ class EnrichConfig(_Closed):
         "(default 5 days: conntrack's longest default timeout).",
     )
     max_tombstones: int = Field(
-        1_000_000, ge=0, description="At most this many deleted-pod address intervals are kept."
+        300_000, ge=0, description="At most this many deleted-pod address intervals are kept."
     )
     clock_skew_s: float = Field(
         5.0,

@@ -117,7 +117,10 @@ _shared_objs: dict[tuple[str, ...], dict[str, str]] = {}
 
 def _intern(text: str) -> str:
     """``sys.intern`` for exact strings; anything else is returned as it is."""
-    return sys.intern(text) if type(text) is str else text
+    return _sys_intern(text) if text.__class__ is str else text
+
+
+_sys_intern = sys.intern
 
 
 def _shared_map(items: dict[str, str]) -> dict[str, str]:
@@ -152,10 +155,6 @@ def _shared_obj(*pairs: str) -> dict[str, str]:
         shared = dict(zip(it, it, strict=True))
         _shared_objs[pairs] = shared
     return shared
-
-
-def _opt_intern(text: str | None) -> str | None:
-    return None if text is None else _intern(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,22 +200,27 @@ class PodMeta:
         not list, which does not happen in practice. Its sub-objects are the
         shared ones: do not mutate them.
         """
-        return self._object({"name": self.name, "uid": self.uid})
-
-    def _object(self, pod: dict[str, Any]) -> dict[str, Any]:
-        """The record object around ``pod``; keys in the schema's order."""
-        obj: dict[str, Any] = {"namespace": self.namespace, "pod": pod}
-        if self.labels:
-            obj["labels"] = self.labels
-        if self.annotations:
-            obj["annotations"] = self.annotations
-        if self.node:
-            obj["node"] = _shared_obj("name", self.node)
-        if self.owner_kind and self.owner_name:
-            obj["owner"] = _shared_obj("kind", self.owner_kind, "name", self.owner_name)
-        if self.logical_switch:
-            obj["ovn"] = _shared_obj("logical_switch", self.logical_switch)
+        obj: dict[str, Any] = {
+            "namespace": self.namespace,
+            "pod": {"name": self.name, "uid": self.uid},
+        }
+        obj.update(self._parts())
         return obj
+
+    def _parts(self) -> dict[str, Any]:
+        """The record object's keys after ``namespace`` and ``pod``, in the schema's order."""
+        parts: dict[str, Any] = {}
+        if self.labels:
+            parts["labels"] = self.labels
+        if self.annotations:
+            parts["annotations"] = self.annotations
+        if self.node:
+            parts["node"] = _shared_obj("name", self.node)
+        if self.owner_kind and self.owner_name:
+            parts["owner"] = _shared_obj("kind", self.owner_kind, "name", self.owner_name)
+        if self.logical_switch:
+            parts["ovn"] = _shared_obj("logical_switch", self.logical_switch)
+        return parts
 
     def with_record_object(self) -> PodMeta:
         """Return a copy with ``kubernetes_by_ip`` built and repeated values shared.
@@ -231,14 +235,16 @@ class PodMeta:
             name=self.name,
             uid=self.uid,
             ips=self.ips,
-            node=_opt_intern(self.node),
+            node=_intern(self.node) if self.node else self.node,
             labels=_shared_map(self.labels) if self.labels else _EMPTY,
             annotations=_shared_map(self.annotations) if self.annotations else _EMPTY,
-            owner_kind=_opt_intern(self.owner_kind),
-            owner_name=_opt_intern(self.owner_name),
-            logical_switch=_opt_intern(self.logical_switch),
+            owner_kind=_intern(self.owner_kind) if self.owner_kind else self.owner_kind,
+            owner_name=_intern(self.owner_name) if self.owner_name else self.owner_name,
+            logical_switch=(
+                _intern(self.logical_switch) if self.logical_switch else self.logical_switch
+            ),
             host_network=self.host_network,
-            phase=_opt_intern(self.phase),
+            phase=_intern(self.phase) if self.phase else self.phase,
             created_ns=self.created_ns,
         )
         # One finished object per address (with kubernetes.pod.ip), built once
@@ -246,11 +252,15 @@ class PodMeta:
         # Filled in place: the dict is the new value's own (default factory),
         # not yet visible to anyone else.
         by_ip = meta.kubernetes_by_ip
-        name, uid = meta.name, meta.uid
+        ns, name, uid = meta.namespace, meta.name, meta.uid
+        parts = meta._parts()
         for fam, ip in meta.ips:
-            by_ip[ip_key(fam, ip)] = meta._object(
-                {"name": name, "uid": uid, "ip": ip_to_str(fam, ip)}
-            )
+            obj: dict[str, Any] = {
+                "namespace": ns,
+                "pod": {"name": name, "uid": uid, "ip": ip_to_str(fam, ip)},
+            }
+            obj.update(parts)
+            by_ip[ip_key(fam, ip)] = obj
         return meta
 
 

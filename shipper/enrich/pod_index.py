@@ -15,7 +15,8 @@ given to another pod, still names the pod that opened the flow.
 Deleted pods stay as closed intervals ("tombstones") for ``retention_ns``
 (default: five days, conntrack's longest default timeout, TCP established) and
 at most ``max_tombstones`` of them are kept; older ones are evicted first and
-counted.
+counted. A tombstone costs about 1.3 KB (its PodMeta and record objects, whose
+repeated parts are shared between pods: see :class:`~shipper.record.PodMeta`).
 
 Concurrency: writers serialise on a lock; readers take no lock. Each address's
 history is an immutable tuple replaced as a whole, so a reader always sees
@@ -35,6 +36,8 @@ ClosedInterval = tuple[int, int, PodMeta]
 
 DEFAULT_RETENTION_NS = 5 * 24 * 3600 * 1_000_000_000
 DEFAULT_SKEW_NS = 5 * 1_000_000_000
+# Equal to EnrichConfig.max_tombstones' default; sized in docs/KUBERNETES.md (Memory).
+DEFAULT_MAX_TOMBSTONES = 300_000
 
 
 class PodIndex:
@@ -44,7 +47,7 @@ class PodIndex:
         self,
         *,
         retention_ns: int = DEFAULT_RETENTION_NS,
-        max_tombstones: int = 1_000_000,
+        max_tombstones: int = DEFAULT_MAX_TOMBSTONES,
         skew_ns: int = DEFAULT_SKEW_NS,
     ) -> None:
         """``skew_ns`` tolerates clock skew between the API server and this node.

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from shipper.config import EnrichConfig
 from shipper.enrich.pod_index import DEFAULT_RETENTION_NS, DEFAULT_SKEW_NS, PodIndex
 from shipper.record import PodMeta
 
@@ -430,6 +431,31 @@ class TestPrune:
         v = idx.version
         assert idx.prune(T) == 0
         assert idx.version == v
+
+    def test_dual_stack_tombstones_pruned_per_address(self) -> None:
+        """A deleted dual-stack pod leaves one tombstone per address; each goes on its own."""
+        idx = PodIndex(max_tombstones=1)
+        idx.update(pod("a", "10.16.0.5", "fd00::5", created=T), T)
+        idx.delete("a", T + S)
+        assert idx.tombstones() == 2
+        assert idx.prune(T + 2 * S) == 1
+        assert owner(idx, "10.16.0.5", T) is None
+        assert idx.lookup(6, int(ipaddress.IPv6Address("fd00::5")), T) is not None
+        assert idx.tombstones() == 1
+
+    def test_tombstone_keeps_its_record_object(self) -> None:
+        """A deleted pod found by a late lookup still carries its finished record object."""
+        idx = PodIndex()
+        a = pod("a", "10.16.0.5", created=T)
+        idx.update(a, T)
+        idx.delete("a", T + S)
+        meta = idx.lookup(4, X4, T)
+        assert meta is a
+        assert meta.kubernetes_by_ip[X4]["pod"]["ip"] == "10.16.0.5"
+
+    def test_default_cap_is_the_config_default(self) -> None:
+        """PodIndex's default tombstone cap is EnrichConfig's (the documented sizing)."""
+        assert PodIndex().max_tombstones == EnrichConfig().max_tombstones
 
 
 class TestConcurrency:
