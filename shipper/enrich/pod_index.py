@@ -181,24 +181,38 @@ class PodIndex:
             if meta.uid == uid and end is None and meta != pod:
                 self._hist[key] = (*hist[:-1], (start, None, pod))
         first_seen = old is None
+        owns = bool(new_keys & old_keys)
         for key in new_keys - old_keys:
             start = now_ns
             if first_seen and pod.created_ns is not None:
                 # The pod may have owned the address since it was created.
                 start = min(pod.created_ns, now_ns)
-            self._open(key, pod, start, now_ns)
-        if new_keys:
+            owns = self._open(key, pod, start, now_ns) or owns
+        if owns:
             self._live[uid] = pod
         else:
             self._live.pop(uid, None)
 
-    def _open(self, key: int, pod: PodMeta, start: int, now_ns: int) -> None:
+    def _open(self, key: int, pod: PodMeta, start: int, now_ns: int) -> bool:
+        """Give ``key`` to ``pod`` from ``start``; False if another pod keeps it."""
         hist = self._hist.get(key, ())
         if hist:
             last_start, last_end, last_meta = hist[-1]
             if last_end is None and last_meta.uid != pod.uid:
-                # The address moved to a new pod before we saw the old one go.
-                last_end = max(now_ns, last_start)
+                # Two pods claim one address. Kubernetes hands an IP to a new pod
+                # only after the old one released it, so the newer pod owns it; an
+                # older claimant is a lagging view (a Terminating pod still lists
+                # status.podIP, a list holds both): it gets nothing, and repeated
+                # claims cost nothing (no interval churn).
+                if not _newer(pod, last_meta):
+                    return False
+                # We did not see the old owner go. The new pod cannot have had the
+                # address before it existed: cut there (after an API outage, "now"
+                # would give the new pod's first flows to the old one).
+                cut = now_ns
+                if pod.created_ns is not None and last_start < pod.created_ns < now_ns:
+                    cut = pod.created_ns
+                last_end = max(cut, last_start)
                 closed_iv: ClosedInterval = (last_start, last_end, last_meta)
                 hist = (*hist[:-1], closed_iv)
                 self._closed.append(closed_iv)
@@ -215,6 +229,7 @@ class PodIndex:
             if last_end is not None:
                 start = max(start, last_end)
         self._hist[key] = (*hist, (start, None, pod))
+        return True
 
     def _close(self, key: int, uid: str, now_ns: int) -> None:
         hist = self._hist.get(key)
@@ -226,6 +241,13 @@ class PodIndex:
             self._hist[key] = (*hist[:-1], closed_iv)
             self._closed.append(closed_iv)
             self._closed_keys.append(key)
+
+
+def _newer(claimant: PodMeta, owner: PodMeta) -> bool:
+    """True if ``claimant`` may take an address from ``owner`` (newer, or age unknown)."""
+    if claimant.created_ns is None or owner.created_ns is None:
+        return True
+    return claimant.created_ns >= owner.created_ns
 
 
 def _with_ips(pod: PodMeta, ips: tuple[tuple[int, int], ...]) -> PodMeta:

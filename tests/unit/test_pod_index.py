@@ -161,12 +161,6 @@ class TestIpReuse:
         assert owner(idx, "fd00:10:16::5", T + 40 * S) is None
         assert owner(idx, "fd00:10:16::5", T + 25 * S) == "a"
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: a lagging update of the old pod still listing the address (a Terminating "
-        "pod keeps status.podIP) takes the address back from the new owner "
-        "(pod_index.py _update_locked/_open)",
-    )
     def test_lagging_update_of_old_pod_does_not_steal_address(self) -> None:
         """After B took A's address, a later update of A still listing it keeps B the owner."""
         idx = PodIndex()
@@ -185,12 +179,6 @@ class TestIpReuse:
         idx.reconcile(pods, T + 500 * S)
         assert owner(idx, "10.16.0.5", T + 550 * S) == "b"
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: when two pods in one list claim one address, the one processed last wins "
-        "(list order, e.g. kubectl's sort by name), not the newer pod "
-        "(pod_index.py _open hands over unconditionally)",
-    )
     def test_contested_address_in_one_list_newer_pod_first(self) -> None:
         """Two pods listing one address: the newer pod (by creation time) owns it in any order."""
         idx = PodIndex()
@@ -198,12 +186,6 @@ class TestIpReuse:
         idx.reconcile(pods, T + 400 * S)
         assert owner(idx, "10.16.0.5", T + 450 * S) == "b"
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: re-reconciling an unchanged list with a contested address re-opens and "
-        "closes intervals every time (two zero-length tombstones per reconcile), which churns "
-        "the max_tombstones cap and evicts real tombstones early (pod_index.py _open)",
-    )
     def test_reconcile_unchanged_list_adds_no_tombstones(self) -> None:
         """Reconciling the same list again adds no closed intervals."""
         idx = PodIndex()
@@ -505,3 +487,24 @@ class TestConcurrency:
         assert not th.is_alive()
         assert errors == []
         assert lookups[0] > 0
+
+
+class TestMissedDeletion:
+    """The old owner's deletion was never seen (API outage): the new pod's creation cuts."""
+
+    def test_new_pod_owns_from_its_creation_not_from_when_we_learned(self) -> None:
+        """B (created T+100) claims A's address at T+1000: flows after T+100 are B's."""
+        idx = PodIndex()
+        idx.update(pod("a", "10.16.0.5", created=T), T)
+        idx.update(pod("b", "10.16.0.5", created=T + 100 * S), T + 1000 * S)
+        assert owner(idx, "10.16.0.5", T + 50 * S) == "a"
+        assert owner(idx, "10.16.0.5", T + 500 * S) == "b"
+        assert owner(idx, "10.16.0.5", T + 1500 * S) == "b"
+
+    def test_unknown_creation_time_cuts_now(self) -> None:
+        """Without a creation time the handover happens when we learn of it."""
+        idx = PodIndex()
+        idx.update(pod("a", "10.16.0.5", created=T), T)
+        idx.update(pod("b", "10.16.0.5", created=None), T + 1000 * S)
+        assert owner(idx, "10.16.0.5", T + 500 * S) == "a"
+        assert owner(idx, "10.16.0.5", T + 1001 * S) == "b"
