@@ -17,7 +17,11 @@ import hashlib
 import struct
 import time
 from binascii import b2a_base64
-from hashlib import sha1
+
+try:  # CPython's built-in SHA-1: for 16-40 byte inputs, cheaper than OpenSSL's EVP setup
+    from _sha1 import sha1
+except ImportError:  # pragma: no cover - other interpreters
+    from hashlib import sha1
 from typing import Any
 
 from shipper.record import (  # the address-text cache, read inline
