@@ -53,6 +53,23 @@ PRUNE_S = 60.0
 MAX_BURST = 20000
 
 
+class _LogLimit:
+    """At most one log line per key and period: every occurrence is still counted in a
+    metric, so a flood of bad input cannot flood the logs."""
+
+    def __init__(self, per_s: float) -> None:
+        self.per_s = per_s
+        self._last: dict[str, float] = {}
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.per_s:
+            return False
+        self._last[key] = now
+        return True
+
+
 class Pipeline:
     """One shipper: build with a config and metrics, then :meth:`run` or :meth:`dump`."""
 
@@ -110,6 +127,7 @@ class Pipeline:
         self._n_filtered: dict[str, int] = {}
         self._n_records: dict[str, int] = {}
         self._n_unresolved = 0
+        self._log_limit = _LogLimit(per_s=60.0)
 
     # ---- the event path -----------------------------------------------------
 
@@ -185,11 +203,15 @@ class Pipeline:
 
     def _on_decode_error(self, exc: DecodeError) -> None:
         self.metrics.inc("shipper_decode_errors_total", "malformed")
-        log.warning("undecodable netlink message skipped", extra={"fields": {"error": str(exc)}})
+        if self._log_limit.allow("decode"):
+            log.warning("undecodable netlink message skipped (further ones this minute are "
+                        "only counted)", extra={"fields": {"error": str(exc)}})
 
     def _on_handle_error(self, exc: Exception) -> None:
         self.metrics.inc("shipper_errors_total", "handle", type(exc).__name__)
-        log.exception("event could not be processed; skipped")
+        if self._log_limit.allow("handle"):
+            log.exception("event could not be processed; skipped (further ones this minute "
+                          "are only counted)")
 
     def handle_all(self, events: Iterable[FlowEvent]) -> int:
         """Handle a sequence of events (a dump); return how many."""
