@@ -239,6 +239,40 @@ class TestAttribution:
         assert by_id[get(fresh, "conntrack.id")] == new_name
 
 
+class TestForwardSpool:
+    """The real CLI with the forward sink and the disk spool, across a SIGKILL."""
+
+    def test_sigkill_while_receiver_down_then_everything_delivered(
+        self, lab: Lab, shipper: Factory, tmp_path: Path
+    ) -> None:
+        """Records spooled while the receiver is down survive a SIGKILL of the shipper and
+        are delivered, in order, by the next shipper once the receiver is back."""
+        from tests.fakes.forward_receiver import ForwardReceiver
+
+        rx = ForwardReceiver().start()
+        rx.stop()  # down, but its port is kept for the restart
+        spool = {"sink.spool.enabled": True, "sink.spool.dir": str(tmp_path / "spool"),
+                 "sink.retry_initial_s": 0.05, "sink.retry_max_s": 0.2}
+        try:
+            sp = shipper(receiver=rx, config=spool)
+            sp.wait_ready()
+            lab.start_server("tcp", 8080, 4)
+            for pod in (0, 1, 2, 0, 1):
+                lab.connect(pod, "tcp", 4, 8080)
+            sp.wait_metric("shipper_records_total", 5, {"action": "new"})
+            sp.wait_metric("shipper_spool_records_total", 5, {"op": "spooled"})
+            assert rx.records() == []
+            sp.stop(signal.SIGKILL)
+            rx.start()
+            sp2 = shipper(receiver=rx, config=spool)
+            got = sp2.wait_records(action("new"), n=5, timeout=30)
+            names = [get(r, "kubernetes.pod.name") for r in got[:5]]
+            assert names == [lab.identities[p].name for p in (0, 1, 2, 0, 1)]
+            sp2.wait_metric("shipper_spool_records_total", 5, {"op": "replayed"})
+        finally:
+            rx.close()
+
+
 class TestOverrun:
     """A socket overrun loses events, is counted and reported, and the shipper lives on."""
 
