@@ -261,14 +261,7 @@ class Pipeline:
             self.kube = KubeSource(self.cfg, self.index, self.filter, self.metrics)
             self.kube.start()
             timeout = float(self.cfg.kubernetes.sync_timeout_s)
-            # Wait in short slices so SIGTERM during a long wait is honoured at once.
-            deadline = time.monotonic() + timeout
-            synced = False
-            while not synced and not (stop is not None and stop.is_set()):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                synced = self.kube.wait_synced(min(0.1, left))
+            synced = self.kube.wait_synced(timeout, stop)
             if stop is not None and stop.is_set():
                 return
             if not synced:

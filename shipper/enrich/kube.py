@@ -630,16 +630,22 @@ class KubeSource:
         for r in self.reflectors:
             r.start()
 
-    def wait_synced(self, timeout: float) -> bool:
+    def wait_synced(self, timeout: float, stop: threading.Event | None = None) -> bool:
         """Wait up to ``timeout`` s for the first list of every watched resource; True if all done.
 
-        Nodes are not waited for: they only add destinations to exclude.
+        Nodes are not waited for: they only add destinations to exclude. When
+        ``stop`` is set the wait ends at once (False, no warning): a SIGTERM
+        during start-up must not wait for an API that does not answer.
         """
         deadline = time.monotonic() + max(0.0, timeout)
         for r in self.reflectors:
             if r.resource == "nodes":
                 continue
-            if not r.synced.wait(max(0.0, deadline - time.monotonic())):
+            while not r.synced.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+                if stop is not None and stop.is_set():
+                    return False
+                if time.monotonic() < deadline:
+                    continue
                 log.warning(
                     "kube: %s not listed within %.1fs; starting anyway, unresolved records "
                     "are flagged", r.resource, timeout,

@@ -36,6 +36,8 @@ ClosedInterval = tuple[int, int, PodMeta]
 
 DEFAULT_RETENTION_NS = 5 * 24 * 3600 * 1_000_000_000
 DEFAULT_SKEW_NS = 5 * 1_000_000_000
+# metadata.creationTimestamp has one-second resolution (truncated).
+CREATION_GRANULARITY_NS = 1_000_000_000
 # Equal to EnrichConfig.max_tombstones' default; sized in docs/KUBERNETES.md (Memory).
 DEFAULT_MAX_TOMBSTONES = 300_000
 
@@ -208,10 +210,13 @@ class PodIndex:
                     return False
                 # We did not see the old owner go. The new pod cannot have had the
                 # address before it existed: cut there (after an API outage, "now"
-                # would give the new pod's first flows to the old one).
+                # would give the new pod's first flows to the old one). Kubernetes
+                # creation times are whole seconds, rounded down: the pod really
+                # began up to a second later, and the old owner may still have
+                # used the address until then, so cut one second after.
                 cut = now_ns
-                if pod.created_ns is not None and last_start < pod.created_ns < now_ns:
-                    cut = pod.created_ns
+                if pod.created_ns is not None:
+                    cut = min(now_ns, pod.created_ns + CREATION_GRANULARITY_NS)
                 last_end = max(cut, last_start)
                 closed_iv: ClosedInterval = (last_start, last_end, last_meta)
                 hist = (*hist[:-1], closed_iv)

@@ -498,6 +498,8 @@ class TestMissedDeletion:
         idx.update(pod("a", "10.16.0.5", created=T), T)
         idx.update(pod("b", "10.16.0.5", created=T + 100 * S), T + 1000 * S)
         assert owner(idx, "10.16.0.5", T + 50 * S) == "a"
+        assert owner(idx, "10.16.0.5", T + 100 * S + S // 2) == "a"  # within the rounding
+        assert owner(idx, "10.16.0.5", T + 102 * S) == "b"
         assert owner(idx, "10.16.0.5", T + 500 * S) == "b"
         assert owner(idx, "10.16.0.5", T + 1500 * S) == "b"
 
