@@ -106,36 +106,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Flags that set one config key each, as given.
+_FLAG_KEYS = {
+    "netns": "conntrack.netns",
+    "pod_cidr": "filter.pod_cidrs",
+    "exclude_cidr": "filter.cluster_cidrs",
+    "pods_file": "inventory.pods_file",
+    "kubeconfig": "kubernetes.kubeconfig",
+    "output": "sink.file.path",
+    "forward_address": "sink.forward.addresses",
+    "node_name": "node_name",
+    "log_level": "log_level",
+}
+
+
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Map CLI flags to dotted config keys."""
-    o: dict[str, Any] = {}
-    if args.netns:
-        o["conntrack.netns"] = args.netns
-    if args.pod_cidr:
-        o["filter.pod_cidrs"] = args.pod_cidr
-    if args.exclude_cidr:
-        o["filter.cluster_cidrs"] = args.exclude_cidr
-    if args.pods_file:
-        o["inventory.pods_file"] = args.pods_file
-    if args.kubeconfig:
-        o["kubernetes.kubeconfig"] = args.kubeconfig
-    if args.output:
-        o["sink.file.path"] = args.output
-    if args.forward_address:
-        o["sink.forward.addresses"] = args.forward_address
+    o: dict[str, Any] = {
+        key: getattr(args, flag) for flag, key in _FLAG_KEYS.items() if getattr(args, flag)
+    }
     if args.sink:
         o["sink.type"] = args.sink
     elif args.output:
         o["sink.type"] = "file"
     elif args.forward_address:
         o["sink.type"] = "forward"
-    if args.node_name:
-        o["node_name"] = args.node_name
     if args.metrics_address:
         o["metrics.address"] = None if args.metrics_address.lower() == "none" else (
             args.metrics_address)
-    if args.log_level:
-        o["log_level"] = args.log_level
     return o
 
 

@@ -480,6 +480,12 @@ def build_program(pod_cidrs: Sequence[str], *, byteorder: ByteOrder = _SD) -> li
     lv4, lv6, lct, lhdr = asm.label("V4"), asm.label("V6"), asm.label("CT"), asm.label("HDR")
     # Only a whole single message is judged: the skb length must equal nlmsg_len.
     asm.op(BPF_LD | BPF_W | BPF_LEN)
+    if v6:
+        # The kernel's M[] check lets a ``ret`` "fall through" (see validate):
+        # a shared keep/drop trampoline inside the v6 match would make the
+        # loads after it invalid unless M[] is written on every path.
+        for w in range(4):
+            asm.op(BPF_ST, w)
     asm.op(BPF_JMP | BPF_JGE | BPF_K, _CT_HDRLEN, None, keep)  # makes loads < 20 safe
     if byteorder == "little":
         asm.op(BPF_LD | BPF_H | BPF_ABS, 2)  # high half of a little-endian nlmsg_len
@@ -553,28 +559,28 @@ def validate(program: Sequence[Insn]) -> None:
             raise ValueError(f"insn {pc}: division by constant 0")
     if program[-1][0] & 0x07 != BPF_RET:
         raise ValueError("program does not end with ret")
-    # Memory words written on every path to each instruction (kernel:
-    # check_load_and_stores). Forward-only jumps: one pass in order.
+    # M[] words written before each instruction, computed exactly as the
+    # kernel's check_load_and_stores does. Note its quirk: a ``ret`` does not
+    # end the flow, its state passes on to the next instruction, so a ``ret``
+    # trampoline reached before the stores makes a following ``ld M[k]``
+    # invalid. build_program therefore initialises M[] at the start.
     full = (1 << BPF_MEMWORDS) - 1
-    written: list[int] = [full] * n
-    written[0] = 0
+    masks = [full] * n
+    memvalid = 0
     for pc, (code, jt, jf, k) in enumerate(program):
-        w = written[pc]
-        if code in (BPF_LD | BPF_MEM, BPF_LDX | BPF_MEM) and not w >> k & 1:
-            raise ValueError(f"insn {pc}: M[{k}] may be read before it is written")
+        memvalid &= masks[pc]
         if code in (BPF_ST, BPF_STX):
-            w |= 1 << k
-        cls = code & 0x07
-        if cls == BPF_RET:
-            continue
-        if code == BPF_JMP | BPF_JA:
-            succ = [pc + 1 + k]
-        elif cls == BPF_JMP:
-            succ = [pc + 1 + jt, pc + 1 + jf]
-        else:
-            succ = [pc + 1]
-        for s in succ:
-            written[s] &= w
+            memvalid |= 1 << k
+        elif code in (BPF_LD | BPF_MEM, BPF_LDX | BPF_MEM):
+            if not memvalid >> k & 1:
+                raise ValueError(f"insn {pc}: M[{k}] may be read before it is written")
+        elif code == BPF_JMP | BPF_JA:
+            masks[pc + 1 + k] &= memvalid
+            memvalid = full
+        elif code & 0x07 == BPF_JMP:
+            masks[pc + 1 + jt] &= memvalid
+            masks[pc + 1 + jf] &= memvalid
+            memvalid = full
 
 
 _KNOWN = frozenset(

@@ -372,6 +372,31 @@ class TestSocket:
             with pytest.raises(SourceError, match="locked"):
                 bpf.attach(s, [(bpf.BPF_RET | bpf.BPF_K, 0, 0, KEEP)])
 
+    def test_ret_does_not_end_the_memory_check(self) -> None:
+        """The kernel's M[] check lets a ret's state flow on; validate() agrees."""
+        prog = [(bpf.BPF_JMP | bpf.BPF_JEQ, 2, 0, 0), (bpf.BPF_ST, 0, 0, 0),
+                (bpf.BPF_JMP | bpf.BPF_JA, 0, 0, 1), (bpf.BPF_RET | bpf.BPF_K, 0, 0, 0),
+                (bpf.BPF_LD | bpf.BPF_MEM, 0, 0, 0), (bpf.BPF_RET | bpf.BPF_A, 0, 0, 0)]
+        with pytest.raises(ValueError, match="before it is written"):
+            validate(prog)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            arr = (bpf._SockFilter * len(prog))(*(bpf._SockFilter(*i) for i in prog))
+            with pytest.raises(OSError):
+                s.setsockopt(socket.SOL_SOCKET, bpf.SO_ATTACH_FILTER,
+                             bytes(bpf._SockFprog(len(prog), arr)))
+
+    def test_large_programs_attach(self) -> None:
+        """Programs near the size limit (v6 CIDRs spread out: trampolines everywhere)
+        pass the kernel's checker."""
+        rnd = random.Random(11)
+        cidrs = [f"fd99:{rnd.getrandbits(16):x}:{rnd.getrandbits(16):x}::"
+                 f"{rnd.getrandbits(16):x}/{rnd.choice([64, 112, 128])}" for _ in range(480)]
+        cidrs += [f"{ipaddress.IPv4Address(rnd.getrandbits(32))}/32" for _ in range(300)]
+        prog = build_program(cidrs)
+        assert len(prog) > 3000
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            bpf.attach(s, prog)
+
     def test_malformed_program_is_a_value_error(self) -> None:
         """A malformed program never reaches the kernel."""
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, \
