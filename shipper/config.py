@@ -73,6 +73,12 @@ class ConntrackConfig(_Closed):
         description="At start set net.netfilter.nf_conntrack_events=1, _acct=1 and _timestamp=1 "
         "in the conntrack namespace (needed for DESTROY of old flows, byte counts and end times).",
     )
+    kernel_filter: bool = Field(
+        True,
+        description="Attach an in-kernel BPF filter to the event socket that drops events whose "
+        "original source is not in the pod CIDRs before they are queued (no CPU spent on them, "
+        "no overruns caused by them; such events are then not counted as filtered).",
+    )
     resync_on_overrun: bool = Field(
         True, description="After events were lost (ENOBUFS), dump the table to resync."
     )

@@ -16,6 +16,7 @@ the time the event was read.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import select
@@ -40,7 +41,7 @@ from shipper.record import ACTION_DESTROY, ACTION_NEW, ACTION_SNAPSHOT, FlowEven
 from shipper.sinks import Sink, build_sink
 from shipper.sinks.retry import RetryPolicy
 from shipper.sinks.spool import open_spool
-from shipper.sources import conntrack
+from shipper.sources import bpf, conntrack
 from shipper.sources.decode import LayoutDecoder
 
 log = logging.getLogger("shipper.pipeline")
@@ -128,6 +129,7 @@ class Pipeline:
         self._n_records: dict[str, int] = {}
         self._n_unresolved = 0
         self._log_limit = _LogLimit(per_s=60.0)
+        self._bpf_lock = threading.Lock()
 
     # ---- the event path -----------------------------------------------------
 
@@ -275,6 +277,30 @@ class Pipeline:
         if self.kube is not None:
             self.kube.stop()
 
+    def _attach_kernel_filter(self, cidr_filter: CidrFilter) -> None:
+        """(Re)attach the in-kernel filter for the current pod CIDRs; on failure, fail open.
+
+        Called at start and, from the Kubernetes thread, whenever the pod CIDRs
+        change. SO_ATTACH_FILTER replaces the old program atomically. If the
+        new program cannot be built or attached, the filter is removed rather
+        than left stale: a stale program would drop a new subnet's events
+        unseen, while no program only costs CPU (userspace still filters).
+        """
+        cidrs = list(cidr_filter.pod_cidrs)
+        with self._bpf_lock:
+            try:
+                program = bpf.build_program(cidrs)
+                bpf.attach(self._sock, program)
+            except (ValueError, SourceError, OSError) as exc:
+                self.metrics.inc("shipper_errors_total", "kernel_filter", type(exc).__name__)
+                log.error("in-kernel filter not attached; every event is read and filtered "
+                          "in userspace", extra={"fields": {"error": str(exc)}})
+                with contextlib.suppress(OSError, SourceError):
+                    bpf.detach(self._sock)
+                return
+        log.info("in-kernel filter attached", extra={"fields": {
+            "pod_cidrs": cidrs, "instructions": len(program)}})
+
     # ---- overruns -----------------------------------------------------------
 
     def _on_overrun(self) -> None:
@@ -346,7 +372,12 @@ class Pipeline:
             self._sock = conntrack.open_event_socket(
                 cfg.conntrack.netns, list(cfg.conntrack.events), cfg.conntrack.rcvbuf_bytes
             )
+            if cfg.conntrack.kernel_filter:
+                self._attach_kernel_filter(self.filter)
+                self.filter.add_listener(self._attach_kernel_filter)
         except BaseException:
+            if self._sock is not None:
+                self._sock.close()
             self.delivery.close(cfg.shutdown_grace_s)
             raise
         self._last_drops = conntrack.socket_drops(cfg.conntrack.netns, self._sock)

@@ -12,7 +12,7 @@ never sees a half-built table.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import netaddr
@@ -75,6 +75,7 @@ class CidrFilter:
         """Raises ConfigError naming every bad CIDR."""
         self.only_snat = only_snat
         self._t = self._build(pod_cidrs, cluster_cidrs)
+        self._listeners: list[Callable[[CidrFilter], None]] = []
 
     @staticmethod
     def _build(pod_cidrs: Iterable[str], cluster_cidrs: Iterable[str]) -> _Tables:
@@ -90,8 +91,16 @@ class CidrFilter:
         )
 
     def set_cidrs(self, pod_cidrs: Iterable[str], cluster_cidrs: Iterable[str]) -> None:
-        """Replace both lists atomically (runtime CIDR discovery)."""
+        """Replace both lists atomically (runtime CIDR discovery), then tell the listeners."""
+        before = self._t.pod_cidrs
         self._t = self._build(pod_cidrs, cluster_cidrs)
+        if self._t.pod_cidrs != before:
+            for fn in list(self._listeners):
+                fn(self)
+
+    def add_listener(self, fn: Callable[[CidrFilter], None]) -> None:
+        """Call ``fn(self)`` after every change of the pod CIDRs (from the changing thread)."""
+        self._listeners.append(fn)
 
     @property
     def pod_cidrs(self) -> tuple[str, ...]:

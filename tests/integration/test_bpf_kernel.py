@@ -90,6 +90,13 @@ class Reader:
                 if ev is not None:
                     self.events.append(ev)
 
+    def attach(self, program: list[bpf.Insn]) -> None:
+        """Attach ``program``, then discard what was queued before it judged anything
+        (events from before the attach were never filtered)."""
+        bpf.attach(self.sock, program)
+        self.drain()
+        self.events.clear()
+
     def wait_for(self, want: Callable[[list[FlowEvent]], bool], timeout: float) -> bool:
         """Poll until ``want(events)`` or ``timeout``; then read stragglers for 0.5 s."""
         deadline = time.monotonic() + timeout
@@ -191,7 +198,7 @@ class TestKernelFilter:
         pods4_6 = {lab.pod_ip(p, f) for p in range(3) for f in (4, 6)}
 
         # Phase 1: pod 0 only.
-        bpf.attach(filt.sock, program_for(lab, [0]))
+        filt.attach(program_for(lab, [0]))
         want_all = pod_flows(lab, [0, 1, 2])
         others = other_flows(lab)
         assert ctrl.wait_for(lambda ev: want_all | others <= ctrl_flows(ctrl), 15), \
@@ -203,7 +210,7 @@ class TestKernelFilter:
         assert {addr(e) for e in ctrl.events} & (pods4_6 - allowed)  # they did happen
 
         # Phase 2: replace with pods 0 and 1 while the socket stays open.
-        bpf.attach(filt.sock, program_for(lab, [0, 1]))
+        filt.attach(program_for(lab, [0, 1]))
         filt.events.clear()
         ctrl.events.clear()
         want_all = pod_flows(lab, [0, 1, 2])
@@ -216,7 +223,7 @@ class TestKernelFilter:
         # Phase 3: ~1000 CIDRs (trampolines, optmem), keeping pod 2 only.
         big = program_for(lab, [2], decoys=1000)
         print(f"\n1002-CIDR program: {len(big)} instructions")
-        bpf.attach(filt.sock, big)
+        filt.attach(big)
         filt.events.clear()
         want_all = pod_flows(lab, [0, 1, 2])
         other_flows(lab)
@@ -236,7 +243,7 @@ class TestKernelFilter:
         userspace only with its pod share; the pod's events are all delivered."""
         filt, ctrl = sockets
         lab.start_server("udp", 8081, 4)
-        bpf.attach(filt.sock, program_for(lab, [0]))
+        filt.attach(program_for(lab, [0]))
         rate, secs = 20000.0, 3.0
         floods = [lab.start_udp_flood(0, rate * 0.1, secs)]
         floods += [lab.start_udp_flood(p, rate * 0.45, secs) for p in (1, 2)]

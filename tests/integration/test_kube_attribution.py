@@ -252,11 +252,14 @@ class TestPodIpReuse:
 class TestSubnetDiscovery:
     """Pod CIDRs come from Kube-OVN Subnets watched at runtime, not from the config."""
 
+    @pytest.mark.parametrize("kernel_filter", [True, False], ids=["bpf", "userspace"])
     def test_subnet_added_and_deleted_at_runtime_changes_what_is_shipped(
-        self, lab: Lab, api: FakeKubeApi, shipper: Factory
+        self, lab: Lab, api: FakeKubeApi, shipper: Factory, kernel_filter: bool
     ) -> None:
         """Only sources in a natOutgoing Subnet are shipped; adding such a Subnet through the
-        API ships its pods' new flows, deleting it stops them, without a restart."""
+        API ships its pods' new flows, deleting it stops them, without a restart. With the
+        in-kernel filter the program is re-attached on each change (other sources never
+        reach userspace); without it userspace counts them as source_not_pod."""
         put_lab_pods(api, lab)
         api.put(SUBNETS, subnet("join", "100.64.0.0/16", nat_outgoing=False))
         # Pod 0 (10.244.0.10) only.
@@ -264,7 +267,8 @@ class TestSubnetDiscovery:
         # Pod 1 (10.244.0.11) is in a Subnet without natOutgoing: never a pod CIDR.
         api.put(SUBNETS, subnet("internal", "10.244.0.11/32", nat_outgoing=False))
         sp = shipper({"filter.pod_cidrs": [], "filter.cluster_cidrs": [],
-                      "kubernetes.subnets_enabled": True})
+                      "kubernetes.subnets_enabled": True,
+                      "conntrack.kernel_filter": kernel_filter})
         sp.wait_ready()
         wait_gauge(sp, "shipper_kube_cidrs", 1, {"kind": "pod"})
         lab.start_server("tcp", 8080, 4)
@@ -290,7 +294,8 @@ class TestSubnetDiscovery:
             lab.connect(0, "tcp", 4, 8080)
             rec = sp.wait_records(lambda r: is_new(r) and from_ip(pod0)(r), n=marker)[-1]
             assert_names(rec, lab, 0)
-            poll(filtered, lambda v: v >= base + len(pods), "source_not_pod count")
+            if not kernel_filter:
+                poll(filtered, lambda v: v >= base + len(pods), "source_not_pod count")
             assert {i: shipped_from(i) for i in pods} == before
 
         assert_not_shipped([1, 2])
@@ -312,6 +317,9 @@ class TestSubnetDiscovery:
         assert_not_shipped([2])
         assert sp.metric("shipper_events_filtered_total",
                          {"reason": "destination_in_cluster"}) == 0
+        if kernel_filter:
+            # At start (empty: keeps all), after the first Subnets, team-b added, removed.
+            assert sp.stderr().count("in-kernel filter attached") >= 4
 
 
 class TestApiOutage:
