@@ -121,6 +121,7 @@ class Pipeline:
         self._gap_overruns = 0
         self._last_drops: int | None = None
         self._last_ok_ns = time.time_ns()
+        self._drops_checked_ns = self._last_ok_ns
         self._resync_at: float | None = None  # monotonic time of the next due resync
         self._last_resync = float("-inf")
         # Hot-path counters, folded into metrics at housekeeping.
@@ -313,14 +314,16 @@ class Pipeline:
     def _check_drops(self, force_gap: bool) -> None:
         """Read the socket's drop counter; emit a gap record for new losses."""
         drops = conntrack.socket_drops(self.cfg.conntrack.netns, self._sock)
+        now = time.time_ns()
+        checked, self._drops_checked_ns = self._drops_checked_ns, now
         lost: int | None = None
         if drops is not None:
             lost = drops - (self._last_drops or 0)
             self._last_drops = drops
         if not force_gap and not lost:
             return
-        now = time.time_ns()
-        since = self._gap_since if self._gap_since is not None else now
+        # Without an ENOBUFS the losses happened some time since the last check.
+        since = self._gap_since if self._gap_since is not None else checked
         if lost:
             self.metrics.inc("shipper_events_lost_total", n=lost)
         resync = self.cfg.conntrack.resync_on_overrun
