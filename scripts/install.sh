@@ -12,8 +12,17 @@ export DEBIAN_FRONTEND=noninteractive
 # iptables/ip6tables (MASQUERADE in the lab), conntrack (the comparison in the benchmark and
 # the tests), iproute2 (network namespaces, veth, bridges), ping, procps (sysctl), openssl
 # (test certificates), kmod (modprobe).
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends \
+retry() {  # a passing network hiccup should not fail a whole install
+  local n
+  for n in 1 2 3; do
+    "$@" && return 0
+    echo "install.sh: attempt $n of '$*' failed; retrying" >&2
+    sleep $((n * 5))
+  done
+  "$@"
+}
+retry apt-get update -qq
+retry apt-get install -y -qq --no-install-recommends \
   iptables conntrack iproute2 iputils-ping procps kmod openssl ca-certificates \
   python3 python3-venv python3-pip >/dev/null
 for m in nf_conntrack nf_conntrack_netlink nf_nat iptable_nat ip6table_nat; do
@@ -23,9 +32,9 @@ PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
+retry .venv/bin/python -m pip install -q --upgrade pip
 if [ "${1:-}" = "--test" ]; then
-  .venv/bin/python -m pip install -q -e ".[test]"
+  retry .venv/bin/python -m pip install -q -e ".[test]"
 else
-  .venv/bin/python -m pip install -q -e .
+  retry .venv/bin/python -m pip install -q -e .
 fi

@@ -235,6 +235,8 @@ class TestPodWatch:
             fake.put(PODS, pod("stays", "10.16.0.8"))
             h.source.start()
             assert h.source.wait_synced(WAIT_S)
+            # The 410 must reach an open watch (the watch opens just after the list).
+            wait_for(lambda: fake.open_watches(PODS) == 1)
             t_alive = time.time_ns()
             fake.delete_quietly(PODS, "default/ghost")
             if as_http:
