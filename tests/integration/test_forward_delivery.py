@@ -155,6 +155,24 @@ def _stderr(spool: Path) -> str:
     return f.read_text()[-2000:] if f.exists() else ""
 
 
+def _kill(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL a child of ours if it still runs, and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(5)
+
+
+def _drain(rx: ForwardReceiver, spool: Path) -> None:
+    """Start a fresh child on ``spool`` that only delivers what is spooled; wait until done."""
+    p2 = _child(rx.address, spool, "--drain", "--timeout", "60")
+    try:
+        assert _read_line(p2, 30) == "SUBMITTED 0"
+        assert _read_line(p2, 90) == "DRAINED", _stderr(spool)
+        assert p2.wait(10) == 0
+    finally:
+        _kill(p2)
+
+
 def _read_line(p: subprocess.Popen[str], timeout: float) -> str:
     out: list[str] = []
     t = threading.Thread(target=lambda: out.append(p.stdout.readline() if p.stdout else ""))
@@ -180,15 +198,9 @@ class TestCrash:
             p.wait(10)
             assert list(spool.glob("*.seg"))
             rx.start()
-            p2 = _child(rx.address, spool, "--drain", "--timeout", "60")
-            assert _read_line(p2, 30) == "SUBMITTED 0"
-            assert _read_line(p2, 90) == "DRAINED", _stderr(spool)
-            assert p2.wait(10) == 0
+            _drain(rx, spool)
         finally:
-            for proc in (p, locals().get("p2")):
-                if proc is not None and proc.poll() is None:
-                    proc.kill()
-                    proc.wait(5)
+            _kill(p)
             rx.close()
         ids = _ids(rx.records())
         assert _first_seen(ids) == list(range(1000))
@@ -204,15 +216,9 @@ class TestCrash:
             p.send_signal(signal.SIGKILL)
             p.wait(10)
             rx.mode = "ack"
-            p2 = _child(rx.address, spool, "--drain", "--timeout", "60")
-            assert _read_line(p2, 30) == "SUBMITTED 0"
-            assert _read_line(p2, 90) == "DRAINED", _stderr(spool)
-            assert p2.wait(10) == 0
+            _drain(rx, spool)
         finally:
-            for proc in (p, locals().get("p2")):
-                if proc is not None and proc.poll() is None:
-                    proc.kill()
-                    proc.wait(5)
+            _kill(p)
             rx.close()
         ids = _ids(rx.records())
         # The first run may have been killed before spooling all 2000: what it spooled arrives.
