@@ -246,7 +246,7 @@ def build_record(
         "category": _CATEGORY,
         "type": _EVENT_TYPE[action],
         "action": action,
-        "id": f"{host}:{ct_id}:{action}:{t_ns}",
+        "id": event_id(host, ev, t_ns),
     }
     start = ts_start or flow_start_ns
     if start:
