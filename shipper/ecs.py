@@ -234,8 +234,8 @@ def build_record(
     """
     (action, fam, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport,
      itype, icode, iid, ct_id, status, tcp_state, mark, zone, timeout,
-     opk, oby, rpk, rby, ts_start, ts_stop, ts_event, received) = ev
-    t_ns = ts_stop if action == ACTION_DESTROY and ts_stop else ts_event or received
+     opk, oby, rpk, rby, ts_start, ts_stop, _ts_event, received) = ev
+    t_ns = event_time(ev)
     v6 = fam != 4
     src_key = osrc | _V6_TAG if v6 else osrc
     src_ip = _ip_text.get(src_key) or ip_to_str(fam, osrc)

@@ -26,6 +26,7 @@ from shipper.ecs import (
     SCHEMA_VERSION,
     TCP_STATES,
     community_id,
+    event_time,
     rfc3339,
     status_names,
 )
@@ -73,8 +74,8 @@ class JsonLineEncoder:
         """The NDJSON line (with its newline) of one event; see ``ecs.build_record``."""
         (action, fam, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport,
          itype, icode, iid, ct_id, status, tcp_state, mark, zone, timeout,
-         opk, oby, rpk, rby, ts_start, ts_stop, ts_event, received) = ev
-        t_ns = ts_stop if action == ACTION_DESTROY and ts_stop else ts_event or received
+         opk, oby, rpk, rby, ts_start, ts_stop, _ts_event, received) = ev
+        t_ns = event_time(ev)
         v6 = fam != 4
         src_key = osrc | _V6_TAG if v6 else osrc
         src_ip = _ip_text.get(src_key) or ip_to_str(fam, osrc)
