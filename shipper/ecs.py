@@ -31,6 +31,9 @@ from shipper.record import (  # the address-text cache, read inline
     ACTION_NEW,
     ACTION_SNAPSHOT,
     ACTION_UPDATE,
+    ATTR_RESOLVED,
+    ATTR_UNRESOLVED,
+    ATTRIBUTIONS,
     FlowEvent,
     PodMeta,
     _ip_text,
@@ -99,8 +102,10 @@ _EVENT_TYPE = {
 }
 _CATEGORY = ["network"]
 # Shared constant sub-objects: records are encoded, never mutated.
-_RESOLVED = {"attribution": "resolved", "schema_version": SCHEMA_VERSION}
-_UNRESOLVED = {"attribution": "unresolved", "schema_version": SCHEMA_VERSION}
+# One `flowlog` object per attribution status.
+FLOWLOG_OBJ: dict[str, dict[str, str]] = {
+    a: {"attribution": a, "schema_version": SCHEMA_VERSION} for a in ATTRIBUTIONS
+}
 
 
 def status_names(status: int) -> list[str]:
@@ -222,12 +227,16 @@ def build_record(
     host: str,
     *,
     flow_start_ns: int | None = None,
+    attribution: str | None = None,
 ) -> dict[str, Any]:
     """Build the record of one flow event.
 
     ``pod`` is the owner of the original source address at the flow's start
-    (None: unresolved, flagged in ``flowlog.attribution``). ``flow_start_ns``
-    is the best known start of the flow when the kernel sent none.
+    (None: no ``kubernetes`` object). ``attribution`` is written to
+    ``flowlog.attribution``: one of ``record.ATTRIBUTIONS``, as
+    ``PodIndex.attribute`` returned it; None means ``resolved`` with a pod,
+    ``unresolved`` without. ``flow_start_ns`` is the best known start of the
+    flow when the kernel sent none.
 
     Written for speed (it runs once per event): the event tuple is unpacked
     once, objects are built as literals, address texts come from a cache.
@@ -302,9 +311,9 @@ def build_record(
         if k is None:  # the pod's metadata does not list this address (should not happen)
             k = {**pod.kubernetes, "pod": {**pod.kubernetes.get("pod", {}), "ip": src_ip}}
         record["kubernetes"] = k
-        record["flowlog"] = _RESOLVED
-    else:
-        record["flowlog"] = _UNRESOLVED
+    if attribution is None:
+        attribution = ATTR_RESOLVED if pod is not None else ATTR_UNRESOLVED
+    record["flowlog"] = FLOWLOG_OBJ[attribution]
     return record
 
 

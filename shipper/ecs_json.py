@@ -23,23 +23,30 @@ from shipper.ecs import (
     _EVENT_TYPE,
     _IANA,
     _TRANSPORT,
-    SCHEMA_VERSION,
+    FLOWLOG_OBJ,
     TCP_STATES,
     community_id,
     event_time,
     rfc3339,
     status_names,
 )
-from shipper.record import _V6_TAG, ACTION_DESTROY, FlowEvent, PodMeta, _ip_text, ip_to_str
+from shipper.record import (
+    _V6_TAG,
+    ACTION_DESTROY,
+    ATTR_RESOLVED,
+    ATTR_UNRESOLVED,
+    FlowEvent,
+    PodMeta,
+    _ip_text,
+    ip_to_str,
+)
 
 _TYPE_JSON = {a: orjson.dumps(t).decode() for a, t in _EVENT_TYPE.items()}
 _STATE_JSON = [orjson.dumps(s).decode() for s in TCP_STATES]
-_FLOWLOG_RESOLVED = orjson.dumps(
-    {"attribution": "resolved", "schema_version": SCHEMA_VERSION}
-).decode()
-_FLOWLOG_UNRESOLVED = orjson.dumps(
-    {"attribution": "unresolved", "schema_version": SCHEMA_VERSION}
-).decode()
+# The record's tail after `conntrack`, per attribution status, encoded once.
+_FLOWLOG_TAIL = {
+    a: ',"flowlog":' + orjson.dumps(obj).decode() + "}\n" for a, obj in FLOWLOG_OBJ.items()
+}
 _MAX_CACHE = 65536
 
 
@@ -70,8 +77,17 @@ class JsonLineEncoder:
         self._kube[id(k)] = (k, text)
         return text
 
-    def encode(self, ev: FlowEvent, pod: PodMeta | None, flow_start_ns: int | None) -> bytes:
-        """The NDJSON line (with its newline) of one event; see ``ecs.build_record``."""
+    def encode(
+        self,
+        ev: FlowEvent,
+        pod: PodMeta | None,
+        flow_start_ns: int | None,
+        attribution: str | None = None,
+    ) -> bytes:
+        """The NDJSON line (with its newline) of one event; see ``ecs.build_record``.
+
+        ``attribution`` as in ``ecs.build_record`` (None: derived from ``pod``).
+        """
         (action, fam, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport,
          itype, icode, iid, ct_id, status, tcp_state, mark, zone, timeout,
          opk, oby, rpk, rby, ts_start, ts_stop, _ts_event, received) = ev
@@ -134,9 +150,10 @@ class JsonLineEncoder:
             k = pod.kubernetes_by_ip.get(src_key)
             if k is None:
                 k = {**pod.kubernetes, "pod": {**pod.kubernetes.get("pod", {}), "ip": src_ip}}
-            tail = ',"kubernetes":' + self._kube_json(k) + ',"flowlog":' + _FLOWLOG_RESOLVED
+            tail = ',"kubernetes":' + self._kube_json(k) + _FLOWLOG_TAIL[
+                ATTR_RESOLVED if attribution is None else attribution]
         else:
-            tail = ',"flowlog":' + _FLOWLOG_UNRESOLVED
+            tail = _FLOWLOG_TAIL[ATTR_UNRESOLVED if attribution is None else attribution]
         cid = community_id(fam, proto, osrc, odst, osport, odport, itype, icode)
         return (
             f'{{"@timestamp":"{ts}","event":{{"kind":"event","category":["network"],'
@@ -145,5 +162,5 @@ class JsonLineEncoder:
             f'"network":{{"transport":"{_TRANSPORT[proto]}","iana_number":"{_IANA[proto]}",'
             f'"type":"{"ipv6" if v6 else "ipv4"}","community_id":"{cid}"}},'
             f'"source":{source},"destination":{destination},{self._host_obj},'
-            f'"conntrack":{ct}}}{tail}}}\n'
+            f'"conntrack":{ct}}}{tail}'
         ).encode()

@@ -56,6 +56,12 @@ DEFS: dict[str, MetricDef] = {
             "Records whose source IP matched no pod at flow start (shipped, flagged).",
         ),
         MetricDef(
+            "shipper_records_uncertain_total",
+            "counter",
+            "Records naming a pod matched only through enrich.clock_skew_s, with no "
+            "earlier history of the address (flowlog.attribution: uncertain).",
+        ),
+        MetricDef(
             "shipper_records_shipped_total",
             "counter",
             "Records confirmed delivered by a sink.",

@@ -37,7 +37,13 @@ from shipper.errors import DecodeError, SourceError
 from shipper.filters.cidr import CidrFilter
 from shipper.memory import tune_malloc
 from shipper.metrics import Metrics
-from shipper.record import ACTION_DESTROY, ACTION_NEW, ACTION_SNAPSHOT, FlowEvent
+from shipper.record import (
+    ACTION_DESTROY,
+    ACTION_NEW,
+    ACTION_SNAPSHOT,
+    ATTR_RESOLVED,
+    FlowEvent,
+)
 from shipper.sinks import Sink, build_sink
 from shipper.sinks.retry import RetryPolicy
 from shipper.sinks.spool import open_spool
@@ -129,6 +135,7 @@ class Pipeline:
         self._n_filtered: dict[str, int] = {}
         self._n_records: dict[str, int] = {}
         self._n_unresolved = 0
+        self._n_uncertain = 0
         self._log_limit = _LogLimit(per_s=60.0)
         self._bpf_lock = threading.Lock()
 
@@ -167,16 +174,19 @@ class Pipeline:
         else:
             remembered = starts.get(key)
         t_attr = ev.ts_start or remembered or ev.received_ns
-        pod = self.index.lookup(ev.family, src, t_attr)
-        if pod is None:
-            self._n_unresolved += 1
+        pod, attribution = self.index.attribute(ev.family, src, t_attr)
+        if attribution != ATTR_RESOLVED:
+            if pod is None:
+                self._n_unresolved += 1
+            else:
+                self._n_uncertain += 1
         self._n_records[action] = self._n_records.get(action, 0) + 1
         t_ev = ecs.event_time(ev)
         if self._lines is not None:
-            entry = self._lines.encode(ev, pod, remembered)
+            entry = self._lines.encode(ev, pod, remembered, attribution)
         else:
-            entry = self.encode(ecs.build_record(ev, pod, self.host, flow_start_ns=remembered),
-                                t_ev)
+            entry = self.encode(ecs.build_record(ev, pod, self.host, flow_start_ns=remembered,
+                                                 attribution=attribution), t_ev)
         for b in self.batcher.add(entry, t_ev, time.monotonic()):
             self.delivery.submit(b, self._stop)
 
@@ -203,6 +213,9 @@ class Pipeline:
         if self._n_unresolved:
             m.inc("shipper_records_unresolved_total", n=self._n_unresolved)
             self._n_unresolved = 0
+        if self._n_uncertain:
+            m.inc("shipper_records_uncertain_total", n=self._n_uncertain)
+            self._n_uncertain = 0
 
     def _on_decode_error(self, exc: DecodeError) -> None:
         self.metrics.inc("shipper_decode_errors_total", "malformed")

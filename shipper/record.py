@@ -29,6 +29,20 @@ ACTION_DESTROY = "destroy"
 ACTION_SNAPSHOT = "snapshot"
 ACTION_GAP = "gap"
 
+# The attribution statuses of the record schema (`flowlog.attribution`), see
+# docs/SCHEMA.md. RESOLVED: the pod that owned the source address when the flow
+# started. UNCERTAIN: a pod is named, but it was matched only through the
+# clock-skew tolerance (the flow started before the only known owner's
+# interval and nothing earlier is known about the address, e.g. after a first
+# start or a lost state file): the address may have belonged to an earlier pod
+# we never saw. UNRESOLVED: no pod is named. STALE: released by the hold while
+# pod metadata was known to be behind.
+ATTR_RESOLVED = "resolved"
+ATTR_UNCERTAIN = "uncertain"
+ATTR_UNRESOLVED = "unresolved"
+ATTR_STALE = "stale"
+ATTRIBUTIONS = (ATTR_RESOLVED, ATTR_UNCERTAIN, ATTR_UNRESOLVED, ATTR_STALE)
+
 _V6_TAG = 1 << 128
 
 

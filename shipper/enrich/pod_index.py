@@ -2,7 +2,7 @@
 
 Pure data structure, no I/O. Writers (the inventory file reloader, the
 Kubernetes watch) call :meth:`PodIndex.update`, :meth:`PodIndex.delete` and
-:meth:`PodIndex.reconcile`; the event path calls :meth:`PodIndex.lookup`.
+:meth:`PodIndex.reconcile`; the event path calls :meth:`PodIndex.attribute`.
 
 Every address maps to a short history of ownership intervals
 ``(start_ns, end_ns | None, PodMeta)``, oldest first, never overlapping: a new
@@ -29,7 +29,13 @@ import threading
 from collections import deque
 from collections.abc import Iterable
 
-from shipper.record import PodMeta, ip_key
+from shipper.record import (
+    ATTR_RESOLVED,
+    ATTR_UNCERTAIN,
+    ATTR_UNRESOLVED,
+    PodMeta,
+    ip_key,
+)
 
 Interval = tuple[int, "int | None", PodMeta]
 ClosedInterval = tuple[int, int, PodMeta]
@@ -73,20 +79,33 @@ class PodIndex:
 
     # ---- readers -------------------------------------------------------------
 
-    def lookup(self, family: int, ip: int, t_ns: int) -> PodMeta | None:
-        """Return the pod that owned ``ip`` at ``t_ns``, or None if nobody did."""
+    def attribute(self, family: int, ip: int, t_ns: int) -> tuple[PodMeta | None, str]:
+        """Return the pod that owned ``ip`` at ``t_ns`` and how sure that is.
+
+        ``(pod, ATTR_RESOLVED)``: ``t_ns`` lies in the pod's ownership interval.
+        ``(pod, ATTR_UNCERTAIN)``: ``t_ns`` lies before the first interval known
+        for the address, by no more than the clock-skew tolerance. The pod is
+        the likely owner (its creation time comes from the API server's clock)
+        but nothing rules out an earlier owner we never saw: the address has no
+        earlier history here (a first start, a lost state file).
+        ``(None, ATTR_UNRESOLVED)``: nobody is known to have owned it then.
+        """
         hist = self._hist.get(ip if family == 4 else ip_key(family, ip))
         if hist is None:
-            return None
+            return None, ATTR_UNRESOLVED
         for start, end, meta in reversed(hist):
             if start <= t_ns:
                 if end is None or t_ns < end:
-                    return meta
-                return None
+                    return meta, ATTR_RESOLVED
+                return None, ATTR_UNRESOLVED
         first = hist[0]
         if first[0] - t_ns <= self.skew_ns:
-            return first[2]
-        return None
+            return first[2], ATTR_UNCERTAIN
+        return None, ATTR_UNRESOLVED
+
+    def lookup(self, family: int, ip: int, t_ns: int) -> PodMeta | None:
+        """The pod :meth:`attribute` names (resolved or uncertain), or None."""
+        return self.attribute(family, ip, t_ns)[0]
 
     def live_pods(self) -> int:
         """Number of pods currently owning at least one address."""

@@ -29,6 +29,8 @@ from shipper.record import (
     ACTION_NEW,
     ACTION_SNAPSHOT,
     ACTION_UPDATE,
+    ATTR_STALE,
+    ATTR_UNCERTAIN,
     FlowEvent,
     PodMeta,
 )
@@ -604,6 +606,23 @@ class TestBuildRecordSchema:
 
 
 class TestBuildRecordAttribution:
+    def test_uncertain_names_the_pod_and_says_so(self) -> None:
+        """attribution="uncertain": the candidate pod's kubernetes object, flagged uncertain."""
+        rec = build_record(make_event(), make_pod(), "n", attribution=ATTR_UNCERTAIN)
+        assert rec["flowlog"] == {"attribution": "uncertain", "schema_version": SCHEMA_VERSION}
+        assert rec["kubernetes"]["pod"]["name"] == "web-1"
+
+    def test_explicit_status_without_pod(self) -> None:
+        """An explicit status is written as given, also without a pod (e.g. stale)."""
+        rec = build_record(make_event(), None, "n", attribution=ATTR_STALE)
+        assert rec["flowlog"]["attribution"] == "stale"
+        assert "kubernetes" not in rec
+
+    def test_unknown_status_is_rejected(self) -> None:
+        """A status outside the schema's values is a programming error, not a record."""
+        with pytest.raises(KeyError):
+            build_record(make_event(), None, "n", attribution="maybe")
+
     def test_unresolved_is_flagged_without_kubernetes(self) -> None:
         """No pod: flowlog.attribution is "unresolved" and there is no kubernetes key."""
         rec = build_record(make_event(), None, "n")

@@ -11,7 +11,7 @@ import pytest
 from shipper import ecs
 from shipper.ecs_json import JsonLineEncoder
 from shipper.enrich.pods import pod_from_dict
-from shipper.record import FlowEvent, PodMeta, ip_to_str
+from shipper.record import ATTRIBUTIONS, FlowEvent, PodMeta, ip_to_str
 from shipper.sources.decode import LayoutDecoder
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "ctnetlink_messages.json"
@@ -52,6 +52,19 @@ class TestSameAsRecord:
         assert orjson.loads(line) == orjson.loads(
             orjson.dumps(ecs.build_record(ev, pod, host, flow_start_ns=start))
         )
+
+    @pytest.mark.parametrize("attribution", ATTRIBUTIONS)
+    @pytest.mark.parametrize("resolved", [True, False])
+    def test_attribution_written(self, attribution: str, resolved: bool) -> None:
+        """Every attribution status is written to flowlog.attribution, as build_record does."""
+        ev = EVENTS[0]
+        pod = _pod_for(ev) if resolved else None
+        line = JsonLineEncoder("n").encode(ev, pod, None, attribution)
+        rec = orjson.loads(line)
+        assert rec["flowlog"]["attribution"] == attribution
+        assert ("kubernetes" in rec) is resolved
+        assert rec == orjson.loads(orjson.dumps(
+            ecs.build_record(ev, pod, "n", attribution=attribution)))
 
     def test_optional_fields(self) -> None:
         """Mark, zone, DNAT and missing counters come out as build_record has them."""

@@ -12,7 +12,7 @@ import pytest
 
 from shipper.config import EnrichConfig
 from shipper.enrich.pod_index import DEFAULT_RETENTION_NS, DEFAULT_SKEW_NS, PodIndex
-from shipper.record import PodMeta
+from shipper.record import ATTR_RESOLVED, ATTR_UNCERTAIN, ATTR_UNRESOLVED, PodMeta
 
 S = 1_000_000_000
 T = 1_714_557_600 * S  # 2024-05-01T10:00:00Z
@@ -313,6 +313,61 @@ class TestReconcile:
         assert owner(idx, "10.16.0.5", T + 50 * S) == "a"
         assert owner(idx, "10.16.0.5", T + 120 * S) is None
         assert owner(idx, "10.16.0.5", T + 160 * S) == "b"
+
+
+class TestAttribute:
+    """attribute() returns the owner and how it was matched."""
+
+    def test_resolved_inside_interval(self) -> None:
+        """A flow starting inside an owner's interval is resolved to that owner."""
+        idx = PodIndex(skew_ns=5 * S)
+        a = pod("a", "10.16.0.5", "fd00:10:16::5", created=T)
+        idx.update(a, T + 60 * S)
+        assert idx.attribute(4, X4, T + S) == (a, ATTR_RESOLVED)
+        assert idx.attribute(6, X6, T) == (a, ATTR_RESOLVED)
+
+    def test_uncertain_within_skew_before_only_owner(self) -> None:
+        """A flow starting within the skew before the only known owner's interval is uncertain."""
+        idx = PodIndex(skew_ns=5 * S)
+        a = pod("a", "10.16.0.5", "fd00:10:16::5", created=T)
+        idx.update(a, T + 60 * S)
+        assert idx.attribute(4, X4, T - 1) == (a, ATTR_UNCERTAIN)
+        assert idx.attribute(6, X6, T - 5 * S) == (a, ATTR_UNCERTAIN)
+
+    def test_unresolved_beyond_skew_and_unknown(self) -> None:
+        """Beyond the skew, or for an unknown address, nobody is named: unresolved."""
+        idx = PodIndex(skew_ns=5 * S)
+        idx.update(pod("a", "10.16.0.5", created=T), T + 60 * S)
+        assert idx.attribute(4, X4, T - 5 * S - 1) == (None, ATTR_UNRESOLVED)
+        assert idx.attribute(4, ip("10.16.0.6"), T) == (None, ATTR_UNRESOLVED)
+
+    def test_earlier_history_gives_the_earlier_owner_resolved(self) -> None:
+        """With the previous owner's tombstone known, a flow just before the new owner is the
+        old owner's, resolved: the skew never applies when earlier history exists."""
+        idx = PodIndex(skew_ns=5 * S)
+        a = pod("a", "10.16.0.5", created=T)
+        idx.update(a, T)
+        b = pod("b", "10.16.0.5", created=T + 100 * S)
+        idx.update(b, T + 200 * S)  # a's deletion was missed: b's arrival cuts a
+        assert idx.attribute(4, X4, T + 99 * S) == (a, ATTR_RESOLVED)
+        assert idx.attribute(4, X4, T + 102 * S) == (b, ATTR_RESOLVED)
+
+    def test_gap_between_owners_is_unresolved(self) -> None:
+        """A flow starting between one owner's release and the next owner is unresolved."""
+        idx = PodIndex(skew_ns=5 * S)
+        idx.update(pod("a", "10.16.0.5", created=T), T)
+        idx.delete("a", T + 100 * S)
+        idx.update(pod("b", "10.16.0.5"), T + 102 * S)
+        assert idx.attribute(4, X4, T + 101 * S) == (None, ATTR_UNRESOLVED)
+
+    def test_lookup_returns_the_attributed_pod(self) -> None:
+        """lookup() is attribute()'s pod: resolved and uncertain owners alike."""
+        idx = PodIndex(skew_ns=5 * S)
+        a = pod("a", "10.16.0.5", created=T)
+        idx.update(a, T)
+        assert idx.lookup(4, X4, T - S) is a
+        assert idx.lookup(4, X4, T + S) is a
+        assert idx.lookup(4, X4, T - 6 * S) is None
 
 
 class TestSkew:

@@ -1,0 +1,73 @@
+"""Pipeline.handle: attribution status from the pod index into the record and metrics."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import orjson
+import pytest
+
+from shipper.config import Config
+from shipper.metrics import Metrics
+from shipper.pipeline import Pipeline
+from shipper.record import ACTION_NEW, FlowEvent, PodMeta
+from shipper.sinks.base import Batch
+
+S = 1_000_000_000
+T0 = 1_795_766_503 * S
+POD = int(ipaddress.ip_address("10.16.0.5"))
+REMOTE = int(ipaddress.ip_address("93.184.216.34"))
+NODE = int(ipaddress.ip_address("192.168.1.10"))
+
+
+class RecordingSink:
+    """A sink that keeps what it is given; ``ndjson`` selects the fused line encoder."""
+
+    name = "recording"
+
+    def __init__(self, ndjson: bool) -> None:
+        self.ndjson = ndjson
+
+    def encode(self, record: dict[str, Any], time_ns: int) -> bytes:
+        return orjson.dumps(record)
+
+    def deliver(self, batch: Batch) -> None:  # pragma: no cover - never called here
+        raise AssertionError("not used")
+
+    def close(self) -> None:
+        pass
+
+
+def flow(ts_start: int, sport: int) -> FlowEvent:
+    """A NEW event of a MASQUERADEd TCP flow from the pod address started at ``ts_start``."""
+    return FlowEvent(
+        ACTION_NEW, 4, 6, POD, REMOTE, sport, 443, REMOTE, NODE, 443, 61000 + sport % 1000,
+        None, None, None, sport, None, None, None, None, None, None, None, None, None,
+        ts_start, None, None, T0 + 100 * S,
+    )
+
+
+def records(p: Pipeline) -> list[dict[str, Any]]:
+    b = p.batcher.flush()
+    return [] if b is None else [orjson.loads(e) for e in b.entries]
+
+
+@pytest.mark.parametrize("ndjson", [True, False])
+def test_each_status_reaches_record_and_metrics(ndjson: bool) -> None:
+    """resolved, uncertain and unresolved come out in flowlog.attribution and are counted."""
+    cfg = Config(filter={"pod_cidrs": ["10.16.0.0/16"]}, enrich={"clock_skew_s": 5})
+    m = Metrics()
+    p = Pipeline(cfg, m, sink=RecordingSink(ndjson))
+    a = PodMeta(namespace="ns", name="a", uid="ua", ips=((4, POD),), phase="Running",
+                created_ns=T0).with_record_object()
+    p.index.update(a, T0 + 10 * S)
+    p.handle(flow(T0 + S, 1001))       # inside a's interval
+    p.handle(flow(T0 - 2 * S, 1002))   # within the skew before a, nothing earlier known
+    p.handle(flow(T0 - 60 * S, 1003))  # long before a
+    got = [(r["flowlog"]["attribution"], r.get("kubernetes", {}).get("pod", {}).get("name"))
+           for r in records(p)]
+    assert got == [("resolved", "a"), ("uncertain", "a"), ("unresolved", None)]
+    p._flush_counters()
+    assert m.value("shipper_records_uncertain_total") == 1
+    assert m.value("shipper_records_unresolved_total") == 1
