@@ -198,7 +198,7 @@ def _run(cfg: config_mod.Config, command: str) -> int:
     server = None
     if cfg.metrics.address:
         try:
-            server = serve(registry, cfg.metrics.address)
+            server = serve(registry, cfg.metrics.address, pipeline.health)
         except OSError as exc:
             log.error("cannot serve metrics", extra={"fields": {
                 "address": cfg.metrics.address, "error": str(exc)}})

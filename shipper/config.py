@@ -367,7 +367,17 @@ class MetricsConfig(_Closed):
     """Prometheus metrics endpoint."""
 
     address: str | None = Field(
-        "0.0.0.0:9808", description="HOST:PORT to serve /metrics on; null disables it."
+        "0.0.0.0:9808",
+        description="HOST:PORT to serve /metrics, /healthz and /readyz on; null disables it.",
+    )
+
+
+class HealthConfig(_Closed):
+    """Liveness and readiness probes (/healthz, /readyz on metrics.address)."""
+
+    stall_s: float = Field(
+        30.0, gt=0, description="/healthz answers 503 when the event loop completed no "
+        "iteration for this long (seconds)."
     )
 
 
@@ -469,6 +479,9 @@ class Config(_Closed):
     queue: QueueConfig = Field(default_factory=QueueConfig, description="Queue.")
     sink: SinkConfig = Field(default_factory=SinkConfig, description="Output.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics.")
+    health: HealthConfig = Field(
+        default_factory=HealthConfig, description="Health probes (/healthz, /readyz)."
+    )
     kubernetes: KubernetesConfig = Field(
         default_factory=KubernetesConfig,
         description="Kubernetes API source (pods, nodes, Kube-OVN subnets).",

@@ -12,14 +12,21 @@ label; a retry is never counted as a drop.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from shipper.health import Health
 
 
 @dataclass(frozen=True)
@@ -338,13 +345,38 @@ class _Collector(Collector):
         yield from self._m.collect()
 
 
-def serve(registry: CollectorRegistry, address: str) -> object:
-    """Start the /metrics HTTP endpoint on ``HOST:PORT`` in a daemon thread; return the server."""
-    from prometheus_client import start_http_server
+class _QuietHandler(WSGIRequestHandler):
+    """Request handler that does not log every probe and scrape to stderr."""
 
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """One thread per request, so a slow scrape never delays a probe."""
+
+    daemon_threads = True
+
+
+def serve(registry: CollectorRegistry, address: str, health: Health | None = None) -> WSGIServer:
+    """Serve ``/metrics`` (and ``/healthz``, ``/readyz`` when ``health`` is given) on
+    ``HOST:PORT`` from one HTTP server in a daemon thread; return the server.
+
+    prometheus_client's WSGI app answers every other path with the metrics, as
+    ``start_http_server`` does; the server is built here only so that the probes
+    share its address.
+    """
     host, _, port = address.rpartition(":")
-    server, _thread = start_http_server(
-        int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry
-    )
-    return server
+    host = host.strip("[]") or "0.0.0.0"
+    app = make_wsgi_app(registry)
+    if health is not None:
+        app = health.wsgi(app)
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
 
+    class Server(_Server):
+        address_family = family
+
+    httpd = make_server(str(sockaddr[0]), int(port), app, Server, handler_class=_QuietHandler)
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    return httpd

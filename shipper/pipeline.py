@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from shipper import ecs
-from shipper.batch import Batcher
+from shipper.batch import Batch, Batcher
 from shipper.config import Config
 from shipper.delivery import Delivery
 from shipper.ecs_json import JsonLineEncoder
@@ -35,6 +35,7 @@ from shipper.enrich.pod_index import PodIndex
 from shipper.enrich.pods import LabelPolicy
 from shipper.errors import DecodeError, SourceError
 from shipper.filters.cidr import CidrFilter
+from shipper.health import Health
 from shipper.memory import tune_malloc
 from shipper.metrics import Metrics
 from shipper.record import (
@@ -138,6 +139,14 @@ class Pipeline:
         self._n_uncertain = 0
         self._log_limit = _LogLimit(per_s=60.0)
         self._bpf_lock = threading.Lock()
+        self.health = Health(cfg.health.stall_s)
+        for name, reason in (
+            ("subscribed", "conntrack event socket not subscribed yet"),
+            ("pod_sync", "first pod sync not finished"),
+            ("initial_dump", "initial table dump not done"),
+            ("running", "event loop not started"),
+        ):
+            self.health.set_ready(name, False, reason)
 
     # ---- the event path -----------------------------------------------------
 
@@ -188,7 +197,7 @@ class Pipeline:
             entry = self.encode(ecs.build_record(ev, pod, self.host, flow_start_ns=remembered,
                                                  attribution=attribution), t_ev)
         for b in self.batcher.add(entry, t_ev, time.monotonic()):
-            self.delivery.submit(b, self._stop)
+            self._submit(b)
 
     @staticmethod
     def _start_key(ev: FlowEvent) -> int:
@@ -198,6 +207,11 @@ class Pipeline:
 
     def _emit(self, record: dict[str, Any], t_ns: int) -> None:
         for b in self.batcher.add(self.encode(record, t_ns), t_ns, time.monotonic()):
+            self._submit(b)
+
+    def _submit(self, b: Batch) -> None:
+        """Hand a closed batch to delivery; a wait for room is backpressure, not a stall."""
+        with self.health.blocked("the sink (queue or spool full)"):
             self.delivery.submit(b, self._stop)
 
     def _flush_counters(self) -> None:
@@ -232,9 +246,12 @@ class Pipeline:
     def handle_all(self, events: Iterable[FlowEvent]) -> int:
         """Handle a sequence of events (a dump); return how many."""
         n = 0
+        beat = self.health.beat
         for ev in events:
             self.handle(ev)
             n += 1
+            if not n & 1023:
+                beat()  # a long dump is progress, not a stall
         return n
 
     # ---- start-up -----------------------------------------------------------
@@ -277,13 +294,26 @@ class Pipeline:
             self.kube = KubeSource(self.cfg, self.index, self.filter, self.metrics)
             self.kube.start()
             timeout = float(self.cfg.kubernetes.sync_timeout_s)
-            synced = self.kube.wait_synced(timeout, stop)
+            deadline = time.monotonic() + timeout
+            while True:  # in slices, so that /healthz sees the wait move on
+                synced = self.kube.wait_synced(
+                    min(1.0, max(0.0, deadline - time.monotonic())), stop)
+                self.health.beat()
+                if synced or time.monotonic() >= deadline or (stop is not None
+                                                              and stop.is_set()):
+                    break
             if stop is not None and stop.is_set():
                 return
             if not synced:
                 log.warning("Kubernetes initial sync not finished; shipping anyway, "
                             "unresolved records are flagged",
                             extra={"fields": {"waited_s": timeout}})
+                self.health.set_ready("pod_sync", True, f"timed out after {timeout:g} s "
+                                      "(kubernetes.sync_timeout_s); unresolved records flagged")
+            else:
+                self.health.set_ready("pod_sync", True, "pods listed")
+        else:
+            self.health.set_ready("pod_sync", True, "no Kubernetes API configured")
 
     def _stop_enrichment(self) -> None:
         if self.inventory is not None:
@@ -397,6 +427,7 @@ class Pipeline:
             self.delivery.close(cfg.shutdown_grace_s)
             raise
         self._last_drops = conntrack.socket_drops(cfg.conntrack.netns, self._sock)
+        self.health.set_ready("subscribed", True)
         log.info("listening for conntrack events", extra={"fields": {
             "netns": cfg.conntrack.netns, "events": list(cfg.conntrack.events),
             "rcvbuf": conntrack.effective_rcvbuf(self._sock),
@@ -408,6 +439,9 @@ class Pipeline:
                 n = self.handle_all(conntrack.dump_table(
                     cfg.conntrack.netns, self.decoder, on_decode_error=self._on_decode_error))
                 log.info("initial table dump", extra={"fields": {"entries": n}})
+                self.health.set_ready("initial_dump", True, f"{n} entries")
+            elif not cfg.conntrack.dump_at_start:
+                self.health.set_ready("initial_dump", True, "conntrack.dump_at_start is false")
             self._loop(stop)
         finally:
             try:
@@ -417,6 +451,7 @@ class Pipeline:
         return 0 if clean else 1
 
     def _shutdown(self) -> bool:
+        self.health.set_ready("running", False, "stopping")
         b = self.batcher.flush()
         if b is not None:
             self.delivery.submit(b, None)
@@ -440,7 +475,10 @@ class Pipeline:
         next_house = monotonic() + HOUSEKEEPING_S
         next_drops = monotonic() + DROPS_CHECK_S
         next_prune = monotonic() + PRUNE_S
+        beat = self.health.beat
+        self.health.set_ready("running", True)
         while not stop.is_set():
+            beat()
             now_m = monotonic()
             deadline = min(next_house, self.batcher.deadline() or next_house)
             timeout_ms = max(0, int((deadline - now_m) * 1000) + 1)
@@ -483,7 +521,7 @@ class Pipeline:
                 self._resync()
             b = self.batcher.due(now_m)
             if b is not None:
-                self.delivery.submit(b, stop)
+                self._submit(b)
             if now_m >= next_house:
                 next_house = now_m + HOUSEKEEPING_S
                 self._housekeeping()
