@@ -1,6 +1,6 @@
 # flowlog-shipper image, deployed by manifests/ (kubectl apply -k manifests/).
 #   docker build -t flowlog-shipper:0.1.0 .
-# Tag it with project.version from pyproject.toml: manifests/kustomization.yaml pins
+# Tag it with project.version from pyproject.toml: manifests/base/kustomization.yaml pins
 # that tag, and tests/unit/test_manifests.py checks the two agree. CI lints this file
 # with hadolint (scripts/test.sh).
 #
@@ -11,7 +11,7 @@
 # (tests/unit/test_lockfile.py fails while pyproject.toml and the lock disagree).
 #
 # Privileges: the shipper runs as root (uid 0) with every capability dropped except
-# CAP_NET_ADMIN (manifests/daemonset.yaml, container securityContext).
+# CAP_NET_ADMIN (manifests/base/daemonset.yaml, container securityContext).
 # - NET_ADMIN: the kernel refuses the ctnetlink event subscription and the table dump
 #   without it (EPERM), and SO_RCVBUFFORCE (a receive buffer past net.core.rmem_max,
 #   so bursts are not lost) needs it.

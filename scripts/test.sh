@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh --test
 .venv/bin/ruff check shipper tests bench scripts
 .venv/bin/mypy
+.venv/bin/hadolint Dockerfile   # settings in .hadolint.yaml; manifests are checked by pytest
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

