@@ -298,7 +298,14 @@ class ForwardSink:
             raise _Failure("tls", f"TLS handshake failed: {_oserror(exc)}") from exc
 
     def _handshake(self, conn: _Conn, deadline: float) -> None:
-        """HELO -> PING -> PONG, checking the server's digest (FACTS: one write, wait PONG)."""
+        """HELO -> PING -> PONG, checking the server's digest (FACTS: one write, wait PONG).
+
+        Every HELO is answered, whether or not its ``auth`` salt is set: Fluent Bit 5 and
+        Fluentd 1 both send a 16-byte salt whenever the handshake is on, users or not, and
+        look at the user fields only when they have users configured. Without configured
+        credentials we answer as Fluentd's out_forward does (empty username, digest of an
+        empty username and password) and let the PONG decide.
+        """
         assert self.cfg.shared_key_file is not None
         key = _secret(self.cfg.shared_key_file, "shared_key")
         helo = self._read_reply(conn, deadline, "HELO", eof_kind="closed")
@@ -311,29 +318,53 @@ class ForwardSink:
             raise _Failure("protocol", "HELO without a nonce")
         username = self.cfg.username or ""
         password = b""
-        if auth_salt and self.cfg.password_file is not None:
+        if self.cfg.password_file is not None:
             password = _secret(self.cfg.password_file, "password")
-        elif auth_salt:
-            raise _Failure("auth", "receiver requires user authentication (HELO auth) but "
-                                   "sink.forward.username/password_file are not set")
         salt = os.urandom(16).hex()
+        # One write, and nothing after it until the PONG: Fluent Bit parses the PING from a
+        # single read and drops whatever else that read held.
         self._send(conn, build_ping(self._hostname, salt, nonce, key, username, password,
                                     auth_salt))
-        pong = self._read_reply(conn, deadline, "PONG", eof_kind="auth")
+        pong = self._read_reply(conn, deadline, "PONG", eof_kind="auth",
+                                eof_text="receiver closed the connection instead of "
+                                         "answering PING (Fluent Bit's answer to a wrong "
+                                         "shared_key)" + self._auth_hint())
         if not (isinstance(pong, list) and len(pong) == 5 and pong[0] == b"PONG"):
             raise _Failure("protocol", f"expected PONG, got {_preview(pong)}")
         if pong[1] is not True:
-            reason = _as_bytes(pong[2]).decode("utf-8", "replace")
-            raise _Failure("auth", f"receiver rejected the handshake: {reason or 'no reason'}"
-                                   " (check sink.forward.shared_key_file / username)")
+            reason = _as_bytes(pong[2])[:200].decode("utf-8", "replace") or "no reason given"
+            raise _Failure("auth", f"receiver rejected the handshake: {reason!r}"
+                                   + self._auth_hint(reason))
         server_host = _as_bytes(pong[3])
         if _as_bytes(pong[4]).decode("ascii", "replace") != pong_digest(salt, server_host,
                                                                           nonce, key):
             raise _Failure("auth", "PONG digest mismatch: the receiver does not know our "
                                    "shared_key (or is not the receiver it claims to be)")
 
-    def _read_reply(self, conn: _Conn, deadline: float, what: str, *, eof_kind: str) -> Any:
-        """The next msgpack object from the receiver, before ``deadline``."""
+    def _auth_hint(self, reason: str = "") -> str:
+        """What to check after a refused handshake, from the receiver's reason (if any) and
+        whether we sent credentials. Names settings, never their values."""
+        key = "sink.forward.shared_key_file"
+        users = "sink.forward.username and sink.forward.password_file"
+        user_refused = "username/password" in reason  # both peers: "username/password mismatch"
+        key_refused = "shared_key" in reason  # Fluentd: "shared_key mismatch"
+        if self.cfg.username is None:
+            if user_refused:
+                return f": the receiver requires users; set {users}"
+            check = f"{key} (it must hold the receiver's shared_key)" if key_refused else key
+            return f": check {check}; the receiver may also require users: set {users}"
+        if user_refused:
+            return f": check {users} (the receiver does not accept this user and password)"
+        if key_refused:
+            return f": check {key} (it must hold the receiver's shared_key)"
+        return f": check {key}, {users}"
+
+    def _read_reply(self, conn: _Conn, deadline: float, what: str, *, eof_kind: str,
+                    eof_text: str = "") -> Any:
+        """The next msgpack object from the receiver, before ``deadline``.
+
+        EOF raises ``_Failure(eof_kind, eof_text)`` (a default text if empty).
+        """
         while True:
             try:
                 for obj in conn.unpacker:
@@ -350,16 +381,15 @@ class ForwardSink:
                 data = conn.sock.recv(65536)
             except TimeoutError:
                 continue
+            except ConnectionResetError:
+                data = b""  # a close with a reset: the same answer as EOF
             except ssl.SSLError as exc:
                 raise _Failure("tls", f"TLS error while waiting for {what}: {exc}") from exc
             except OSError as exc:
                 raise _Failure("closed", f"connection lost while waiting for {what}: "
                                          f"{_oserror(exc)}") from exc
             if not data:
-                if eof_kind == "auth":
-                    raise _Failure("auth", "receiver closed the connection instead of "
-                                           "answering PING: shared_key (or user) rejected")
-                raise _Failure("closed",
+                raise _Failure(eof_kind, eof_text or
                                f"receiver closed the connection while we waited for {what}")
             try:
                 conn.unpacker.feed(data)

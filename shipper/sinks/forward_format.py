@@ -187,15 +187,21 @@ def build_ping(
 ) -> bytes:
     """``["PING", hostname, salt, digest, username, password_digest]`` (six str elements).
 
-    digest = sha512_hex(salt + hostname + nonce + shared_key); the password digest is
-    sha512_hex(auth_salt + username + password) when the server asked for user auth
-    (non-empty ``auth`` in HELO) and a user is configured, else ``""``.
+    digest = sha512_hex(salt + hostname + nonce + shared_key). When the HELO carried an
+    ``auth`` salt, the last two are ``username`` and sha512_hex(auth_salt + username +
+    password), also when no user is configured (then the digest of an empty username and
+    password): that is what Fluentd's out_forward (``HandshakeProtocol#generate_ping``, its
+    username and password default to "") and Fluent Bit's out_forward send, and both
+    receivers look at them only when they have users configured. Without an ``auth`` salt
+    both are ``""``.
     """
     digest = sha512_hex(salt.encode(), hostname.encode(), nonce, shared_key)
-    pw_digest = ""
-    if auth_salt and username:
+    if auth_salt:
+        user_field = username
         pw_digest = sha512_hex(auth_salt, username.encode(), password)
-    return msgpack.packb(["PING", hostname, salt, digest, username if auth_salt else "", pw_digest])
+    else:
+        user_field = pw_digest = ""
+    return msgpack.packb(["PING", hostname, salt, digest, user_field, pw_digest])
 
 
 def pong_digest(salt: str, server_hostname: bytes, nonce: bytes, shared_key: bytes) -> str:

@@ -12,11 +12,33 @@ every entry it accepted (in arrival order, across restarts) and answers
 * ``garbage``          answer bytes that are not msgpack instead of an ack
 * ``wrong_ack``        ack with a chunk id that was never sent
 
-``fail_next(n, mode)`` applies a mode to the next ``n`` messages only. With
-``shared_key`` the server runs the HELO/PING/PONG handshake (server side,
-checking the client's digest); a wrong key is answered like Fluentd
-(``["PONG", false, reason, "", ""]``) or, with ``auth_failure="close"``, like
-Fluent Bit (EOF). ``tls`` takes a server ``ssl.SSLContext``.
+``fail_next(n, mode)`` applies a mode to the next ``n`` messages only. ``tls`` takes a
+server ``ssl.SSLContext``.
+
+With ``shared_key`` (and optionally ``users``: name -> password) the server runs the
+HELO/PING/PONG handshake first, exactly as the real peer of ``profile`` does. Each
+profile was read from the peer's source (and, for Fluent Bit, checked against a real
+5.1 receiver: ``/work/shared/FACTS.md``, "shared_key handshake"):
+
+``fluent-bit-5``  (``plugins/in_forward/fw_prot.c``, ``fw_conn.c``, v5.1.1)
+    HELO ``["HELO", {"nonce": str16, "auth": str16}]``: two keys, no ``keepalive``;
+    nonce and the user-auth salt are 16 random bytes packed as msgpack *str*, the salt
+    sent whether or not users are configured. The PING must arrive in one read (a partial
+    PING closes the connection) and whatever else that read held is dropped; it must be an
+    array of 6 str. A wrong shared_key, or a malformed PING: no PONG, the connection is
+    closed (EOF). A wrong user or password: ``["PONG", false, "username/password
+    mismatch", "", ""]``, then close. Success: ``["PONG", true, "", self_hostname,
+    sha512_hex(salt + self_hostname + nonce + key)]``; self_hostname defaults to
+    ``localhost``. ``users`` without a shared_key is a start-up error in Fluent Bit.
+``fluentd-1``  (``lib/fluent/plugin/in_forward.rb``, unchanged since 2016, so all of 1.x)
+    HELO ``["HELO", {"nonce": bin16, "auth": bin16, "keepalive": true}]``: Ruby's
+    ``SecureRandom.random_bytes`` are ASCII-8BIT strings, which msgpack-ruby packs as
+    *bin*; the ``auth`` salt is sent whenever ``<security>`` is on, users or not (only
+    ``user_auth true`` makes it check them). PINGs are read from the stream (data after
+    the PING is processed normally); a PING that is not 6 elements starting with "PING"
+    gets ``["PONG", false, "invalid ping message", "", ""]``, a wrong key ``"shared_key
+    mismatch"``, a wrong user ``"username/password mismatch"``; the connection is closed
+    after that PONG. Success as above.
 
 Typical use::
 
@@ -42,6 +64,8 @@ from typing import Any
 import msgpack
 
 from shipper.sinks.forward_format import decode_message, unpacker
+
+PROFILES = ("fluent-bit-5", "fluentd-1")
 
 MODES = (
     "ack",
@@ -70,6 +94,8 @@ class _Stats:
     acks: int = 0
     handshakes_ok: int = 0
     handshakes_failed: int = 0
+    helos: list[tuple[bytes, bytes]] = field(default_factory=list)  # (nonce, auth) sent
+    pings: list[list[Any]] = field(default_factory=list)  # every PING received, decoded
     chunks: list[str] = field(default_factory=list)
 
 
@@ -88,9 +114,10 @@ class ForwardReceiver:
         *,
         mode: str = "ack",
         ack_delay_s: float = 0.0,
+        profile: str = "fluent-bit-5",
         shared_key: bytes | None = None,
-        auth_failure: str = "pong",
-        server_hostname: str = "fake-receiver",
+        users: dict[str, bytes] | None = None,
+        server_hostname: str | None = None,
         wrong_pong_digest: bool = False,
         tls: ssl.SSLContext | None = None,
         port: int = 0,
@@ -98,11 +125,19 @@ class ForwardReceiver:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}")
+        if users and shared_key is None:
+            # Fluent Bit refuses to start ("security.users is set but no shared_key");
+            # Fluentd's <security> requires shared_key.
+            raise ValueError("users need a shared_key")
         self.mode = mode
         self.ack_delay_s = ack_delay_s
+        self.profile = profile
         self.shared_key = shared_key
-        self.auth_failure = auth_failure
-        self.server_hostname = server_hostname
+        self.users = dict(users or {})
+        default_host = "localhost" if profile == "fluent-bit-5" else "fake-fluentd"
+        self.server_hostname = server_hostname or default_host
         self.wrong_pong_digest = wrong_pong_digest
         self.tls = tls
         self.port = port
@@ -256,9 +291,15 @@ class ForwardReceiver:
                 with self._cond:
                     self._conns.add(sock)
             sock.settimeout(None)
-            if self.shared_key is not None and not self._handshake(sock):
-                return
-            self._loop(sock)
+            pending = b""  # bytes after the PING that the peer treats as data
+            if self.shared_key is not None:
+                if self.profile == "fluent-bit-5":
+                    ok = self._handshake_fluent_bit(sock)
+                else:
+                    ok, pending = self._handshake_fluentd(sock)
+                if not ok:
+                    return
+            self._loop(sock, pending)
         except OSError:
             pass  # the sender went away: nothing to report
         finally:
@@ -268,53 +309,131 @@ class ForwardReceiver:
             with contextlib.suppress(OSError):
                 sock.close()
 
-    def _recv(self, sock: socket.socket) -> bytes:
+    def _recv(self, sock: socket.socket, size: int = 65536) -> bytes:
         try:
-            return sock.recv(65536)
+            return sock.recv(size)
         except OSError:
             return b""
 
-    def _handshake(self, sock: socket.socket) -> bool:
+    # --- the handshake, per profile (see the module docstring) -------------------------
+
+    def _send_helo(self, sock: socket.socket) -> tuple[bytes, bytes]:
+        # Both peers: 16 random bytes each for the nonce and the user-auth salt.
+        nonce, auth_salt = os.urandom(16), os.urandom(16)
+        with self._cond:
+            self.stats.helos.append((nonce, auth_salt))
+        sock.sendall(self.helo(nonce, auth_salt))
+        return nonce, auth_salt
+
+    def helo(self, nonce: bytes, auth_salt: bytes) -> bytes:
+        """The HELO bytes this profile sends for ``nonce`` and ``auth_salt``."""
+        if self.profile == "fluent-bit-5":
+            # msgpack_pack_str(16) + the raw bytes: str type, not bin, and no keepalive.
+            return msgpack.packb(["HELO", {"nonce": nonce, "auth": auth_salt}],
+                                 use_bin_type=False)
+        return msgpack.packb(["HELO", {"nonce": nonce, "auth": auth_salt, "keepalive": True}],
+                             use_bin_type=True)
+
+    def _pong_ok(self, salt: bytes, nonce: bytes) -> bytes:
+        key = b"not-the-key" if self.wrong_pong_digest else self.shared_key
+        assert key is not None
+        host = self.server_hostname
+        return msgpack.packb(["PONG", True, "", host,
+                              _sha512_hex(salt, host.encode(), nonce, key)])
+
+    def _check_ping(self, ping: Any, nonce: bytes, auth_salt: bytes) -> str:
+        """"" if ``ping`` (decoded with str -> surrogate-escaped str) passes, else the reason
+        Fluentd would give. Key first, then users - the order of both peers' check_ping."""
         key = self.shared_key
         assert key is not None
-        nonce = os.urandom(16)
-        # Like Fluent Bit: nonce is a msgpack str holding raw (non-UTF-8) bytes.
-        sock.sendall(msgpack.packb(["HELO", {"nonce": nonce, "auth": b"", "keepalive": True}],
-                                   use_bin_type=False))
-        u = msgpack.Unpacker(raw=True)
-        ping = None
-        while ping is None:
-            data = self._recv(sock)
-            if not data:
-                return False
-            u.feed(data)
-            for obj in u:
-                ping = obj
-                break
-        if not (isinstance(ping, list) and len(ping) == 6 and ping[0] == b"PING"):
-            self._error(f"bad PING: {ping!r:.80}")
+        with self._cond:
+            self.stats.pings.append(ping if isinstance(ping, list) else [ping])
+        if not (isinstance(ping, list) and len(ping) == 6 and _raw(ping[0]) == b"PING"):
+            return "invalid ping message"
+        _, hostname, salt, digest, username, pw_digest = (_raw(x) for x in ping)
+        if digest != _sha512_hex(salt, hostname, nonce, key).encode():
+            return "shared_key mismatch"
+        if self.users:
+            password = self.users.get(username.decode("utf-8", "surrogateescape"))
+            if password is None or pw_digest != _sha512_hex(auth_salt, username,
+                                                            password).encode():
+                return "username/password mismatch"
+        return ""
+
+    def _handshake_fluent_bit(self, sock: socket.socket) -> bool:
+        nonce, auth_salt = self._send_helo(sock)
+        # secure_forward_read: one read into a 1024-byte buffer; anything but one complete
+        # msgpack object in it is an error, and bytes after the PING are never looked at.
+        data = self._recv(sock, 1023)
+        u = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape")
+        u.feed(data)
+        try:
+            ping = u.unpack()
+        except Exception:  # OutOfData (partial PING) or garbage: close, like Fluent Bit
+            self._handshake_failed(f"fluent-bit-5: no complete PING in one read "
+                                   f"({len(data)} bytes)")
             return False
-        _, hostname, salt, digest, _user, _pw = ping
-        if digest.decode() != _sha512_hex(salt, hostname, nonce, key):
+        if not (isinstance(ping, list) and len(ping) == 6
+                and all(isinstance(x, str) for x in ping)):
             with self._cond:
-                self.stats.handshakes_failed += 1
-            if self.auth_failure == "pong":
-                sock.sendall(msgpack.packb(["PONG", False, "shared_key mismatch", "", ""]))
+                self.stats.pings.append(ping if isinstance(ping, list) else [ping])
+            self._handshake_failed(f"fluent-bit-5: invalid PING {ping!r:.80}")
             return False
-        pong_key = b"not-the-key" if self.wrong_pong_digest else key
-        host = self.server_hostname.encode()
-        sock.sendall(msgpack.packb(["PONG", True, "", self.server_hostname,
-                                    _sha512_hex(salt, host, nonce, pong_key)]))
+        reason = self._check_ping(ping, nonce, auth_salt)
+        if reason == "shared_key mismatch" or reason == "invalid ping message":
+            self._handshake_failed(f"fluent-bit-5: {reason}")  # no PONG: just close
+            return False
+        if reason:  # check_ping returned -2: a refusal PONG, then close
+            sock.sendall(msgpack.packb(["PONG", False, "username/password mismatch", "", ""]))
+            self._handshake_failed(f"fluent-bit-5: {reason}")
+            return False
+        sock.sendall(self._pong_ok(_raw(ping[2]), nonce))
         with self._cond:
             self.stats.handshakes_ok += 1
         return True
 
-    def _loop(self, sock: socket.socket) -> None:
+    def _handshake_fluentd(self, sock: socket.socket) -> tuple[bool, bytes]:
+        """(passed, the bytes that followed the PING in the stream: data to handle)."""
+        nonce, auth_salt = self._send_helo(sock)
+        # msgpack-ruby gives str and bin both as String: decode str leniently.
+        pu = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape")
+        buf = b""
+        while True:
+            data = self._recv(sock)
+            if not data:
+                return False, b""
+            buf += data
+            pu.feed(data)
+            try:
+                ping = pu.unpack()
+            except msgpack.OutOfData:
+                continue
+            except Exception:
+                self._handshake_failed("fluentd-1: undecodable PING")
+                return False, b""
+            break
+        reason = self._check_ping(ping, nonce, auth_salt)
+        if reason:
+            sock.sendall(msgpack.packb(["PONG", False, reason, "", ""]))
+            self._handshake_failed(f"fluentd-1: {reason}")
+            return False, b""  # close_after_write_complete
+        sock.sendall(self._pong_ok(_raw(ping[2]), nonce))
+        with self._cond:
+            self.stats.handshakes_ok += 1
+        return True, buf[pu.tell():]
+
+    def _handshake_failed(self, text: str) -> None:
+        with self._cond:
+            self.stats.handshakes_failed += 1
+            self.errors.append(text)
+            self._cond.notify_all()
+
+    def _loop(self, sock: socket.socket, pending: bytes = b"") -> None:
         u = unpacker()
         fed = 0
         mode: str | None = None  # the mode of the message whose bytes are arriving
         while self._running:
-            data = self._recv(sock)
+            data, pending = (pending, b"") if pending else (self._recv(sock), b"")
             if not data:
                 return
             fed += len(data)
@@ -385,6 +504,14 @@ class ForwardReceiver:
             self.errors.append(text)
             self._cond.notify_all()
 
+
+def _raw(v: Any) -> bytes:
+    """A PING element back to the bytes that were sent (str decoded with surrogateescape)."""
+    if isinstance(v, str):
+        return v.encode("utf-8", "surrogateescape")
+    if isinstance(v, bytes):
+        return v
+    return repr(v).encode()
 
 
 def _count_entries(msg: Any) -> tuple[int, dict[str, Any]]:

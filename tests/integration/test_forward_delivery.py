@@ -28,7 +28,7 @@ from shipper.sinks.base import Batch
 from shipper.sinks.forward import ForwardSink
 from shipper.sinks.retry import RetryPolicy
 from shipper.sinks.spool import Spool
-from tests.fakes.forward_receiver import ForwardReceiver, Received
+from tests.fakes.forward_receiver import PROFILES, ForwardReceiver, Received
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = 1_700_000_000_000_000_000
@@ -278,9 +278,10 @@ def _one_batch(sink: ForwardSink) -> Batch:
 
 
 class TestTLS:
-    def test_verified_tls_delivers(self, pki: Path) -> None:
+    @pytest.mark.parametrize("profile", PROFILES)
+    def test_verified_tls_delivers(self, pki: Path, profile: str) -> None:
         """With the right CA the certificate and the name (127.0.0.1) verify and records arrive."""
-        with ForwardReceiver(tls=_server_ctx(pki)) as rx:
+        with ForwardReceiver(profile=profile, tls=_server_ctx(pki)) as rx:
             sink = _sink([rx.address], Metrics(),
                          tls=ForwardTLSConfig(enabled=True, ca_file=pki / "ca.crt"))
             sink.deliver(_one_batch(sink))
@@ -318,9 +319,10 @@ class TestTLS:
             assert len(rx.records()) == 5
             sink.close()
 
-    def test_mutual_tls(self, pki: Path) -> None:
+    @pytest.mark.parametrize("profile", PROFILES)
+    def test_mutual_tls(self, pki: Path, profile: str) -> None:
         """A server requiring client certificates accepts ours and refuses a sender without."""
-        with ForwardReceiver(tls=_server_ctx(pki, require_client=True)) as rx:
+        with ForwardReceiver(profile=profile, tls=_server_ctx(pki, require_client=True)) as rx:
             without = _sink([rx.address], Metrics(),
                             tls=ForwardTLSConfig(enabled=True, ca_file=pki / "ca.crt"))
             with pytest.raises(SinkError):
@@ -333,21 +335,50 @@ class TestTLS:
             assert len(rx.records()) == 5
             with_cert.close()
 
-    def test_tls_with_shared_key(self, pki: Path, tmp_path: Path) -> None:
-        """TLS and the shared_key handshake together; a wrong key over TLS is refused clearly."""
+    @pytest.mark.parametrize("profile", PROFILES)
+    def test_tls_with_shared_key(self, pki: Path, tmp_path: Path, profile: str) -> None:
+        """TLS and the shared_key handshake (no users) together: the records arrive; a wrong
+        key over TLS is refused with the peer's own answer and nothing more is ingested."""
         key = tmp_path / "key"
         key.write_bytes(b"k3y")
-        with ForwardReceiver(tls=_server_ctx(pki), shared_key=b"k3y") as rx:
+        with ForwardReceiver(profile=profile, tls=_server_ctx(pki), shared_key=b"k3y") as rx:
             tls = ForwardTLSConfig(enabled=True, ca_file=pki / "ca.crt")
             sink = _sink([rx.address], Metrics(), tls=tls, shared_key_file=key)
             sink.deliver(_one_batch(sink))
-            assert len(rx.records()) == 5
+            assert len(rx.records()) == 5 and rx.stats.handshakes_ok == 1
             sink.close()
             key.write_bytes(b"wrong")
-            bad = _sink([rx.address], Metrics(), tls=tls, shared_key_file=key)
-            with pytest.raises(SinkError, match="shared_key"):
+            m = Metrics()
+            bad = _sink([rx.address], m, tls=tls, shared_key_file=key)
+            with pytest.raises(SinkError) as ei:
                 bad.deliver(_one_batch(bad))
             bad.close()
+            assert len(rx.records()) == 5  # nothing more
+            assert m.value("shipper_forward_errors_total", rx.address, "auth") == 1
+        text = str(ei.value)
+        assert "sink.forward.shared_key_file" in text
+        assert "sink.forward.username" in text and "sink.forward.password_file" in text
+        if profile == "fluent-bit-5":
+            assert "closed the connection instead of answering PING" in text
+        else:
+            assert "'shared_key mismatch'" in text
+
+    @pytest.mark.parametrize("profile", PROFILES)
+    def test_mutual_tls_with_shared_key_and_users(self, pki: Path, tmp_path: Path,
+                                                  profile: str) -> None:
+        """Mutual TLS, shared_key and a user together: the records arrive."""
+        key, pw = tmp_path / "key", tmp_path / "pw"
+        key.write_bytes(b"k3y")
+        pw.write_bytes(b"pa55")
+        with ForwardReceiver(profile=profile, tls=_server_ctx(pki, require_client=True),
+                             shared_key=b"k3y", users={"shipper": b"pa55"}) as rx:
+            sink = _sink([rx.address], Metrics(), shared_key_file=key, username="shipper",
+                         password_file=pw, tls=ForwardTLSConfig(
+                             enabled=True, ca_file=pki / "ca.crt",
+                             cert_file=pki / "client.crt", key_file=pki / "client.key"))
+            sink.deliver(_one_batch(sink))
+            sink.close()
+            assert len(rx.records()) == 5 and rx.stats.handshakes_ok == 1
 
     def test_missing_ca_file_is_a_start_error(self, tmp_path: Path) -> None:
         """A CA file that cannot be loaded fails when the sink is built, non-retriable."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -19,7 +20,7 @@ from shipper.metrics import Metrics
 from shipper.sinks import forward_format as ff
 from shipper.sinks.base import Batch
 from shipper.sinks.forward import ForwardSink, parse_address
-from tests.fakes.forward_receiver import ForwardReceiver
+from tests.fakes.forward_receiver import PROFILES, ForwardReceiver
 
 T0 = 1_700_000_000_123_456_789
 
@@ -253,10 +254,16 @@ class TestDeliver:
         sink.close()
 
     def test_late_ack_within_timeout(self, rx: ForwardReceiver) -> None:
-        """An ack that comes late but within ack_timeout_s is accepted."""
+        """An ack that comes late but within ack_timeout_s confirms the batch: the receiver
+        has the records once, and they are counted acked with no error and no retry."""
+        m = Metrics()
         rx.mode, rx.ack_delay_s = "ack_late", 0.2
-        sink = _sink([rx.address], ack_timeout_s=5)
+        sink = _sink([rx.address], m, ack_timeout_s=5)
         sink.deliver(_batch(sink, _records(2)))
+        assert [r.record for r in rx.records()] == _records(2)
+        assert rx.stats.acks == 1 and rx.stats.connections == 1
+        assert m.value("shipper_forward_records_acked_total", rx.address) == 2
+        assert m.total("shipper_forward_errors_total") == 0
         sink.close()
 
     def test_ack_late_beyond_timeout(self, rx: ForwardReceiver) -> None:
@@ -301,14 +308,6 @@ class TestDeliver:
             sink.deliver(_batch(sink, _records(1)))
         assert ei.value.retriable and dead1 in str(ei.value) and dead2 in str(ei.value)
 
-    def test_receiver_requires_key_we_lack(self) -> None:
-        """A receiver that starts with HELO while we have no key gives a clear error."""
-        with ForwardReceiver(shared_key=b"k") as r:
-            sink = _sink([r.address])
-            with pytest.raises(SinkError, match="shared_key_file is not set"):
-                sink.deliver(_batch(sink, _records(1)))
-            sink.close()
-
     def test_abort_interrupts_a_blocked_deliver(self, rx: ForwardReceiver) -> None:
         """abort() from another thread ends a deliver waiting for an ack."""
         rx.mode = "never_ack"
@@ -331,62 +330,301 @@ class TestDeliver:
         sink.close()
 
 
-class TestSharedKey:
-    def _key(self, tmp_path: Path, key: bytes) -> Path:
-        p = tmp_path / "shared_key"
-        p.write_bytes(key + b"\n")  # a trailing newline (hand-written file) is ignored
-        return p
+KEY = b"s3cret"
+USERS = {"shipper": b"pa55word"}
+# What each settings hint must name (docs/FORWARD.md, "Receiver compatibility").
+KEY_SETTING = "sink.forward.shared_key_file"
+USER_SETTINGS = ("sink.forward.username", "sink.forward.password_file")
 
-    def test_right_key(self, tmp_path: Path) -> None:
-        """With the right key the handshake passes and records are delivered."""
-        with ForwardReceiver(shared_key=b"s3cret") as r:
-            sink = _sink([r.address], shared_key_file=self._key(tmp_path, b"s3cret"))
+
+def _secret_file(tmp_path: Path, name: str, value: bytes) -> Path:
+    p = tmp_path / name
+    p.write_bytes(value + b"\n")  # a trailing newline (hand-written file) is ignored
+    return p
+
+
+def _hs_sink(tmp_path: Path, rx: ForwardReceiver, m: Metrics | None = None, *,
+             key: bytes = KEY, user: tuple[str, bytes] | None = None) -> ForwardSink:
+    kw: dict[str, Any] = {"shared_key_file": _secret_file(tmp_path, "shared_key", key)}
+    if user is not None:
+        kw["username"] = user[0]
+        kw["password_file"] = _secret_file(tmp_path, "password", user[1])
+    return _sink([rx.address], m, **kw)
+
+
+def _refused(sink: ForwardSink, rx: ForwardReceiver, m: Metrics) -> str:
+    """Deliver one batch that must be refused at the handshake; return the error text after
+    checking what every refusal shares: retriable, counted as auth, nothing ingested."""
+    with pytest.raises(SinkError) as ei:
+        sink.deliver(_batch(sink, _records(2)))
+    sink.close()
+    assert ei.value.retriable  # a Secret rotation may fix it: the batch waits (forward.py)
+    assert m.value("shipper_forward_errors_total", rx.address, "auth") == 1
+    assert rx.records() == [] and rx.stats.messages == 0
+    assert rx.stats.handshakes_failed == 1 and rx.stats.handshakes_ok == 0
+    return str(ei.value)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+class TestHandshake:
+    """The shared_key handshake against both receiver profiles (the compatibility table in
+    docs/FORWARD.md names these tests)."""
+
+    def test_plain(self, profile: str) -> None:
+        """Without shared_key on either side there is no handshake: no HELO, records arrive."""
+        with ForwardReceiver(profile=profile) as rx:
+            sink = _sink([rx.address])
             sink.deliver(_batch(sink, _records(3)))
-            assert len(r.records()) == 3 and r.stats.handshakes_ok == 1
             sink.close()
+            assert [r.record for r in rx.records()] == _records(3)
+            assert rx.stats.helos == [] and rx.stats.acks == 1
 
-    @pytest.mark.parametrize("style", ["pong", "close"])
-    def test_wrong_key_is_a_clear_error(self, tmp_path: Path, style: str,
-                                        caplog: pytest.LogCaptureFixture) -> None:
-        """A wrong key is refused (Fluentd's PONG false or Fluent Bit's EOF) with a message
-        naming the shared_key, counted as auth; the key itself is never logged."""
+    def test_shared_key_only(self, tmp_path: Path, profile: str) -> None:
+        """shared_key without users: the HELO's auth salt (sent by both peers) is answered
+        like Fluentd's out_forward does - empty username, digest of an empty username and
+        password - and the receiver gets the records."""
+        with ForwardReceiver(profile=profile, shared_key=KEY) as rx:
+            sink = _hs_sink(tmp_path, rx)
+            sink.deliver(_batch(sink, _records(3)))
+            sink.close()
+            assert [r.record for r in rx.records()] == _records(3)
+            (_, auth), = rx.stats.helos
+            assert len(auth) == 16
+            (ping,) = rx.stats.pings
+            assert ping[4] == "" and ping[5] == ff.sha512_hex(auth)
+
+    def test_shared_key_with_users(self, tmp_path: Path, profile: str) -> None:
+        """shared_key plus users: the configured user and password pass and records arrive."""
+        with ForwardReceiver(profile=profile, shared_key=KEY, users=USERS) as rx:
+            sink = _hs_sink(tmp_path, rx, user=("shipper", b"pa55word"))
+            sink.deliver(_batch(sink, _records(3)))
+            sink.close()
+            assert [r.record for r in rx.records()] == _records(3)
+            assert rx.stats.handshakes_ok == 1
+
+    def test_credentials_the_receiver_does_not_need(self, tmp_path: Path, profile: str) -> None:
+        """A user configured on our side is ignored by a receiver without users."""
+        with ForwardReceiver(profile=profile, shared_key=KEY) as rx:
+            sink = _hs_sink(tmp_path, rx, user=("shipper", b"pa55word"))
+            sink.deliver(_batch(sink, _records(1)))
+            sink.close()
+            assert len(rx.records()) == 1
+
+    def test_wrong_key(self, tmp_path: Path, profile: str,
+                       caplog: pytest.LogCaptureFixture) -> None:
+        """A wrong shared_key (Fluent Bit: EOF instead of PONG; Fluentd: PONG false
+        "shared_key mismatch") is an auth error that says what happened and names the key
+        setting and the two user settings; the key never appears in logs or errors."""
         m = Metrics()
-        with ForwardReceiver(shared_key=b"right", auth_failure=style) as r:
-            sink = _sink([r.address], m, shared_key_file=self._key(tmp_path, b"wrong-key-xyz"))
-            with pytest.raises(SinkError) as ei:
-                sink.deliver(_batch(sink, _records(1)))
-            assert ei.value.retriable  # a Secret rotation may fix it; see forward.py
-            assert "shared_key" in str(ei.value)
-            assert m.value("shipper_forward_errors_total", r.address, "auth") == 1
-            assert r.records() == []
-            assert "wrong-key-xyz" not in caplog.text + str(ei.value)
-            sink.close()
+        with ForwardReceiver(profile=profile, shared_key=KEY) as rx:
+            text = _refused(_hs_sink(tmp_path, rx, m, key=b"wrong-key-xyz"), rx, m)
+        if profile == "fluent-bit-5":
+            assert "closed the connection instead of answering PING" in text
+        else:
+            assert "rejected the handshake: 'shared_key mismatch'" in text
+        assert KEY_SETTING in text
+        assert "may also require users" in text and all(s in text for s in USER_SETTINGS)
+        assert "wrong-key-xyz" not in caplog.text + text
+        assert "forward authentication failed" in caplog.text
 
-    def test_key_rotation_is_picked_up(self, tmp_path: Path) -> None:
+    def test_wrong_password(self, tmp_path: Path, profile: str,
+                            caplog: pytest.LogCaptureFixture) -> None:
+        """A wrong password is refused by both peers with PONG false "username/password
+        mismatch"; the error names the user settings and never the password."""
+        m = Metrics()
+        with ForwardReceiver(profile=profile, shared_key=KEY, users=USERS) as rx:
+            text = _refused(_hs_sink(tmp_path, rx, m, user=("shipper", b"not-it-123")), rx, m)
+        assert "rejected the handshake: 'username/password mismatch'" in text
+        assert all(s in text for s in USER_SETTINGS)
+        assert "not-it-123" not in caplog.text + text
+
+    def test_unknown_user(self, tmp_path: Path, profile: str) -> None:
+        """A user the receiver does not know is refused like a wrong password."""
+        m = Metrics()
+        with ForwardReceiver(profile=profile, shared_key=KEY, users=USERS) as rx:
+            text = _refused(_hs_sink(tmp_path, rx, m, user=("nobody", b"pa55word")), rx, m)
+        assert "'username/password mismatch'" in text
+
+    def test_users_required_but_not_configured(self, tmp_path: Path, profile: str) -> None:
+        """A receiver with users refuses a sender without them; the error says the receiver
+        requires users and names sink.forward.username and sink.forward.password_file."""
+        m = Metrics()
+        with ForwardReceiver(profile=profile, shared_key=KEY, users=USERS) as rx:
+            text = _refused(_hs_sink(tmp_path, rx, m), rx, m)
+        assert "'username/password mismatch'" in text
+        assert "receiver requires users" in text and all(s in text for s in USER_SETTINGS)
+
+    def test_wrong_key_with_users(self, tmp_path: Path, profile: str) -> None:
+        """With users on the receiver the key is still checked first: a wrong key is reported
+        as such (Fluent Bit: EOF; Fluentd: "shared_key mismatch")."""
+        m = Metrics()
+        with ForwardReceiver(profile=profile, shared_key=KEY, users=USERS) as rx:
+            text = _refused(_hs_sink(tmp_path, rx, m, key=b"other",
+                                     user=("shipper", b"pa55word")), rx, m)
+        assert KEY_SETTING in text
+        if profile == "fluent-bit-5":
+            assert "closed the connection instead of answering PING" in text
+        else:
+            assert "'shared_key mismatch'" in text
+
+    def test_receiver_requires_key_we_lack(self, profile: str) -> None:
+        """A receiver that starts with HELO while we have no shared_key: a clear error naming
+        sink.forward.shared_key_file, and nothing ingested."""
+        m = Metrics()
+        with ForwardReceiver(profile=profile, shared_key=KEY) as rx:
+            sink = _sink([rx.address], m)
+            with pytest.raises(SinkError, match="shared_key_file is not set"):
+                sink.deliver(_batch(sink, _records(1)))
+            sink.close()
+            assert rx.records() == []
+            assert m.value("shipper_forward_errors_total", rx.address, "auth") == 1
+
+    def test_key_rotation_is_picked_up(self, tmp_path: Path, profile: str) -> None:
         """The key file is re-read per connection: fixing it makes the next attempt succeed."""
-        keyfile = self._key(tmp_path, b"old")
-        with ForwardReceiver(shared_key=b"new") as r:
-            sink = _sink([r.address], shared_key_file=keyfile)
+        with ForwardReceiver(profile=profile, shared_key=b"new") as rx:
+            sink = _hs_sink(tmp_path, rx, key=b"old")
             with pytest.raises(SinkError):
                 sink.deliver(_batch(sink, _records(1)))
-            keyfile.write_bytes(b"new")
+            assert rx.records() == []
+            _secret_file(tmp_path, "shared_key", b"new")
             sink.deliver(_batch(sink, _records(1)))
-            assert len(r.records()) == 1
             sink.close()
+            assert len(rx.records()) == 1
 
-    def test_server_with_wrong_key_is_refused(self, tmp_path: Path) -> None:
-        """A server whose PONG digest does not prove the key is refused."""
-        with ForwardReceiver(shared_key=b"k", wrong_pong_digest=True) as r:
-            sink = _sink([r.address], shared_key_file=self._key(tmp_path, b"k"))
+    def test_server_with_wrong_key_is_refused(self, tmp_path: Path, profile: str) -> None:
+        """A server whose PONG digest does not prove the key is refused: no data is sent."""
+        with ForwardReceiver(profile=profile, shared_key=KEY, wrong_pong_digest=True) as rx:
+            sink = _hs_sink(tmp_path, rx)
             with pytest.raises(SinkError, match="PONG digest mismatch"):
                 sink.deliver(_batch(sink, _records(1)))
-            assert r.records() == []
             sink.close()
+            assert rx.records() == [] and rx.stats.messages == 0
 
+
+class TestHandshakeConfig:
     def test_unreadable_key_file_fails_at_start(self, tmp_path: Path) -> None:
         """A missing key file is reported when the sink is built."""
         with pytest.raises(SinkError, match="cannot read shared_key file"):
             _sink(["127.0.0.1:1"], shared_key_file=tmp_path / "missing")
+
+
+def _raw_handshake(rx: ForwardReceiver, ping_and_more: Any, expect: int) -> list[bytes]:
+    """Connect to ``rx``, read the HELO, send ``ping_and_more(nonce, auth)`` in one write;
+    return the bytes of each reply: ``expect`` msgpack objects, or fewer if the receiver
+    closes first (each read bounded by a 5 s socket timeout); nothing may follow them."""
+    with socket.create_connection(("127.0.0.1", rx.port), timeout=5) as s:
+        helo = msgpack.unpackb(s.recv(4096), raw=True)
+        s.sendall(ping_and_more(helo[1][b"nonce"], helo[1][b"auth"]))
+        u = msgpack.Unpacker(raw=True)
+        buf, replies = b"", []
+        while len(replies) < expect and (chunk := s.recv(65536)):
+            buf += chunk
+            u.feed(chunk)
+            for _ in u:
+                replies.append(buf[: u.tell()])
+                buf = buf[u.tell():]
+                u = msgpack.Unpacker(raw=True)
+                u.feed(buf)
+        s.settimeout(0.3)
+        with contextlib.suppress(TimeoutError):
+            assert s.recv(65536) == b"", "unexpected bytes after the replies"
+        return replies
+
+
+class TestReceiverProfiles:
+    """The fake's handshake bytes are the real peers' (read from their source; see the
+    docstring of tests/fakes/forward_receiver.py)."""
+
+    def test_fluent_bit_helo_bytes(self) -> None:
+        """fluent-bit-5 HELO: fixmap of 2, nonce and auth as 16-byte msgpack *str*, no
+        keepalive (fw_prot.c send_helo)."""
+        rx = ForwardReceiver(profile="fluent-bit-5", shared_key=KEY)
+        nonce, auth = bytes(range(240, 256)), bytes(range(16))
+        assert rx.helo(nonce, auth) == (b"\x92\xa4HELO\x82\xa5nonce\xb0" + nonce
+                                        + b"\xa4auth\xb0" + auth)
+
+    def test_fluentd_helo_bytes(self) -> None:
+        """fluentd-1 HELO: nonce and auth as bin 8 of 16 bytes (ASCII-8BIT strings in
+        msgpack-ruby), then keepalive true (in_forward.rb generate_helo)."""
+        rx = ForwardReceiver(profile="fluentd-1", shared_key=KEY)
+        nonce, auth = bytes(range(240, 256)), bytes(range(16))
+        assert rx.helo(nonce, auth) == (b"\x92\xa4HELO\x83\xa5nonce\xc4\x10" + nonce
+                                        + b"\xa4auth\xc4\x10" + auth
+                                        + b"\xa9keepalive\xc3")
+
+    @pytest.mark.parametrize(("profile", "ingested"), [("fluent-bit-5", 0), ("fluentd-1", 1)])
+    def test_data_in_the_ping_write(self, profile: str, ingested: int) -> None:
+        """Data written together with the PING is dropped by Fluent Bit (one read, the rest
+        ignored) and handled (acked) by Fluentd (a stream); both answer the PING."""
+        entry = ff.encode_entry({"a": 1}, T0)
+        data = ff.build_message("forward", ff.pack_str("t"), [entry], "C1")
+        with ForwardReceiver(profile=profile, shared_key=KEY) as rx:
+            replies = _raw_handshake(rx, lambda nonce, auth: ff.build_ping(
+                "h", "salt", nonce, KEY, "", b"", auth) + data, expect=1 + ingested)
+            assert msgpack.unpackb(replies[0])[:2] == ["PONG", True]
+            assert [msgpack.unpackb(r) for r in replies[1:]] == [{"ack": "C1"}] * ingested
+            assert len(rx.records()) == ingested
+
+    @pytest.mark.parametrize(("profile", "replies"), [
+        ("fluent-bit-5", []),
+        ("fluentd-1", [msgpack.packb(["PONG", False, "shared_key mismatch", "", ""])]),
+    ])
+    def test_wrong_key_reply(self, profile: str, replies: list[bytes]) -> None:
+        """On a wrong key Fluent Bit closes without a PONG; Fluentd sends PONG false with the
+        reason, then closes."""
+        with ForwardReceiver(profile=profile, shared_key=KEY) as rx:
+            got = _raw_handshake(rx, lambda nonce, auth: ff.build_ping(
+                "h", "salt", nonce, b"bad", "", b"", auth), expect=1)
+        assert got == replies
+
+    @pytest.mark.parametrize("profile", PROFILES)
+    def test_wrong_user_reply(self, profile: str) -> None:
+        """On a wrong password both peers send PONG false "username/password mismatch",
+        then close."""
+        with ForwardReceiver(profile=profile, shared_key=KEY, users=USERS) as rx:
+            got = _raw_handshake(rx, lambda nonce, auth: ff.build_ping(
+                "h", "salt", nonce, KEY, "shipper", b"bad", auth), expect=2)
+        assert got == [msgpack.packb(["PONG", False, "username/password mismatch", "", ""])]
+
+    @pytest.mark.parametrize("profile", PROFILES)
+    def test_partial_ping(self, profile: str) -> None:
+        """A PING split across two writes: Fluent Bit gives up after the first read (closes,
+        no PONG); Fluentd waits for the rest and answers."""
+        with ForwardReceiver(profile=profile, shared_key=KEY) as rx, \
+                socket.create_connection(("127.0.0.1", rx.port), timeout=5) as s:
+            helo = msgpack.unpackb(s.recv(4096), raw=True)
+            ping = ff.build_ping("h", "salt", helo[1][b"nonce"], KEY, "", b"", helo[1][b"auth"])
+            s.sendall(ping[:10])
+            if profile == "fluent-bit-5":
+                assert s.recv(4096) == b""
+            else:
+                s.settimeout(0.2)
+                with pytest.raises(TimeoutError):
+                    s.recv(4096)  # still waiting for the rest of the PING
+                s.settimeout(5)
+                s.sendall(ping[10:])
+                assert msgpack.unpackb(s.recv(4096))[:2] == ["PONG", True]
+
+    @pytest.mark.parametrize(("profile", "host"), [("fluent-bit-5", "localhost"),
+                                                   ("fluentd-1", "fake-fluentd")])
+    def test_pong_bytes(self, profile: str, host: str) -> None:
+        """A passed PING gets ["PONG", true, "", self_hostname, sha512_hex(salt + self_hostname
+        + nonce + key)], all str (Fluent Bit's self_hostname defaults to localhost)."""
+        nonces: list[bytes] = []
+
+        def ping(nonce: bytes, auth: bytes) -> bytes:
+            nonces.append(nonce)
+            return ff.build_ping("h", "salt", nonce, KEY, "", b"", auth)
+
+        with ForwardReceiver(profile=profile, shared_key=KEY) as rx:
+            got = _raw_handshake(rx, ping, expect=1)
+        assert got == [msgpack.packb(["PONG", True, "", host,
+                                      ff.sha512_hex(b"salt", host.encode(), nonces[0], KEY)])]
+
+    def test_users_need_a_shared_key(self) -> None:
+        """Like both peers, the fake refuses users without a shared_key."""
+        with pytest.raises(ValueError, match="shared_key"):
+            ForwardReceiver(users=USERS)
 
 
 class TestFluentLoggerInterop:
