@@ -641,3 +641,34 @@ def _unpack(data: bytes) -> Any:
     u = ff.unpacker()
     u.feed(data)
     return u
+
+
+class TestCompatibilityTable:
+    def test_every_row_is_backed_by_tests_on_both_profiles(self) -> None:
+        """Each supported row of docs/FORWARD.md's receiver compatibility table names tests
+        that exist and are parametrized over both receiver profiles."""
+        import re
+
+        from tests.integration import test_forward_delivery as integ
+
+        doc = (Path(__file__).resolve().parents[2] / "docs" / "FORWARD.md").read_text()
+        table = doc.split("## Receiver compatibility", 1)[1].split("\n\n")[2]
+        rows = [r for r in table.splitlines()[2:] if r.startswith("|")]
+        assert len(rows) >= 7
+        for row in rows:
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            names = re.findall(r"`((?:TestTLS::)?test_\w+)`", cells[-1])
+            if "not supported" in row:
+                assert names == []
+                continue
+            assert names, f"row without tests: {cells[0]}"
+            for name in names:
+                if name.startswith("TestTLS::"):
+                    owner: Any = integ.TestTLS
+                    name = name.split("::")[1]
+                else:
+                    owner = TestHandshake
+                fn = getattr(owner, name)
+                marks = [*getattr(owner, "pytestmark", []), *getattr(fn, "pytestmark", [])]
+                assert any(m.name == "parametrize" and m.args[0] == "profile"
+                           and tuple(m.args[1]) == PROFILES for m in marks), name
