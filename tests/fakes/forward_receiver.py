@@ -384,12 +384,13 @@ class ForwardReceiver:
             self._handshake_failed(f"fluent-bit-5: {reason}")  # no PONG: just close
             return False
         if reason:  # check_ping returned -2: a refusal PONG, then close
-            sock.sendall(msgpack.packb(["PONG", False, "username/password mismatch", "", ""]))
+            # Counted before sending: the sender may check right after reading it.
             self._handshake_failed(f"fluent-bit-5: {reason}")
+            sock.sendall(msgpack.packb(["PONG", False, "username/password mismatch", "", ""]))
             return False
-        sock.sendall(self._pong_ok(_raw(ping[2]), nonce))
         with self._cond:
-            self.stats.handshakes_ok += 1
+            self.stats.handshakes_ok += 1  # before the PONG: the sender may check right after
+        sock.sendall(self._pong_ok(_raw(ping[2]), nonce))
         return True
 
     def _handshake_fluentd(self, sock: socket.socket) -> tuple[bool, bytes]:
@@ -414,12 +415,12 @@ class ForwardReceiver:
             break
         reason = self._check_ping(ping, nonce, auth_salt)
         if reason:
+            self._handshake_failed(f"fluentd-1: {reason}")  # before the PONG, as above
             sock.sendall(msgpack.packb(["PONG", False, reason, "", ""]))
-            self._handshake_failed(f"fluentd-1: {reason}")
             return False, b""  # close_after_write_complete
-        sock.sendall(self._pong_ok(_raw(ping[2]), nonce))
         with self._cond:
-            self.stats.handshakes_ok += 1
+            self.stats.handshakes_ok += 1  # before the PONG: the sender may check right after
+        sock.sendall(self._pong_ok(_raw(ping[2]), nonce))
         return True, buf[pu.tell():]
 
     def _handshake_failed(self, text: str) -> None:
