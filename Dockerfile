@@ -23,9 +23,10 @@
 # - Not SYS_ADMIN: with hostNetwork the shipper reads conntrack in its own network
 #   namespace and never calls setns(2). Only conntrack.netns / --netns (reading another
 #   namespace, e.g. a gateway pod's) calls setns(CLONE_NEWNET), which needs
-#   CAP_SYS_ADMIN: measured here, setns fails with EPERM under NET_ADMIN alone and
-#   works with NET_ADMIN + SYS_ADMIN. Add SYS_ADMIN (and /run/netns mounted from the
-#   host) only for that setup.
+#   CAP_SYS_ADMIN: setns fails with EPERM under NET_ADMIN alone and works with
+#   NET_ADMIN + SYS_ADMIN. Add SYS_ADMIN (and /run/netns mounted from the host) only
+#   for that setup. tests/integration/test_privileges_kernel.py checks these points
+#   on the real kernel (the CLI with its capabilities cut down by setpriv).
 # - The conntrack sysctls (nf_conntrack_events/acct/timestamp) are set by the
 #   DaemonSet's short privileged init container, because container runtimes mount
 #   /proc/sys read-only; the shipper itself only reads and reports them.
