@@ -240,6 +240,55 @@ class TestRenderedContract:
                     (where, c["name"])
 
 
+@pytest.mark.parametrize("kdir", kustomizations(), ids=kid)
+class TestRenderedConfig:
+    """The shipper in every rendering reads a configuration it accepts."""
+
+    def test_config_file_comes_from_a_rendered_configmap(self, kdir: Path) -> None:
+        """The shipper's --config path is a key of a ConfigMap mounted at its directory,
+        and that ConfigMap is part of the rendering."""
+        objects = render(kdir)
+        configmaps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+        for where, spec in pod_specs(objects):
+            c = next(c for c in spec["containers"] if c["name"] == "shipper")
+            args = c.get("args", [])
+            path = Path(args[args.index("--config") + 1])
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            mounts = [m for m in c.get("volumeMounts", [])
+                      if Path(m["mountPath"]) == path.parent]
+            assert len(mounts) == 1, (where, path, c.get("volumeMounts"))
+            cm_name = volumes[mounts[0]["name"]]["configMap"]["name"]
+            assert cm_name in configmaps, (where, cm_name, sorted(configmaps))
+            assert path.name in configmaps[cm_name]["data"], (where, path.name)
+
+    def test_rendered_config_passes_shipper_validation(self, kdir: Path,
+                                                       tmp_path: Path) -> None:
+        """Every rendered ConfigMap's flowlog-shipper.yaml passes the shipper's own
+        configuration validation (overlays that patch it included)."""
+        from shipper import config
+
+        found = 0
+        for o in render(kdir):
+            if o["kind"] != "ConfigMap" or "flowlog-shipper.yaml" not in o.get("data", {}):
+                continue
+            path = tmp_path / f"{o['metadata']['name']}.yaml"
+            path.write_text(o["data"]["flowlog-shipper.yaml"])
+            config.load(path)
+            found += 1
+        assert found, f"{kid(kdir)} renders no flowlog-shipper.yaml"
+
+    def test_image_default_command_matches_manifest(self, kdir: Path) -> None:
+        """The Dockerfile's default CMD reads the same config path the manifests pass."""
+        cmd = next(line for line in (ROOT / "Dockerfile").read_text().splitlines()
+                   if line.startswith("CMD "))
+        default_args = yaml.safe_load(cmd.removeprefix("CMD "))
+        for where, spec in pod_specs(render(kdir)):
+            c = next(c for c in spec["containers"] if c["name"] == "shipper")
+            args = c.get("args", [])
+            assert args[args.index("--config") + 1] == \
+                default_args[default_args.index("--config") + 1], where
+
+
 class TestImagePin:
     """The image version is written down consistently before kustomize touches it."""
 
