@@ -1,7 +1,8 @@
 """Command line: ``flowlog-shipper {run,dump,check-config,demo}``.
 
 Exit codes: 0 success; 1 stopped with undelivered records (counted as
-dropped); 2 bad configuration or usage; 3 the conntrack source failed (no
+dropped); 2 bad configuration or usage, or a configured feature whose Python
+package cannot be imported (e.g. Kubernetes without its client); 3 the conntrack source failed (no
 permission, no such namespace, netlink unavailable); 4 the sink could not be
 set up.
 """
@@ -19,7 +20,7 @@ import orjson
 
 from shipper import __version__
 from shipper import config as config_mod
-from shipper.errors import ConfigError, SinkError, SourceError
+from shipper.errors import ConfigError, DependencyError, SinkError, SourceError
 
 EXIT_OK = 0
 EXIT_UNDELIVERED = 1
@@ -182,6 +183,9 @@ def _run(cfg: config_mod.Config, command: str) -> int:
         pipeline = Pipeline(cfg, metrics)
     except ConfigError as exc:
         _print_config_error(exc)
+        return EXIT_CONFIG
+    except DependencyError as exc:
+        print(f"flowlog-shipper: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except SinkError as exc:
         log.error("cannot set up the sink", extra={"fields": {"error": str(exc)}})

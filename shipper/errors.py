@@ -4,6 +4,7 @@ ShipperError
 ├── ConfigError        bad configuration (all problems reported at once)
 ├── SourceError        conntrack / netlink / namespace problems
 │   └── DecodeError    a netlink message that cannot be decoded
+├── DependencyError    a configured feature's library cannot be imported
 ├── EnrichError        pod inventory or Kubernetes API problems
 └── SinkError          delivery failed; ``retriable`` says whether to try again
 """
@@ -38,6 +39,10 @@ class DecodeError(SourceError):
     def __init__(self, message: str, msg_len: int | None = None) -> None:
         super().__init__(message)
         self.msg_len = msg_len
+
+
+class DependencyError(ShipperError):
+    """A configured feature needs a Python package that cannot be imported (start-up error)."""
 
 
 class EnrichError(ShipperError):

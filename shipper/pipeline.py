@@ -31,9 +31,10 @@ from shipper.config import Config
 from shipper.delivery import Delivery
 from shipper.ecs_json import JsonLineEncoder
 from shipper.enrich.inventory import InventoryWatcher
+from shipper.enrich.kube_detect import kube_enabled
 from shipper.enrich.pod_index import PodIndex
 from shipper.enrich.pods import LabelPolicy
-from shipper.errors import DecodeError, SourceError
+from shipper.errors import DecodeError, DependencyError, SourceError
 from shipper.filters.cidr import CidrFilter
 from shipper.health import Health
 from shipper.memory import tune_malloc
@@ -61,6 +62,28 @@ PRUNE_S = 60.0
 MAX_BURST = 20000
 
 
+def kube_source_class(cfg: Config) -> Any:
+    """``KubeSource`` when the Kubernetes API source is configured, else None.
+
+    Raises DependencyError naming the missing package when it is configured
+    but its client library cannot be imported: attribution must never be
+    silently off while the operator asked for it.
+    """
+    if not kube_enabled(cfg):
+        return None
+    try:
+        from shipper.enrich.kube import KubeSource
+    except ImportError as exc:
+        missing = (exc.name or "").partition(".")[0] or str(exc)
+        raise DependencyError(
+            f"Kubernetes is configured (kubernetes.kubeconfig, $KUBECONFIG or an in-cluster "
+            f"service account) but its client cannot be imported: missing or incompatible "
+            f"Python package '{missing}' ({exc}). Install flowlog-shipper with its declared "
+            f"dependencies."
+        ) from exc
+    return KubeSource
+
+
 class _LogLimit:
     """At most one log line per key and period: every occurrence is still counted in a
     metric, so a flood of bad input cannot flood the logs."""
@@ -84,6 +107,7 @@ class Pipeline:
     def __init__(self, cfg: Config, metrics: Metrics, *, sink: Sink | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics
+        self._kube_source = kube_source_class(cfg)  # DependencyError if it cannot load
         self.host = cfg.node_name
         self.filter = CidrFilter(
             cfg.filter.pod_cidrs, cfg.filter.cluster_cidrs, only_snat=cfg.filter.only_snat
@@ -286,12 +310,8 @@ class Pipeline:
     def _start_enrichment(self, stop: threading.Event | None = None) -> None:
         if self.inventory is not None:
             self.inventory.start()
-        try:
-            from shipper.enrich.kube import KubeSource, kube_enabled
-        except ImportError:  # pragma: no cover - module always shipped
-            return
-        if kube_enabled(self.cfg):
-            self.kube = KubeSource(self.cfg, self.index, self.filter, self.metrics)
+        if self._kube_source is not None:
+            self.kube = self._kube_source(self.cfg, self.index, self.filter, self.metrics)
             self.kube.start()
             timeout = float(self.cfg.kubernetes.sync_timeout_s)
             deadline = time.monotonic() + timeout

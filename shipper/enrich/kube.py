@@ -33,13 +33,11 @@ take. See docs/ARCHITECTURE.md, "Kubernetes API client".
 from __future__ import annotations
 
 import logging
-import os
 import random
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import httpx2 as httpx
@@ -50,6 +48,10 @@ from lightkube.config.kubeconfig import KubeConfig, SingleConfig
 from lightkube.core.exceptions import ConfigError as LightkubeConfigError
 
 from shipper.enrich import subnets as subnet_rules
+from shipper.enrich.kube_detect import SERVICE_ACCOUNT_DIR
+from shipper.enrich.kube_detect import in_cluster_available as _in_cluster_available
+from shipper.enrich.kube_detect import kube_enabled as kube_enabled  # re-exported
+from shipper.enrich.kube_detect import kubeconfig_path as _kubeconfig_path
 from shipper.enrich.pods import LabelPolicy, pod_from_dict
 from shipper.errors import EnrichError
 from shipper.record import PodMeta
@@ -61,8 +63,6 @@ if TYPE_CHECKING:
     from shipper.metrics import Metrics
 
 log = logging.getLogger("shipper.kube")
-
-SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 PODS_PATH = "/api/v1/pods"
 NODES_PATH = "/api/v1/nodes"
@@ -79,33 +79,6 @@ T = TypeVar("T")
 
 
 # ---- configuration ---------------------------------------------------------------
-
-
-def _in_cluster_available(service_account: Path = SERVICE_ACCOUNT_DIR) -> bool:
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (
-        service_account / "token"
-    ).is_file()
-
-
-def _kubeconfig_path(cfg: Config) -> Path | None:
-    if cfg.kubernetes.kubeconfig is not None:
-        return cfg.kubernetes.kubeconfig
-    env = os.environ.get("KUBECONFIG", "").strip()
-    if env:
-        # Like kubectl, KUBECONFIG may list several files; the first one is used.
-        return Path(env.split(os.pathsep)[0])
-    return None
-
-
-def kube_enabled(cfg: Config) -> bool:
-    """True when the API source should run: a kubeconfig is given, or in-cluster credentials exist.
-
-    Order: ``kubernetes.kubeconfig``, then ``$KUBECONFIG``, then (with
-    ``in_cluster: auto``) the pod's service account.
-    """
-    if _kubeconfig_path(cfg) is not None:
-        return True
-    return cfg.kubernetes.in_cluster == "auto" and _in_cluster_available()
 
 
 def load_connection(cfg: Config) -> SingleConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -234,3 +235,35 @@ class TestUsage:
             main(["--version"])
         assert ei.value.code == 0
         assert capsys.readouterr().out.startswith("flowlog-shipper ")
+
+
+class TestMissingDependency:
+    @pytest.mark.parametrize("module", ["httpx2", "lightkube"])
+    def test_kubernetes_configured_without_its_client_exits_2_naming_the_package(
+            self, module: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+            capsys: pytest.CaptureFixture[str]) -> None:
+        """--kubeconfig with an unimportable Kubernetes client: exit 2, the message names
+        the missing package (never a silent start without attribution)."""
+        for name in [module, *(n for n in sys.modules if n.startswith(module + "."))]:
+            monkeypatch.setitem(sys.modules, name, None)  # import -> ModuleNotFoundError
+        monkeypatch.delitem(sys.modules, "shipper.enrich.kube", raising=False)
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
+        rc = main(["run", "--pod-cidr", "10.0.0.0/8", "--kubeconfig", str(kubeconfig),
+                   "--sink", "stdout", "--metrics-address", "none"])
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert f"Python package '{module}'" in err
+        assert "Kubernetes is configured" in err
+
+    def test_missing_kubernetes_client_does_not_matter_when_not_configured(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without any Kubernetes configuration the client is never imported."""
+        from shipper.config import Config
+        from shipper.pipeline import kube_source_class
+
+        monkeypatch.delenv("KUBECONFIG", raising=False)
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        monkeypatch.setitem(sys.modules, "httpx2", None)
+        monkeypatch.delitem(sys.modules, "shipper.enrich.kube", raising=False)
+        assert kube_source_class(Config(filter={"pod_cidrs": ["10.0.0.0/8"]})) is None

@@ -122,9 +122,9 @@ class TestKubeEnabled:
     def test_in_cluster_needs_token(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """KUBERNETES_SERVICE_HOST alone (no token file) does not turn it on."""
         monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
-        import shipper.enrich.kube as kube
+        from shipper.enrich import kube_detect
 
-        monkeypatch.setattr(kube, "SERVICE_ACCOUNT_DIR", Path("/nonexistent"))
+        monkeypatch.setattr(kube_detect, "SERVICE_ACCOUNT_DIR", Path("/nonexistent"))
         assert kube_enabled(Config(filter={"pod_cidrs": ["10.0.0.0/8"]})) is False
 
 
