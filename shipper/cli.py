@@ -50,9 +50,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kubeconfig", metavar="FILE",
                    help="Watch pods (and Kube-OVN subnets) through the Kubernetes API using "
                         "this kubeconfig (kubernetes.kubeconfig; $KUBECONFIG also works).")
-    g.add_argument("--sink", choices=["stdout", "file", "forward"],
-                   help="Output (sink.type): stdout (NDJSON), file (NDJSON, rotated) or "
-                        "forward (Fluentd forward protocol).")
+    g.add_argument("--sink", choices=["stdout", "file", "forward", "syslog"],
+                   help="Output (sink.type): stdout (NDJSON), file (NDJSON, rotated), "
+                        "forward (Fluentd forward protocol) or syslog (RFC 5424 over "
+                        "RELP, TLS or TCP).")
     g.add_argument("--output", "-o", metavar="FILE",
                    help="File for the file sink (sink.file.path); implies --sink file "
                         "unless --sink is given.")
@@ -60,6 +61,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="Fluentd/Fluent Bit forward receiver (repeatable, tried in order for "
                         "failover; sink.forward.addresses); implies --sink forward unless "
                         "--sink is given.")
+    g.add_argument("--syslog-address", action="append", metavar="HOST:PORT", default=None,
+                   help="Syslog receiver, e.g. rsyslog (repeatable, tried in order for "
+                        "failover; sink.syslog.addresses); implies --sink syslog unless "
+                        "--sink is given.")
+    g.add_argument("--syslog-protocol", choices=["tcp", "tls", "relp"],
+                   help="Syslog transport (sink.syslog.protocol): relp (acknowledged, the "
+                        "default), tls (RFC 5425) or tcp (RFC 6587 octet counting); tls and "
+                        "tcp have no acknowledgement.")
     g.add_argument("--node-name", metavar="NAME",
                    help="This node's name, shipped as host.name (node_name).")
     g.add_argument("--metrics-address", metavar="HOST:PORT|none",
@@ -116,6 +125,8 @@ _FLAG_KEYS = {
     "kubeconfig": "kubernetes.kubeconfig",
     "output": "sink.file.path",
     "forward_address": "sink.forward.addresses",
+    "syslog_address": "sink.syslog.addresses",
+    "syslog_protocol": "sink.syslog.protocol",
     "node_name": "node_name",
     "log_level": "log_level",
 }
@@ -132,6 +143,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         o["sink.type"] = "file"
     elif args.forward_address:
         o["sink.type"] = "forward"
+    elif args.syslog_address:
+        o["sink.type"] = "syslog"
     if args.metrics_address:
         o["metrics.address"] = None if args.metrics_address.lower() == "none" else (
             args.metrics_address)

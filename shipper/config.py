@@ -313,6 +313,113 @@ class ForwardSinkConfig(_Closed):
         return self
 
 
+FACILITIES: dict[str, int] = {
+    name: code for code, name in enumerate([
+        "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
+        "authpriv", "ftp", "ntp", "audit", "alert", "clock",
+        "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7",
+    ])
+}
+"""RFC 5424 facility names (rsyslog's spelling) -> codes."""
+
+Facility = Literal[
+    "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
+    "authpriv", "ftp", "ntp", "audit", "alert", "clock",
+    "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7",
+]
+
+
+class SyslogTLSConfig(_Closed):
+    """TLS for the syslog sink (protocol tls, or relp with relp_tls). The receiver's
+    certificate and name are verified unless ``verify`` is explicitly false."""
+
+    verify: bool = Field(
+        True,
+        description="Verify the receiver's certificate and name; false disables both "
+        "(testing only: anyone on the path can then read and alter the stream).",
+    )
+    ca_file: Path | None = Field(
+        None, description="PEM CA bundle to verify the receiver with; unset uses the system store."
+    )
+    cert_file: Path | None = Field(
+        None, description="PEM client certificate for mutual TLS (may also hold the key)."
+    )
+    key_file: Path | None = Field(
+        None, description="PEM private key of the client certificate, if not in cert_file."
+    )
+    server_name: str | None = Field(
+        None,
+        description="Name to send (SNI) and to verify in the receiver's certificate; "
+        "unset uses the host part of each address.",
+    )
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> SyslogTLSConfig:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set but cert_file is not")
+        return self
+
+
+class SyslogSinkConfig(_Closed):
+    """The syslog sink: RFC 5424 messages (the JSON record as MSG) to rsyslog/syslog-ng."""
+
+    addresses: list[str] = Field(
+        ["127.0.0.1:2514"],
+        description="Receivers as HOST:PORT ([v6]:PORT for IPv6), tried in order (failover).",
+    )
+    protocol: Literal["tcp", "tls", "relp"] = Field(
+        "relp",
+        description="relp (acknowledged: shipped only when the receiver answered 200), "
+        "tls (RFC 5425) or tcp (RFC 6587 octet counting); tls and tcp have no acknowledgement.",
+    )
+    relp_tls: bool = Field(
+        False, description="With protocol relp: RELP over TLS (rsyslog imrelp tls=\"on\")."
+    )
+    app_name: str = Field(
+        "flowlog-shipper",
+        min_length=1,
+        max_length=48,
+        pattern=r"^[\x21-\x7e]+$",
+        description="APP-NAME of every message (1-48 printable ASCII characters, no spaces).",
+    )
+    facility: Facility = Field(
+        "local0", description="Facility of every message (kern ... local7, rsyslog's names)."
+    )
+    relp_window: int = Field(
+        128, ge=1, le=100_000,
+        description="RELP: messages sent before their acks arrive (librelp's default is 128).",
+    )
+    ack_timeout_s: float = Field(
+        30.0, gt=0, description="RELP: how long to wait for the next ack before retrying."
+    )
+    connect_timeout_s: float = Field(
+        5.0, gt=0, description="Timeout of one TCP connect, TLS handshake and RELP open."
+    )
+    send_timeout_s: float = Field(
+        30.0, gt=0, description="Timeout of writing one batch to the socket."
+    )
+    endpoint_cooldown_s: float = Field(
+        30.0,
+        ge=0,
+        description="After a failure an endpoint is tried last for this long (failover), "
+        "then preferred again by its position in addresses (failback on reconnect).",
+    )
+    tls: SyslogTLSConfig = Field(
+        default_factory=SyslogTLSConfig, description="TLS options (protocol tls, relp_tls)."
+    )
+
+    @field_validator("addresses")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        return _check_addresses(v)
+
+    @model_validator(mode="after")
+    def _relp_tls_needs_relp(self) -> SyslogSinkConfig:
+        if self.relp_tls and self.protocol != "relp":
+            raise ValueError("relp_tls needs protocol relp (protocol tls is already TLS)")
+        return self
+
+
 class SpoolConfig(_Closed):
     """The disk spool: a write-ahead log of closed batches in front of the sink."""
 
@@ -348,10 +455,15 @@ class SpoolConfig(_Closed):
 class SinkConfig(_Closed):
     """Where records go."""
 
-    type: Literal["stdout", "file", "forward"] = Field("stdout", description="The output.")
+    type: Literal["stdout", "file", "forward", "syslog"] = Field(
+        "stdout", description="The output."
+    )
     file: FileSinkConfig = Field(default_factory=FileSinkConfig, description="File sink options.")
     forward: ForwardSinkConfig = Field(
         default_factory=ForwardSinkConfig, description="Forward sink options."
+    )
+    syslog: SyslogSinkConfig = Field(
+        default_factory=SyslogSinkConfig, description="Syslog sink options."
     )
     spool: SpoolConfig = Field(
         default_factory=SpoolConfig, description="Disk spool in front of the sink."

@@ -187,6 +187,50 @@ DEFS: dict[str, MetricDef] = {
             "From the end of a batch's write to its ack.",
             ("endpoint",),
         ),
+        MetricDef(
+            "shipper_syslog_records_sent_total",
+            "counter",
+            "Records written to a syslog receiver (acked or not).",
+            ("endpoint",),
+        ),
+        MetricDef(
+            "shipper_syslog_records_acked_total",
+            "counter",
+            "RELP: records the receiver answered with 200 OK.",
+            ("endpoint",),
+        ),
+        MetricDef(
+            "shipper_syslog_records_lost_total",
+            "counter",
+            "tcp/tls: records counted as shipped whose bytes the receiver's TCP had not "
+            "acknowledged when the connection broke (with TLS: whole batches).",
+            ("endpoint",),
+        ),
+        MetricDef(
+            "shipper_syslog_errors_total",
+            "counter",
+            "Syslog failures by endpoint and kind (connect, tls, open, send, ack_timeout, "
+            "rejected, protocol, closed).",
+            ("endpoint", "error"),
+        ),
+        MetricDef(
+            "shipper_syslog_connections_total",
+            "counter",
+            "Connections established (after TLS and the RELP open).",
+            ("endpoint",),
+        ),
+        MetricDef(
+            "shipper_syslog_connected",
+            "gauge",
+            "1 while a connection to the endpoint is open, else 0.",
+            ("endpoint",),
+        ),
+        MetricDef(
+            "shipper_syslog_ack_latency_seconds",
+            "histogram",
+            "RELP: from the first write of a batch to its last ack.",
+            ("endpoint",),
+        ),
         MetricDef("shipper_spool_bytes", "gauge", "Bytes of spool segment files on disk."),
         MetricDef(
             "shipper_spool_pending_batches", "gauge", "Batches in the spool not yet confirmed."

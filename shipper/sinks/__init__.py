@@ -29,4 +29,8 @@ def build_sink(cfg: Config, metrics: Metrics) -> Sink:
         from shipper.sinks.forward import ForwardSink  # type: ignore[import-not-found,unused-ignore]
 
         return ForwardSink(cfg.sink.forward, metrics)  # type: ignore[no-any-return,unused-ignore]
+    if kind == "syslog":
+        from shipper.sinks.syslog import SyslogSink
+
+        return SyslogSink(cfg.sink.syslog, metrics)
     raise ValueError(f"unknown sink type {kind!r}")

@@ -33,7 +33,7 @@ class Batch:
 
 
 class Sink(Protocol):
-    """One output. Implementations: ``stdout``, ``file``, ``forward``."""
+    """One output. Implementations: ``stdout``, ``file``, ``forward``, ``syslog``."""
 
     name: str
 

@@ -1,0 +1,512 @@
+"""syslog sink: RFC 5424 messages to rsyslog / syslog-ng over TCP, TLS or RELP.
+
+Message (RFC 5424, built by :meth:`SyslogSink.encode`, pure)::
+
+    <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID - MSG
+
+* PRI = facility * 8 + severity. Severity comes from the record (see
+  :func:`severity`): ``gap`` records are 4 (warning), flow records whose pod is
+  not known for sure (``flowlog.attribution`` ``uncertain``, ``unresolved`` or
+  ``stale``) are 5 (notice), the rest 6 (informational).
+* TIMESTAMP is the record's ``@timestamp`` (RFC 3339, UTC, microseconds);
+  HOSTNAME the record's ``host.name``; PROCID the shipper's PID; MSGID the
+  record's ``event.action`` (``new``, ``destroy``, ``gap``, ...). Header fields are
+  reduced to printable ASCII (RFC 5424 PRINTUSASCII), ``-`` when empty.
+* No STRUCTURED-DATA (``-``); MSG is the JSON record, UTF-8 without a BOM
+  (rsyslog keeps a BOM as part of ``msg``, which breaks JSON parsers).
+
+Transports (``sink.syslog.protocol``):
+
+* ``relp``: each message is a RELP ``syslog`` command
+  (:mod:`shipper.sinks.relp`); :meth:`deliver` returns only after every message
+  of the batch got ``rsp 200 OK``, so a record is counted shipped only after
+  its ack. When a session breaks mid-batch, the acked prefix is remembered and
+  the retry of the same batch sends only the rest; a batch replayed from the
+  spool after a crash may repeat records (``event.id`` tells duplicates).
+* ``tcp`` (RFC 6587 octet counting: ``LEN SP MSG``) and ``tls`` (the same
+  inside TLS, RFC 5425): there is no acknowledgement. :meth:`deliver` returns
+  once the kernel accepted the bytes, and the records are counted shipped
+  then. **What a broken connection loses**: every record whose bytes the
+  kernel had accepted but the receiver had not processed, that is (a) bytes
+  our TCP had sent or queued but the receiver's TCP never acknowledged, and
+  (b) bytes the receiver's TCP acknowledged that were still in its socket
+  buffer or its in-memory queue when it went away. (a) is counted exactly
+  when the break is noticed (``shipper_syslog_records_lost_total``, from the
+  kernel's ``tcpi_bytes_acked`` against the end offset of each batch; with TLS
+  the offsets are of TLS records, so a partly acknowledged batch is counted
+  whole). (b) cannot be seen by a sender without an application-level
+  acknowledgement: use ``relp``.
+* No UDP: a datagram can be lost or truncated without anyone knowing, and
+  nothing sent over it could honestly be counted as delivered.
+
+Not the standard library's ``logging.handlers.SysLogHandler``: it writes RFC
+3164-style messages (no version, no RFC 3339 timestamp, no MSGID) terminated
+by a NUL or newline instead of octet counting, has no TLS and no acks, and
+reports errors through ``handleError`` instead of raising.
+
+Failover and reconnects work as in the forward sink: addresses are tried in
+order, an endpoint that failed within ``endpoint_cooldown_s`` last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from shipper import __version__
+from shipper.ecs import rfc3339
+from shipper.errors import SinkError
+from shipper.sinks.base import Batch
+from shipper.sinks.forward import parse_address
+from shipper.sinks.relp import RelpError, RelpSession
+
+if TYPE_CHECKING:
+    from shipper.config import SyslogSinkConfig, SyslogTLSConfig
+    from shipper.metrics import Metrics
+
+log = logging.getLogger("shipper.sinks.syslog")
+
+SEV_WARNING = 4
+SEV_NOTICE = 5
+SEV_INFO = 6
+_NOTICE_ATTRIBUTIONS = frozenset({"uncertain", "unresolved", "stale"})
+_NOT_PRINTUSASCII = re.compile(rb"[^\x21-\x7e]")
+
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked at 120 (counts the SYN too),
+# tcpi_notsent_bytes at 144, tcpi_bytes_sent and tcpi_bytes_retrans at 200.
+_TCP_INFO_LEN = 216
+
+
+def severity(record: dict[str, Any]) -> int:
+    """RFC 5424 severity of a record: 4 for ``gap``, 5 when the pod is not known for
+    sure, else 6."""
+    ev = record.get("event")
+    if isinstance(ev, dict) and ev.get("kind") == "pipeline_error":
+        return SEV_WARNING
+    fl = record.get("flowlog")
+    if isinstance(fl, dict) and fl.get("attribution") in _NOTICE_ATTRIBUTIONS:
+        return SEV_NOTICE
+    return SEV_INFO
+
+
+def header_field(value: Any, max_len: int) -> bytes:
+    """A header field: printable ASCII only (others become ``_``), at most ``max_len``,
+    ``-`` when empty (RFC 5424 NILVALUE)."""
+    if not isinstance(value, str) or not value:
+        return b"-"
+    raw = _NOT_PRINTUSASCII.sub(b"_", value.encode("utf-8", "replace"))[:max_len]
+    return raw or b"-"
+
+
+def octet_frame(messages: list[bytes]) -> bytes:
+    """RFC 6587 octet counting: ``LEN SP MSG`` for each message, concatenated."""
+    return b"".join(b"%d %s" % (len(m), m) for m in messages)
+
+
+class _Failure(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(slots=True)
+class _Endpoint:
+    host: str
+    port: int
+    label: str
+    down_until: float = 0.0
+
+
+@dataclass(slots=True)
+class _Sent:
+    """A batch written on a tcp/tls connection, not yet known to have reached the peer."""
+
+    wire_end: int  # the connection's byte offset after this batch (TLS: ciphertext)
+    sizes: list[int]  # framed size of each record (plaintext)
+    plain: bool  # wire bytes == framed bytes (no TLS): per-record accounting is exact
+
+
+@dataclass(slots=True)
+class _Conn:
+    sock: socket.socket
+    endpoint: _Endpoint
+    relp: RelpSession | None = None
+    unconfirmed: deque[_Sent] = field(default_factory=deque)
+
+
+class SyslogSink:
+    """RFC 5424 over tcp / tls / relp, with failover; see the module docstring."""
+
+    name = "syslog"
+
+    def __init__(self, cfg: SyslogSinkConfig, metrics: Metrics, *, clock: Any = time.monotonic
+                 ) -> None:
+        from shipper.config import FACILITIES
+
+        self.cfg = cfg
+        self.metrics = metrics
+        self._clock = clock
+        self._endpoints: list[_Endpoint] = []
+        for a in cfg.addresses:
+            try:
+                host, port = parse_address(a)
+            except ValueError as exc:
+                raise SinkError(str(exc), retriable=False) from exc
+            self._endpoints.append(_Endpoint(host, port, f"{host}:{port}"))
+        self._tls = cfg.protocol == "tls" or (cfg.protocol == "relp" and cfg.relp_tls)
+        self._ssl = build_ssl_context(cfg.tls) if self._tls else None
+        if self._tls and not cfg.tls.verify:
+            log.warning("syslog TLS certificate verification is disabled",
+                        extra={"fields": {"sink": self.name}})
+        if cfg.protocol != "relp":
+            log.warning("syslog over %s has no acknowledgement: records the receiver had not "
+                        "processed when a connection breaks are lost (use protocol relp)",
+                        cfg.protocol, extra={"fields": {"sink": self.name}})
+        fac = FACILITIES[cfg.facility]
+        self._pri = {sev: b"<%d>1 " % (fac * 8 + sev) for sev in (SEV_WARNING, SEV_NOTICE,
+                                                                 SEV_INFO)}
+        self._mid = b" " + header_field(cfg.app_name, 48) + b" %d " % os.getpid()
+        self._hosts: dict[Any, bytes] = {}
+        self._msgids: dict[Any, bytes] = {}
+        self._conn: _Conn | None = None
+        self._lock = threading.Lock()  # guards _conn against abort()/close() from other threads
+        self._aborted = False
+        self._partial: tuple[Batch, int] | None = None  # RELP: batch and its acked prefix
+        for ep in self._endpoints:
+            metrics.set("shipper_syslog_connected", 0, ep.label)
+
+    # --- encoding (pure, on the event path) ----------------------------------------------
+
+    def encode(self, record: dict[str, Any], time_ns: int) -> bytes:
+        """One RFC 5424 message (no framing: that is the transport's)."""
+        ev = record.get("event") or {}
+        host = (record.get("host") or {}).get("name")
+        action = ev.get("action")
+        h = self._hosts.get(host)
+        if h is None:
+            h = header_field(host, 255)
+            if len(self._hosts) < 64:
+                self._hosts[host] = h
+        mid = self._msgids.get(action)
+        if mid is None:
+            mid = header_field(action, 32)
+            if len(self._msgids) < 64:
+                self._msgids[action] = mid
+        ts = record.get("@timestamp")
+        if not isinstance(ts, str):
+            ts = rfc3339(time_ns)
+        return b"".join((self._pri[severity(record)], ts.encode("ascii", "replace"), b" ", h,
+                         self._mid, mid, b" - ", orjson.dumps(record)))
+
+    # --- the Sink protocol --------------------------------------------------------------
+
+    def deliver(self, batch: Batch) -> None:
+        """Send the batch; with RELP return only once every message was acked.
+
+        SinkError(retriable=True) on any failure (the connection is dropped; the
+        next attempt reconnects, failing over).
+        """
+        if not batch.entries:
+            return
+        conn = self._connect()
+        ep = conn.endpoint
+        try:
+            if conn.relp is not None:
+                self._deliver_relp(conn, batch)
+            else:
+                self._deliver_stream(conn, batch)
+        except _Failure as f:
+            self._fail(conn, f)
+            raise SinkError(f"syslog to {ep.label}: {f}", retriable=True) from None
+
+    def _deliver_relp(self, conn: _Conn, batch: Batch) -> None:
+        assert conn.relp is not None
+        ep = conn.endpoint
+        skip = self._partial[1] if self._partial is not None and self._partial[0] is batch else 0
+        todo = batch.entries[skip:] if skip else batch.entries
+        self._partial = None
+        cfg = self.cfg
+        self.metrics.inc("shipper_syslog_records_sent_total", ep.label, n=len(todo))
+        started = self._clock()
+        try:
+            conn.relp.send_messages(todo, cfg.ack_timeout_s, cfg.send_timeout_s)
+        except RelpError as exc:
+            if exc.acked:
+                self.metrics.inc("shipper_syslog_records_acked_total", ep.label, n=exc.acked)
+            self._partial = (batch, skip + exc.acked)
+            raise _Failure(exc.kind, str(exc)) from None
+        self.metrics.inc("shipper_syslog_records_acked_total", ep.label, n=len(todo))
+        self.metrics.observe("shipper_syslog_ack_latency_seconds", self._clock() - started,
+                             ep.label)
+
+    def _deliver_stream(self, conn: _Conn, batch: Batch) -> None:
+        ep = conn.endpoint
+        data = octet_frame(batch.entries)
+        try:
+            conn.sock.settimeout(self.cfg.send_timeout_s)
+            conn.sock.sendall(data)
+        except TimeoutError as exc:
+            raise _Failure("send", "write timed out") from exc
+        except ssl.SSLError as exc:
+            raise _Failure("tls", f"TLS error on write: {exc}") from exc
+        except OSError as exc:
+            raise _Failure("send", f"write failed: {_oserror(exc)}") from exc
+        n = len(batch.entries)
+        self.metrics.inc("shipper_syslog_records_sent_total", ep.label, n=n)
+        info = _tcp_info(conn.sock)
+        if info is not None:
+            acked, written = info
+            conn.unconfirmed.append(_Sent(written, [len(m) + len(b"%d " % len(m))
+                                                    for m in batch.entries], self._ssl is None))
+            _confirm(conn.unconfirmed, acked)
+
+    def abort(self) -> None:
+        """Interrupt a blocked ``deliver`` from another thread (shutdown grace over)."""
+        with self._lock:
+            self._aborted = True
+            if self._conn is not None:
+                with contextlib.suppress(OSError):
+                    self._conn.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Close the connection: RELP says ``close``; tcp/tls wait (bounded) until the
+        receiver's TCP acknowledged what was written, and count what it did not."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+            aborted = self._aborted
+        if conn is None:
+            return
+        timeout = min(self.cfg.send_timeout_s, 5.0)
+        if conn.relp is not None and not aborted:
+            with contextlib.suppress(RelpError):
+                conn.relp.close(min(timeout, 1.0))
+        elif conn.unconfirmed and not aborted:
+            deadline = time.monotonic() + timeout
+            while conn.unconfirmed and time.monotonic() < deadline:
+                info = _tcp_info(conn.sock)
+                if info is None:
+                    break
+                _confirm(conn.unconfirmed, info[0])
+                if conn.unconfirmed:
+                    time.sleep(0.01)
+        self._close_conn(conn)
+
+    # --- connections ------------------------------------------------------------------
+
+    def _order(self) -> list[_Endpoint]:
+        now = self._clock()
+        healthy = [e for e in self._endpoints if e.down_until <= now]
+        cooling = sorted((e for e in self._endpoints if e.down_until > now),
+                         key=lambda e: e.down_until)
+        return healthy + cooling
+
+    def _connect(self) -> _Conn:
+        with self._lock:
+            if self._aborted:
+                raise SinkError("syslog sink is shutting down", retriable=True)
+            conn = self._conn
+        if conn is not None:
+            if not _stale(conn.sock):
+                return conn
+            self._drop_conn(conn)
+            log.info("syslog connection closed by receiver, reconnecting",
+                     extra={"fields": {"endpoint": conn.endpoint.label}})
+        problems = []
+        for ep in self._order():
+            try:
+                conn = self._open(ep)
+            except _Failure as f:
+                self.metrics.inc("shipper_syslog_errors_total", ep.label, f.kind)
+                ep.down_until = self._clock() + self.cfg.endpoint_cooldown_s
+                problems.append(f"{ep.label}: {f}")
+                continue
+            with self._lock:
+                if self._aborted:
+                    _close_quietly(conn.sock)
+                    raise SinkError("syslog sink is shutting down", retriable=True)
+                self._conn = conn
+            self.metrics.inc("shipper_syslog_connections_total", ep.label)
+            self.metrics.set("shipper_syslog_connected", 1, ep.label)
+            log.info("syslog connected", extra={"fields": {
+                "endpoint": ep.label, "protocol": self.cfg.protocol, "tls": self._tls}})
+            return conn
+        raise SinkError("no syslog receiver reachable: " + "; ".join(problems), retriable=True)
+
+    def _open(self, ep: _Endpoint) -> _Conn:
+        timeout = self.cfg.connect_timeout_s
+        try:
+            raw = socket.create_connection((ep.host, ep.port), timeout=timeout)
+        except OSError as exc:
+            raise _Failure("connect", f"connect failed: {_oserror(exc)}") from exc
+        sock: socket.socket = raw
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._ssl is not None:
+                sock = self._wrap_tls(raw, ep)
+            conn = _Conn(sock, ep)
+            if self.cfg.protocol == "relp":
+                session = RelpSession(sock, window=self.cfg.relp_window)
+                try:
+                    session.open(__version__, timeout)
+                except RelpError as exc:
+                    kind = "open" if exc.kind in ("closed", "ack_timeout", "protocol") else (
+                        exc.kind)
+                    raise _Failure(kind, f"RELP open failed (is this a RELP listener?): "
+                                         f"{exc}") from exc
+                conn.relp = session
+        except BaseException:
+            _close_quietly(sock)
+            raise
+        return conn
+
+    def _wrap_tls(self, raw: socket.socket, ep: _Endpoint) -> socket.socket:
+        assert self._ssl is not None
+        name = self.cfg.tls.server_name or ep.host
+        try:
+            return self._ssl.wrap_socket(raw, server_hostname=name)
+        except ssl.SSLCertVerificationError as exc:
+            raise _Failure("tls", f"TLS certificate verification failed "
+                                  f"(server name {name!r}): {exc.verify_message}") from exc
+        except ssl.SSLError as exc:
+            raise _Failure("tls", f"TLS handshake failed: {exc.reason or exc}") from exc
+        except OSError as exc:
+            raise _Failure("tls", f"TLS handshake failed: {_oserror(exc)}") from exc
+
+    def _fail(self, conn: _Conn, f: _Failure) -> None:
+        ep = conn.endpoint
+        self.metrics.inc("shipper_syslog_errors_total", ep.label, f.kind)
+        ep.down_until = self._clock() + self.cfg.endpoint_cooldown_s
+        self._drop_conn(conn)
+
+    def _drop_conn(self, conn: _Conn) -> None:
+        with self._lock:
+            if self._conn is conn:
+                self._conn = None
+        self._close_conn(conn)
+
+    def _close_conn(self, conn: _Conn) -> None:
+        """Close, first counting records the receiver's TCP never acknowledged (tcp/tls)."""
+        if conn.unconfirmed:
+            info = _tcp_info(conn.sock)
+            if info is not None:
+                _confirm(conn.unconfirmed, info[0])
+            lost = _unreceived(conn.unconfirmed, info[0] if info is not None else None)
+            conn.unconfirmed.clear()
+            if lost:
+                self.metrics.inc("shipper_syslog_records_lost_total", conn.endpoint.label,
+                                 n=lost)
+                log.error("syslog connection broke: records already counted as shipped never "
+                          "reached the receiver", extra={"fields": {
+                              "endpoint": conn.endpoint.label, "records": lost,
+                              "protocol": self.cfg.protocol}})
+        _close_quietly(conn.sock)
+        self.metrics.set("shipper_syslog_connected", 0, conn.endpoint.label)
+
+
+def build_ssl_context(tls: SyslogTLSConfig) -> ssl.SSLContext:
+    """A client context: TLS >= 1.2, verification on unless ``tls.verify`` is false."""
+    try:
+        if tls.verify:
+            ctx = ssl.create_default_context(
+                cafile=str(tls.ca_file) if tls.ca_file is not None else None
+            )
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if tls.cert_file is not None:
+            ctx.load_cert_chain(
+                str(tls.cert_file), str(tls.key_file) if tls.key_file is not None else None
+            )
+    except (OSError, ssl.SSLError) as exc:
+        raise SinkError(f"cannot load TLS files: {exc}", retriable=False) from exc
+    return ctx
+
+
+def _tcp_info(sock: socket.socket) -> tuple[int, int] | None:
+    """(data bytes the peer's TCP acknowledged, data bytes written) from the kernel, or
+    None where TCP_INFO lacks the fields (Linux < 4.19)."""
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except OSError:
+        return None
+    if len(raw) < _TCP_INFO_LEN:
+        return None
+    (acked,) = struct.unpack_from("=Q", raw, 120)
+    (notsent,) = struct.unpack_from("=I", raw, 144)
+    sent, retrans = struct.unpack_from("=QQ", raw, 200)
+    written = sent - retrans + notsent
+    return min(max(acked - 1, 0), written), written  # acked counts the SYN (and our FIN)
+
+
+def _confirm(unconfirmed: deque[_Sent], acked: int) -> None:
+    """Forget batches that reached the receiver's TCP entirely."""
+    while unconfirmed and unconfirmed[0].wire_end <= acked:
+        unconfirmed.popleft()
+
+
+def _unreceived(unconfirmed: deque[_Sent], acked: int | None) -> int:
+    """Records of ``unconfirmed`` batches whose bytes the peer's TCP did not acknowledge."""
+    lost = 0
+    for s in unconfirmed:
+        if acked is None or not s.plain:
+            lost += len(s.sizes)
+            continue
+        end = s.wire_end
+        for size in reversed(s.sizes):  # last record first: it ends at wire_end
+            if end <= acked:
+                break
+            lost += 1
+            end -= size
+    return lost
+
+
+def _stale(sock: socket.socket) -> bool:
+    """True if an idle connection was closed by the peer (or sent something unexpected)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    if not readable:
+        return False
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        data = sock.recv(1)  # EOF, serverclose, or a byte nobody asked for: start afresh
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return False  # only TLS records (e.g. session tickets)
+    except OSError:
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(timeout)
+    del data
+    return True
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+def _oserror(exc: OSError) -> str:
+    if exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
