@@ -263,7 +263,7 @@ class SyslogSink:
         except ssl.SSLError as exc:
             raise _Failure("tls", f"TLS error on write: {exc}") from exc
         except OSError as exc:
-            raise _Failure("send", f"write failed: {_oserror(exc)}") from exc
+            raise _Failure("closed", f"write failed: {_oserror(exc)}") from exc
         n = len(batch.entries)
         self.metrics.inc("shipper_syslog_records_sent_total", ep.label, n=n)
         info = _tcp_info(conn.sock)
@@ -302,7 +302,7 @@ class SyslogSink:
                 _confirm(conn.unconfirmed, info[0])
                 if conn.unconfirmed:
                     time.sleep(0.01)
-        self._close_conn(conn)
+        self._close_conn(conn, broken=False)
 
     # --- connections ------------------------------------------------------------------
 
@@ -321,7 +321,7 @@ class SyslogSink:
         if conn is not None:
             if not _stale(conn.sock):
                 return conn
-            self._drop_conn(conn)
+            self._drop_conn(conn, broken=True)
             log.info("syslog connection closed by receiver, reconnecting",
                      extra={"fields": {"endpoint": conn.endpoint.label}})
         problems = []
@@ -389,16 +389,25 @@ class SyslogSink:
         ep = conn.endpoint
         self.metrics.inc("shipper_syslog_errors_total", ep.label, f.kind)
         ep.down_until = self._clock() + self.cfg.endpoint_cooldown_s
-        self._drop_conn(conn)
+        self._drop_conn(conn, broken=f.kind == "closed")
 
-    def _drop_conn(self, conn: _Conn) -> None:
+    def _drop_conn(self, conn: _Conn, *, broken: bool) -> None:
         with self._lock:
             if self._conn is conn:
                 self._conn = None
-        self._close_conn(conn)
+        self._close_conn(conn, broken=broken)
 
-    def _close_conn(self, conn: _Conn) -> None:
-        """Close, first counting records the receiver's TCP never acknowledged (tcp/tls)."""
+    def _close_conn(self, conn: _Conn, *, broken: bool) -> None:
+        """Close the socket. On a connection the peer broke (EOF, reset, write error) the
+        kernel discards what the peer's TCP did not acknowledge: count those records lost.
+        When we close a live one (write timeout, shutdown) the kernel keeps sending after
+        the close, so their fate is unknown: logged, not counted."""
+        if conn.unconfirmed and not broken:
+            log.warning("syslog connection closed with records the receiver's TCP had not "
+                        "acknowledged yet; the kernel keeps sending them", extra={"fields": {
+                            "endpoint": conn.endpoint.label,
+                            "records": sum(len(s.sizes) for s in conn.unconfirmed)}})
+            conn.unconfirmed.clear()
         if conn.unconfirmed:
             info = _tcp_info(conn.sock)
             if info is not None:
