@@ -34,6 +34,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 retry .venv/bin/python -m pip install -q --upgrade pip
 if [ "${1:-}" = "--test" ]; then
+  # A real syslog/RELP receiver for the syslog sink's tests (they start their own rsyslogd
+  # on loopback with a private config; the system service is not used): imtcp, TLS through
+  # the gtls and ossl drivers, imrelp.
+  retry apt-get install -y -qq --no-install-recommends \
+    rsyslog rsyslog-gnutls rsyslog-openssl rsyslog-relp >/dev/null
   retry .venv/bin/python -m pip install -q -e ".[test]"
 else
   retry .venv/bin/python -m pip install -q -e .

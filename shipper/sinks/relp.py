@@ -265,7 +265,7 @@ class RelpSession:
                 return frame
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise RelpError("ack_timeout", f"no {what} within the timeout")
+                raise RelpError("ack_timeout", f"timed out waiting for {what}")
             try:
                 self.sock.settimeout(remaining)
                 data = self.sock.recv(65536)
