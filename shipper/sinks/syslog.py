@@ -179,8 +179,7 @@ class SyslogSink:
         self._pri = {sev: b"<%d>1 " % (fac * 8 + sev) for sev in (SEV_WARNING, SEV_NOTICE,
                                                                  SEV_INFO)}
         self._mid = b" " + header_field(cfg.app_name, 48) + b" %d " % os.getpid()
-        self._hosts: dict[Any, bytes] = {}
-        self._msgids: dict[Any, bytes] = {}
+        self._headers: dict[tuple[int, Any, Any], tuple[bytes, bytes]] = {}
         self._conn: _Conn | None = None
         self._lock = threading.Lock()  # guards _conn against abort()/close() from other threads
         self._aborted = False
@@ -194,22 +193,19 @@ class SyslogSink:
         """One RFC 5424 message (no framing: that is the transport's)."""
         ev = record.get("event") or {}
         host = (record.get("host") or {}).get("name")
-        action = ev.get("action")
-        h = self._hosts.get(host)
-        if h is None:
-            h = header_field(host, 255)
-            if len(self._hosts) < 64:
-                self._hosts[host] = h
-        mid = self._msgids.get(action)
-        if mid is None:
-            mid = header_field(action, 32)
-            if len(self._msgids) < 64:
-                self._msgids[action] = mid
+        sev = severity(record)
+        key = (sev, host, ev.get("action"))
+        parts = self._headers.get(key)
+        if parts is None:
+            parts = (self._pri[sev], b" " + header_field(host, 255) + self._mid
+                     + header_field(key[2], 32) + b" - ")
+            if len(self._headers) < 256:  # a few hosts x actions x severities
+                self._headers[key] = parts
         ts = record.get("@timestamp")
         if not isinstance(ts, str):
             ts = rfc3339(time_ns)
-        return b"".join((self._pri[severity(record)], ts.encode("ascii", "replace"), b" ", h,
-                         self._mid, mid, b" - ", orjson.dumps(record)))
+        return b"%s%s%s%s" % (parts[0], ts.encode("ascii", "replace"), parts[1],
+                              orjson.dumps(record))
 
     # --- the Sink protocol --------------------------------------------------------------
 
