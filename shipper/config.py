@@ -581,6 +581,14 @@ class Config(_Closed):
     shutdown_grace_s: float = Field(
         10.0, gt=0, description="On SIGTERM/SIGINT, how long to flush before exiting."
     )
+    state_dir: Path | None = Field(
+        Path("/var/lib/flowlog"),
+        description="Directory of the state file (pod-index.state: pod history kept across "
+        "restarts); null: no state file.",
+    )
+    state_interval_s: float = Field(
+        60.0, gt=0, description="How often the state file is written (and once at shutdown)."
+    )
     conntrack: ConntrackConfig = Field(default_factory=ConntrackConfig, description="Source.")
     filter: FilterConfig = Field(default_factory=FilterConfig, description="Filter.")
     inventory: InventoryConfig = Field(

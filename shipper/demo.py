@@ -229,6 +229,7 @@ def run_demo(pods: int, keep_output: str | None, out: Any = sys.stdout) -> int:
             "inventory.reload_interval_s": 0.5,
             "batch.max_age_s": 0.2,
             "node_name": lab.node_name,
+            "state_dir": str(tmp / "state"),  # the lab's pods are not the host's history
         })
         worker = _PipelineThread(cfg)
         worker.start()

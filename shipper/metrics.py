@@ -121,6 +121,25 @@ DEFS: dict[str, MetricDef] = {
             "Deleted-pod intervals evicted before their retention ended (memory cap).",
         ),
         MetricDef(
+            "shipper_state_load_errors_total",
+            "counter",
+            "State files ignored at start (the shipper started without pod history), "
+            "by reason: truncated, corrupt, version, foreign_node, unreadable.",
+            ("reason",),
+        ),
+        MetricDef(
+            "shipper_state_saves_total",
+            "counter",
+            "State file writes, by result (ok, error).",
+            ("result",),
+        ),
+        MetricDef("shipper_state_bytes", "gauge", "Size of the last state file written."),
+        MetricDef(
+            "shipper_state_save_seconds",
+            "gauge",
+            "Duration of the last state file save (snapshot, serialise, write, fsync).",
+        ),
+        MetricDef(
             "shipper_inventory_reloads_total",
             "counter",
             "Pod inventory file reloads, by result.",

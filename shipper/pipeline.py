@@ -34,6 +34,7 @@ from shipper.enrich.inventory import InventoryWatcher
 from shipper.enrich.kube_detect import kube_enabled
 from shipper.enrich.pod_index import PodIndex
 from shipper.enrich.pods import LabelPolicy
+from shipper.enrich.state import StateFile, StateSaver
 from shipper.errors import DecodeError, DependencyError, SourceError
 from shipper.filters.cidr import CidrFilter
 from shipper.health import Health
@@ -144,6 +145,9 @@ class Pipeline:
                 interval_s=cfg.inventory.reload_interval_s,
             )
         self.kube: Any = None
+        # Pod history across restarts (docs/KUBERNETES.md, "State file").
+        self.state = StateFile(cfg.state_dir, self.host, metrics) if cfg.state_dir else None
+        self._state_saver: StateSaver | None = None
         self._starts: dict[int, int] = {}
         self._max_starts = cfg.conntrack.flow_start_cache
         self._stop = threading.Event()
@@ -431,6 +435,9 @@ class Pipeline:
         self._stop = stop
         cfg = self.cfg
         tune_malloc()
+        if self.state is not None:
+            # Before any pod source writes to the index and before the first dump.
+            self.state.load(self.index)
         self.delivery.start()  # recovers the spool first; raises SinkError if unusable
         try:
             self._sysctls()
@@ -454,6 +461,9 @@ class Pipeline:
             "pod_cidrs": list(self.filter.pod_cidrs),
             "cluster_cidrs": list(self.filter.cluster_cidrs), "sink": self.sink.name}})
         try:
+            if self.state is not None:
+                self._state_saver = StateSaver(self.state, self.index, cfg.state_interval_s)
+                self._state_saver.start()
             self._start_enrichment(stop)
             if cfg.conntrack.dump_at_start and not stop.is_set():
                 n = self.handle_all(conntrack.dump_table(
@@ -478,6 +488,8 @@ class Pipeline:
         self._flush_counters()
         clean = self.delivery.close(self.cfg.shutdown_grace_s)
         self._stop_enrichment()
+        if self._state_saver is not None:
+            self._state_saver.stop()  # and a last save
         log.info("stopped", extra={"fields": {"clean": clean}})
         return clean
 
@@ -565,6 +577,8 @@ class Pipeline:
 
     def dump(self) -> int:
         """Dump the table once through filter, enrichment and encoding; return an exit code."""
+        if self.state is not None:
+            self.state.load(self.index)  # read only: the running daemon owns the file
         self.delivery.start()
         try:
             self._start_enrichment()

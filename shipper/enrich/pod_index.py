@@ -18,6 +18,13 @@ at most ``max_tombstones`` of them are kept; older ones are evicted first and
 counted. A tombstone costs about 1.3 KB (its PodMeta and record objects, whose
 repeated parts are shared between pods: see :class:`~shipper.record.PodMeta`).
 
+Restarts: :meth:`snapshot` copies the history for the state file
+(``shipper.enrich.state``) and :meth:`restore` loads it back at start. A pod
+restored as live is only known to have lived until the file was written; if
+the pod source then reports it gone (or its address taken), its interval
+ends at that time, not at "now": flows that started while the shipper was
+down are not given to a pod that may already have been deleted.
+
 Concurrency: writers serialise on a lock; readers take no lock. Each address's
 history is an immutable tuple replaced as a whole, so a reader always sees
 either the old or the new history, never a half-updated one.
@@ -74,6 +81,9 @@ class PodIndex:
         self._closed_keys: deque[int] = deque()
         self._closed: deque[ClosedInterval] = deque()
         self._lock = threading.Lock()
+        # uid -> until when a pod restored as live from the state file is known to
+        # have lived (the file's write time); dropped once a source reports the pod.
+        self._restored: dict[str, int] = {}
         self.evicted_total = 0
         self.version = 0
 
@@ -123,7 +133,49 @@ class PodIndex:
         """The ownership history of one address, oldest first (for tests and debugging)."""
         return self._hist.get(ip_key(family, ip), ())
 
+    def snapshot(self) -> tuple[dict[int, tuple[Interval, ...]], dict[str, PodMeta]]:
+        """Copies of the history (address key -> intervals) and of the live pods (by uid).
+
+        Taken under the writer lock, so they are consistent with each other; the
+        copies are shallow (C-level dict copies, milliseconds at 100k pods):
+        histories are immutable tuples and PodMeta values never change.
+        """
+        with self._lock:
+            return dict(self._hist), dict(self._live)
+
     # ---- writers -------------------------------------------------------------
+
+    def restore(
+        self,
+        hist: dict[int, tuple[Interval, ...]],
+        live: dict[str, PodMeta],
+        known_until_ns: int,
+        now_ns: int,
+    ) -> int:
+        """Replace the content with a saved history; return how many intervals were kept.
+
+        Meant for start-up, before any pod source writes. ``live`` pods are
+        taken as alive until ``known_until_ns`` (when the state was saved):
+        until a source reports them again, closing them (deletion, a missing
+        pod in a full list, a newer pod taking the address) ends their
+        interval there. Closed intervals are then pruned as usual (retention,
+        ``max_tombstones``).
+        """
+        closed: list[tuple[int, int, ClosedInterval]] = []
+        for key, intervals in hist.items():
+            for iv in intervals:
+                if iv[1] is not None:
+                    closed.append((iv[1], key, iv))  # type: ignore[arg-type]
+        closed.sort(key=lambda c: c[0])
+        with self._lock:
+            self._hist = dict(hist)
+            self._live = dict(live)
+            self._closed = deque(c[2] for c in closed)
+            self._closed_keys = deque(c[1] for c in closed)
+            self._restored = {uid: known_until_ns for uid in live}
+            self.version += 1
+        self.prune(now_ns)
+        return sum(len(h) for h in self._hist.values())
 
     def update(self, pod: PodMeta, now_ns: int) -> None:
         """Record the current state of one pod (a watch ADDED/MODIFIED, a file entry).
@@ -142,6 +194,7 @@ class PodIndex:
             if old is not None:
                 for fam, ip in old.ips:
                     self._close(ip_key(fam, ip), uid, now_ns)
+            self._restored.pop(uid, None)
             self.version += 1
 
     def reconcile(self, pods: Iterable[PodMeta], now_ns: int) -> None:
@@ -155,6 +208,7 @@ class PodIndex:
                 old = self._live.pop(uid)
                 for fam, ip in old.ips:
                     self._close(ip_key(fam, ip), uid, now_ns)
+                self._restored.pop(uid, None)
             self.version += 1
 
     def prune(self, now_ns: int) -> int:
@@ -191,6 +245,8 @@ class PodIndex:
     def _update_locked(self, pod: PodMeta, now_ns: int) -> None:
         uid = pod.uid
         old = self._live.get(uid)
+        if self._restored:
+            self._restored.pop(uid, None)  # a source reports it: alive until now
         new_keys = {ip_key(f, i) for f, i in pod.ips} if self._owns_ips(pod) else set()
         old_keys = {ip_key(f, i) for f, i in old.ips} if old is not None else set()
         for key in old_keys - new_keys:
@@ -236,6 +292,11 @@ class PodIndex:
                 cut = now_ns
                 if pod.created_ns is not None:
                     cut = min(now_ns, pod.created_ns + CREATION_GRANULARITY_NS)
+                known_until = self._restored.get(last_meta.uid)
+                if known_until is not None:
+                    # Restored from the state file and not seen since: alive only
+                    # as far as we know, not until the new pod came.
+                    cut = min(cut, known_until)
                 last_end = max(cut, last_start)
                 closed_iv: ClosedInterval = (last_start, last_end, last_meta)
                 hist = (*hist[:-1], closed_iv)
@@ -250,6 +311,7 @@ class PodIndex:
                         self._live[last_meta.uid] = _with_ips(stale, remaining)
                     else:
                         del self._live[last_meta.uid]
+                        self._restored.pop(last_meta.uid, None)
             if last_end is not None:
                 start = max(start, last_end)
         self._hist[key] = (*hist, (start, None, pod))
@@ -261,6 +323,9 @@ class PodIndex:
             return
         start, end, meta = hist[-1]
         if end is None and meta.uid == uid:
+            known_until = self._restored.get(uid)
+            if known_until is not None:
+                now_ns = min(now_ns, known_until)  # see restore()
             closed_iv: ClosedInterval = (start, max(now_ns, start), meta)
             self._hist[key] = (*hist[:-1], closed_iv)
             self._closed.append(closed_iv)

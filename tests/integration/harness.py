@@ -74,6 +74,8 @@ class ShipperProcess:
             "sink": {"type": "file", "file": {"path": str(self.output)}},
             "metrics": {"address": f"127.0.0.1:{self.metrics_port}"},
             "inventory": {"reload_interval_s": 0.2},
+            # Each process its own history unless a test shares one (never the host's).
+            "state_dir": str(tmp / "state"),
         }
         self.receiver = receiver
         if receiver is not None:

@@ -1,0 +1,369 @@
+"""The pod index's history on disk, so a restart keeps it (the state file).
+
+Without it a restarted shipper knows only the pods that exist now. A flow
+that outlived its pod (the conntrack table keeps it for up to days) whose
+address went to a new pod while the shipper was down would then be given to
+the new pod. With it, the index starts from what it knew when it stopped: the
+live pods with their creation times and the tombstones of deleted ones.
+
+File ``<state_dir>/pod-index.state``, written whole each time::
+
+    header  8s magic b"FLOWLOGS", u32 format version, u64 payload length,
+            u32 CRC-32 of the payload (big-endian, 24 bytes)
+    payload msgpack map (see ``_encode``): node name, write time, a string
+            table, a label-map table, the pods (flat), the live pods, and
+            every address's intervals referring to pods by index
+
+Pods are written once however many intervals name them, and equal
+label/annotation maps once, so loading rebuilds the sharing the index has in
+memory (``PodMeta.with_record_object`` interns the rest).
+
+Writes are atomic: temp file, fsync, rename, fsync of the directory; a crash
+leaves the old file or the new one. The CPU work (serialising) runs outside
+the index's writer lock: :meth:`PodIndex.snapshot` only copies two dicts
+under it. :class:`StateSaver` writes periodically from its own thread, never
+from the event thread.
+
+A file that is truncated, fails its CRC, cannot be decoded, has another
+format version, or was written for another node is logged, counted in
+``shipper_state_load_errors_total{reason}`` and ignored: the shipper starts
+without history, as on a first start (records then say ``uncertain`` where
+the history would have decided).
+
+msgpack rather than JSON: addresses and times are integers and IPv6 addresses
+raw 16-byte strings, which JSON can only carry as text.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from shipper.enrich.pod_index import Interval, PodIndex
+from shipper.metrics import Metrics
+from shipper.record import _V6_TAG, PodMeta
+
+log = logging.getLogger("shipper.state")
+
+FILE_NAME = "pod-index.state"
+MAGIC = b"FLOWLOGS"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct(">8sIQI")
+
+REASON_TRUNCATED = "truncated"
+REASON_CORRUPT = "corrupt"
+REASON_VERSION = "version"
+REASON_FOREIGN_NODE = "foreign_node"
+REASON_UNREADABLE = "unreadable"
+
+# Pod fields in the flat pod table, in this order.
+_POD_FIELDS = 13
+
+
+class StateError(Exception):
+    """A state file that cannot be used; ``reason`` is the metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# ---- encoding (pure) ---------------------------------------------------------------
+
+
+def _encode(
+    hist: dict[int, tuple[Interval, ...]],
+    live: dict[str, PodMeta],
+    *,
+    node: str,
+    written_ns: int,
+    horizon_ns: int,
+) -> bytes:
+    """The payload for a snapshot; closed intervals ended before ``horizon_ns`` are left out."""
+    strings: dict[str | None, int] = {None: 0}
+    maps: dict[int, int] = {}
+    map_list: list[list[str]] = []
+    pod_idx: dict[int, int] = {}
+    pods: list[Any] = []
+
+    def s(text: str | None) -> int:
+        i = strings.get(text)
+        if i is None:
+            i = strings[text] = len(strings)
+        return i
+
+    def m(d: dict[str, str]) -> int:
+        if not d:
+            return -1
+        i = maps.get(id(d))
+        if i is None:
+            i = maps[id(d)] = len(map_list)
+            flat: list[str] = []
+            for k, v in d.items():
+                flat.append(k)
+                flat.append(v)
+            map_list.append(flat)
+        return i
+
+    def p(meta: PodMeta) -> int:
+        i = pod_idx.get(id(meta))
+        if i is None:
+            i = pod_idx[id(meta)] = len(pod_idx)
+            ips: list[Any] = []
+            for fam, ip in meta.ips:
+                ips.append(fam)
+                ips.append(ip if fam == 4 else ip.to_bytes(16, "big"))
+            pods.extend((
+                s(meta.namespace), meta.name, meta.uid, ips, s(meta.node), m(meta.labels),
+                m(meta.annotations), s(meta.owner_kind), s(meta.owner_name),
+                s(meta.logical_switch), meta.host_network, s(meta.phase), meta.created_ns,
+            ))
+        return i
+
+    addrs: list[Any] = []
+    for key, intervals in hist.items():
+        kept = [iv for iv in intervals if iv[1] is None or iv[1] >= horizon_ns]
+        if not kept:
+            continue
+        addrs.append(key if key < _V6_TAG else (key ^ _V6_TAG).to_bytes(16, "big"))
+        addrs.append(len(kept))
+        for start, end, meta in kept:
+            addrs.append(start)
+            addrs.append(end)
+            addrs.append(p(meta))
+    live_idx = [p(meta) for meta in live.values()]
+    string_list: list[str | None] = [None] * len(strings)
+    for text, i in strings.items():
+        string_list[i] = text
+    return msgpack.packb({
+        "node": node,
+        "written_ns": written_ns,
+        "strings": string_list,
+        "maps": map_list,
+        "pods": pods,
+        "live": live_idx,
+        "addrs": addrs,
+    }, use_bin_type=True)
+
+
+def _decode(
+    payload: bytes,
+) -> tuple[str, int, dict[int, tuple[Interval, ...]], dict[str, PodMeta]]:
+    """``(node, written_ns, hist, live)`` from a payload; raises StateError("corrupt")."""
+    try:
+        doc = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        node = doc["node"]
+        written_ns = doc["written_ns"]
+        strings = doc["strings"]
+        maps: list[dict[str, str]] = []
+        for flat in doc["maps"]:
+            it = iter(flat)
+            maps.append(dict(zip(it, it, strict=True)))
+        flat_pods = doc["pods"]
+        if len(flat_pods) % _POD_FIELDS:
+            raise ValueError("pod table length is not a multiple of its row")
+        metas: list[PodMeta] = []
+        for i in range(0, len(flat_pods), _POD_FIELDS):
+            (ns, name, uid, ips_flat, node_s, labels_m, ann_m, okind, oname, ls, hostnet,
+             phase, created) = flat_pods[i:i + _POD_FIELDS]
+            ips = []
+            for j in range(0, len(ips_flat), 2):
+                fam, ip = ips_flat[j], ips_flat[j + 1]
+                if fam == 4:
+                    if not isinstance(ip, int):
+                        raise ValueError("IPv4 address is not an integer")
+                    ips.append((4, ip))
+                elif fam == 6:
+                    ips.append((6, int.from_bytes(ip, "big")))
+                else:
+                    raise ValueError(f"address family {fam!r}")
+            if not isinstance(name, str) or not isinstance(uid, str):
+                raise ValueError("pod name/uid is not a string")
+            metas.append(PodMeta(
+                namespace=strings[ns], name=name, uid=uid, ips=tuple(ips),
+                node=strings[node_s], labels=maps[labels_m] if labels_m >= 0 else {},
+                annotations=maps[ann_m] if ann_m >= 0 else {},
+                owner_kind=strings[okind], owner_name=strings[oname],
+                logical_switch=strings[ls], host_network=bool(hostnet), phase=strings[phase],
+                created_ns=created,
+            ).with_record_object())
+        hist: dict[int, tuple[Interval, ...]] = {}
+        addrs = doc["addrs"]
+        i = 0
+        while i < len(addrs):
+            addr, n = addrs[i], addrs[i + 1]
+            key = addr if isinstance(addr, int) else int.from_bytes(addr, "big") | _V6_TAG
+            i += 2
+            ivs: list[Interval] = []
+            for _ in range(n):
+                start, end, pi = addrs[i], addrs[i + 1], addrs[i + 2]
+                if not isinstance(start, int) or not (end is None or isinstance(end, int)):
+                    raise ValueError("interval bounds are not integers")
+                ivs.append((start, end, metas[pi]))
+                i += 3
+            hist[key] = tuple(ivs)
+        live = {metas[pi].uid: metas[pi] for pi in doc["live"]}
+        if not isinstance(node, str) or not isinstance(written_ns, int):
+            raise ValueError("node/written_ns")
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError,
+            msgpack.UnpackException, msgpack.ExtraData) as exc:
+        raise StateError(REASON_CORRUPT, f"state payload cannot be decoded: {exc}") from exc
+    return node, written_ns, hist, live
+
+
+def pack(payload: bytes) -> bytes:
+    """Header + payload: the bytes of a state file."""
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), zlib.crc32(payload)) + payload
+
+
+def unpack(data: bytes) -> bytes:
+    """The payload of a state file's bytes; raises StateError naming what is wrong."""
+    if len(data) < _HEADER.size:
+        if MAGIC.startswith(data[:len(MAGIC)]):
+            raise StateError(REASON_TRUNCATED, f"state file is {len(data)} bytes: "
+                             "shorter than its header")
+        raise StateError(REASON_CORRUPT, "not a state file (bad magic)")
+    magic, version, length, crc = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise StateError(REASON_CORRUPT, "not a state file (bad magic)")
+    if version != FORMAT_VERSION:
+        raise StateError(REASON_VERSION, f"state file format version {version}, "
+                         f"this shipper reads {FORMAT_VERSION}")
+    payload = data[_HEADER.size:]
+    if len(payload) < length:
+        raise StateError(REASON_TRUNCATED, f"state file truncated: {len(payload)} of "
+                         f"{length} payload bytes")
+    if len(payload) > length:
+        raise StateError(REASON_CORRUPT, f"state file has {len(payload) - length} bytes "
+                         "after its payload")
+    if zlib.crc32(payload) != crc:
+        raise StateError(REASON_CORRUPT, "state file CRC mismatch")
+    return payload
+
+
+# ---- the file -----------------------------------------------------------------------
+
+
+class StateFile:
+    """Loads the pod index from, and saves it to, ``<directory>/pod-index.state``."""
+
+    def __init__(self, directory: Path, node: str, metrics: Metrics) -> None:
+        self.path = Path(directory) / FILE_NAME
+        self.node = node
+        self.metrics = metrics
+        self._lock = threading.Lock()  # one save at a time (periodic vs. shutdown)
+
+    def load(self, index: PodIndex, now_ns: int | None = None) -> bool:
+        """Restore ``index`` from the file; False (logged, counted) if there is none to use.
+
+        Never raises for a bad or missing file: the shipper then starts without
+        history. Call before any pod source writes to ``index``.
+        """
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        started = time.monotonic()
+        try:
+            try:
+                data = self.path.read_bytes()
+            except FileNotFoundError:
+                log.info("no state file: starting without pod history",
+                         extra={"fields": {"path": str(self.path)}})
+                return False
+            except OSError as exc:
+                raise StateError(REASON_UNREADABLE, f"cannot read: {exc}") from exc
+            node, written_ns, hist, live = _decode(unpack(data))
+            if node != self.node:
+                raise StateError(REASON_FOREIGN_NODE,
+                                 f"written for node {node!r}, this is {self.node!r}")
+        except StateError as exc:
+            self.metrics.inc("shipper_state_load_errors_total", exc.reason)
+            log.error("state file ignored: starting without pod history",
+                      extra={"fields": {"path": str(self.path), "reason": exc.reason,
+                                        "error": str(exc)}})
+            return False
+        kept = index.restore(hist, live, min(written_ns, now_ns), now_ns)
+        log.info("pod history restored from the state file", extra={"fields": {
+            "path": str(self.path), "live_pods": len(live), "intervals": kept,
+            "written_s_ago": round((now_ns - written_ns) / 1e9, 1),
+            "seconds": round(time.monotonic() - started, 3)}})
+        return True
+
+    def save(self, index: PodIndex, now_ns: int | None = None) -> bool:
+        """Write the index's history atomically; False (logged, counted) on failure."""
+        with self._lock:
+            started = time.monotonic()
+            now_ns = time.time_ns() if now_ns is None else now_ns
+            hist, live = index.snapshot()
+            data = pack(_encode(hist, live, node=self.node, written_ns=now_ns,
+                                horizon_ns=now_ns - index.retention_ns))
+            try:
+                self._write(data)
+            except OSError as exc:
+                self.metrics.inc("shipper_state_saves_total", "error")
+                log.error("state file not written", extra={"fields": {
+                    "path": str(self.path), "error": str(exc)}})
+                return False
+            seconds = time.monotonic() - started
+            self.metrics.inc("shipper_state_saves_total", "ok")
+            self.metrics.set("shipper_state_bytes", len(data))
+            self.metrics.set("shipper_state_save_seconds", seconds)
+            log.debug("state file written", extra={"fields": {
+                "path": str(self.path), "bytes": len(data), "seconds": round(seconds, 3)}})
+            return True
+
+    def _write(self, data: bytes) -> None:
+        directory = self.path.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+class StateSaver:
+    """Saves the state file every ``interval_s`` from its own thread, and once at :meth:`stop`."""
+
+    def __init__(self, state: StateFile, index: PodIndex, interval_s: float) -> None:
+        self.state = state
+        self.index = index
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the periodic writer."""
+        self._thread = threading.Thread(target=self._run, name="state-saver", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.state.save(self.index)
+            except Exception as exc:  # a bug here must not end periodic saving
+                self.state.metrics.inc("shipper_errors_total", "state", type(exc).__name__)
+                log.exception("state file save failed")
+
+    def stop(self) -> bool:
+        """Stop the writer and save one last time; return whether that save worked."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return self.state.save(self.index)
