@@ -438,6 +438,7 @@ class Pipeline:
         if self.state is not None:
             # Before any pod source writes to the index and before the first dump.
             self.state.load(self.index)
+            self.health.beat()  # a long load is progress, not a stall
         self.delivery.start()  # recovers the spool first; raises SinkError if unusable
         try:
             self._sysctls()

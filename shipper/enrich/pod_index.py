@@ -97,7 +97,9 @@ class PodIndex:
         for the address, by no more than the clock-skew tolerance. The pod is
         the likely owner (its creation time comes from the API server's clock)
         but nothing rules out an earlier owner we never saw: the address has no
-        earlier history here (a first start, a lost state file).
+        earlier history here (a first start, a lost state file). Also: the pod
+        was restored from the state file, no pod source has confirmed it yet,
+        and ``t_ns`` is after the file was written (it may be gone since).
         ``(None, ATTR_UNRESOLVED)``: nobody is known to have owned it then.
         """
         hist = self._hist.get(ip if family == 4 else ip_key(family, ip))
@@ -106,6 +108,12 @@ class PodIndex:
         for start, end, meta in reversed(hist):
             if start <= t_ns:
                 if end is None or t_ns < end:
+                    if end is None and self._restored and t_ns > self._restored.get(
+                        meta.uid, t_ns
+                    ):
+                        # Restored from the state file, not yet confirmed by a pod
+                        # source, and the flow began after the file was written.
+                        return meta, ATTR_UNCERTAIN
                     return meta, ATTR_RESOLVED
                 return None, ATTR_UNRESOLVED
         first = hist[0]

@@ -104,6 +104,12 @@ class TestRoundTrip:
         assert set(a4.kubernetes_by_ip) == {ip_key(*ipi(A4)), ip_key(*ipi(A6))}
         assert a4.kubernetes_by_ip[ip_key(*ipi(A6))]["pod"]["ip"] == A6
         assert new.history(*ipi("10.16.0.9"))[0][2].annotations == {"k": "v"}
+        for addr in (A4, A6, "10.16.0.9"):
+            for _, _, meta in new.history(*ipi(addr)):
+                # The record objects are exactly what with_record_object builds.
+                assert meta.kubernetes_by_ip == meta.with_record_object().kubernetes_by_ip
+                assert list(meta.kubernetes_by_ip[ip_key(*ipi(addr))]) == list(
+                    meta.with_record_object().kubernetes_by_ip[ip_key(*ipi(addr))])
 
     def test_no_temp_file_left_and_private_mode(self, tmp_path: Path, metrics: Metrics) -> None:
         """After a save only the state file exists in the directory, readable by root only."""
@@ -172,6 +178,22 @@ class TestRestoreSemantics:
         new.delete("a", T + 500 * S)
         assert new.history(*ipi(A4))[0][1] == T + 500 * S
         assert who(new, A4, T + 400 * S) == ("a", ATTR_RESOLVED)
+
+    def test_unconfirmed_restored_pod_is_uncertain_after_the_save(
+        self, tmp_path: Path, metrics: Metrics
+    ) -> None:
+        """Until a source confirms a restored pod, flows that began after the state was
+        written are only 'uncertain' for it; once confirmed, they are resolved."""
+        idx = PodIndex()
+        idx.update(pod("a", A4, created=T), T)
+        sf = state(tmp_path, metrics)
+        sf.save(idx, T + 100 * S)
+        new = PodIndex()
+        sf.load(new, T + 300 * S)
+        assert who(new, A4, T + 50 * S) == ("a", ATTR_RESOLVED)
+        assert who(new, A4, T + 200 * S) == ("a", ATTR_UNCERTAIN)
+        new.reconcile([pod("a", A4, created=T)], T + 300 * S)
+        assert who(new, A4, T + 200 * S) == ("a", ATTR_RESOLVED)
 
     def test_entries_past_retention_are_dropped(self, tmp_path: Path, metrics: Metrics) -> None:
         """Tombstones older than the retention are neither written nor restored."""
