@@ -474,12 +474,76 @@ class Pipeline:
             elif not cfg.conntrack.dump_at_start:
                 self.health.set_ready("initial_dump", True, "conntrack.dump_at_start is false")
             self._loop(stop)
+            self._drain_at_stop()
         finally:
             try:
                 self._sock.close()
             finally:
                 clean = self._shutdown()
         return 0 if clean else 1
+
+    def _drain_at_stop(self) -> None:
+        """On stop, ship what the kernel already queued for us, then report its drops.
+
+        A stop can come while events wait on the socket: during the initial
+        Kubernetes sync wait (nothing has read the socket yet) or between two
+        loop iterations. They are read, handled and shipped like any other
+        (attributed as well as the index allows, flagged otherwise), and the
+        kernel's drop counter is checked one last time, so no event queued for
+        us vanishes uncounted. Bounded: at most the socket buffer's size in
+        bytes (all that can have been queued when the stop came; later events
+        came after it) and half of ``shutdown_grace_s``; if time runs out first,
+        a gap record says that events were left unread (count unknown).
+        """
+        sock = self._sock
+        limit = conntrack.effective_rcvbuf(sock)
+        deadline = time.monotonic() + self.cfg.shutdown_grace_s / 2
+        since = time.time_ns()
+        buf = bytearray(256 * 1024)
+        read = events = 0
+        unread = False
+        while read < limit:
+            if time.monotonic() >= deadline:
+                unread = True
+                break
+            try:
+                n = sock.recv_into(buf)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self._on_overrun()
+                    continue
+                log.error("conntrack socket read failed while draining at stop",
+                          extra={"fields": {"error": exc.strerror}})
+                break
+            read += n
+            now = time.time_ns()
+            off = 0
+            while off < n:
+                try:
+                    ev, mlen = self.decoder.decode(buf, off, now)
+                except DecodeError as exc:
+                    self._on_decode_error(exc)
+                    break
+                if ev is not None:
+                    events += 1
+                    try:
+                        self.handle(ev)
+                    except Exception as exc:
+                        self._on_handle_error(exc)
+                off += (mlen + 3) & ~3
+        if events:
+            log.info("events queued at stop were read and shipped",
+                     extra={"fields": {"events": events}})
+        self._check_drops(force_gap=self._gap_since is not None)
+        if unread:
+            now = time.time_ns()
+            self._emit(ecs.gap_record(self.host, since_ns=since, until_ns=now, lost=None,
+                                      overruns=0, resync=False), now)
+            self._n_records["gap"] = self._n_records.get("gap", 0) + 1
+            log.error("stop: events still queued on the socket after draining for half of "
+                      "shutdown_grace_s were not read (gap record, count unknown)")
 
     def _shutdown(self) -> bool:
         self.health.set_ready("running", False, "stopping")

@@ -473,3 +473,22 @@ class TestStartupSync:
         elapsed = time.monotonic() - t0
         assert code == 0
         assert elapsed < 5.0, f"took {elapsed:.1f}s to stop"
+
+    def test_sigterm_during_startup_wait_ships_the_events_already_queued(
+        self, lab: Lab, api: FakeKubeApi, shipper: Factory
+    ) -> None:
+        """Events the kernel queued on the socket while the shipper waited for the API are
+        read and shipped (unresolved: no pod is known yet) on SIGTERM, not dropped unseen."""
+        api.stop()
+        sp = shipper({"kubernetes.sync_timeout_s": 60.0})
+        poll(sp.stderr, lambda s: "listening for conntrack events" in s, "subscribed")
+        lab.start_server("tcp", 8080, 4)
+        ports = sorted(lab.connect(p, "tcp", 4, 8080) for p in (0, 1, 2))
+        assert sp.records() == [], "events were read before the sync wait ended"
+        assert sp.stop(signal.SIGTERM, timeout=30.0) == 0
+        news = [r for r in sp.records() if is_new(r) and get(r, "destination.port") == 8080]
+        assert sorted(get(r, "source.port") for r in news) == ports
+        for r in news:
+            assert get(r, "kubernetes.pod.name") is None
+            assert get(r, "flowlog.attribution") == "unresolved"
+        assert "events queued at stop were read and shipped" in sp.stderr()

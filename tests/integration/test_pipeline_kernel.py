@@ -273,6 +273,32 @@ class TestForwardSpool:
             rx.close()
 
 
+    def test_open_batch_lost_by_sigkill_comes_back_from_the_dump_while_live(
+        self, lab: Lab, shipper: Factory, tmp_path: Path
+    ) -> None:
+        """A record only in the open batch is lost by SIGKILL even with the spool on; if its
+        flow is still in the table, the next start's dump ships it as a snapshot."""
+        from tests.fakes.forward_receiver import ForwardReceiver
+
+        rx = ForwardReceiver().start()
+        cfg = {"sink.spool.enabled": True, "sink.spool.dir": str(tmp_path / "spool"),
+               "batch.max_age_s": 60.0, "batch.max_records": 100000}
+        try:
+            sp = shipper(receiver=rx, config=cfg)
+            sp.wait_ready()
+            lab.start_server("tcp", 8080, 4)
+            sport = lab.connect(1, "tcp", 4, 8080, hold_s=30.0)
+            sp.wait_metric("shipper_records_total", 1, {"action": "new"})
+            sp.stop(signal.SIGKILL)
+            assert rx.records() == []
+            sp2 = shipper(receiver=rx, config={**cfg, "batch.max_age_s": 0.2})
+            snap = sp2.wait_records(
+                lambda r: action("snapshot")(r) and get(r, "source.port") == sport)[0]
+            assert get(snap, "kubernetes.pod.name") == lab.identities[1].name
+        finally:
+            rx.close()
+
+
 class TestOverrun:
     """A socket overrun loses events, is counted and reported, and the shipper lives on."""
 
