@@ -1,10 +1,11 @@
-"""Command line: ``flowlog-shipper {run,dump,check-config,demo}``.
+"""Command line: ``flowlog-shipper {run,dump,check-config,demo,lookup}``.
 
 Exit codes: 0 success; 1 stopped with undelivered records (counted as
 dropped); 2 bad configuration or usage, or a configured feature whose Python
 package cannot be imported (e.g. Kubernetes without its client); 3 the conntrack source failed (no
 permission, no such namespace, netlink unavailable); 4 the sink could not be
-set up.
+set up. ``lookup`` has its own codes (see ``shipper.lookup``): 0 one answer,
+1 no flow found, 3 ambiguous, 2 bad input.
 """
 
 from __future__ import annotations
@@ -113,7 +114,41 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--pods", type=int, default=4, help="Number of pods in the lab (2-20).")
     m.add_argument("--keep-output", metavar="FILE",
                    help="Also copy the records the demo shipped to this file.")
+    _lookup_parser(sub)
     return p
+
+
+def _lookup_parser(sub: Any) -> None:
+    lk = sub.add_parser(
+        "lookup", help="Find the pod behind a NAT address:port at a time, in record files.",
+        description="Answer a remote log line (time, the node's address and port after "
+                    "MASQUERADE) from the shipper's NDJSON output: the flow that held that "
+                    "source.nat.ip/source.nat.port then (the join rule in docs/SCHEMA.md), "
+                    "its pod, namespace, labels, owner and node, start, end, bytes and "
+                    "packets. Ambiguity (port reuse, NAT_CLASH, a gap, an unresolved pod) "
+                    "is reported, never hidden. Exit 0 one answer, 1 no flow found, "
+                    "3 ambiguous, 2 bad input.")
+    lk.add_argument("--nat", metavar="IP:PORT",
+                    help="Post-NAT source address and port from the remote log "
+                         "([addr]:port for IPv6).")
+    lk.add_argument("--at", metavar="TIME",
+                    help="Time of the remote log line: RFC 3339 with a zone "
+                         "(2026-11-27T08:03:31Z), Common Log Format time or Unix seconds.")
+    lk.add_argument("--dst", metavar="IP[:PORT]",
+                    help="Destination as the pod addressed it (narrows the answer).")
+    lk.add_argument("--proto", choices=["tcp", "udp"], help="Transport protocol.")
+    lk.add_argument("--window", default="5m", metavar="DURATION",
+                    help="Clock-skew tolerance around --at (default 5m; e.g. 90s, 1h, 0).")
+    lk.add_argument("--queries", metavar="FILE",
+                    help="Answer many queries in one pass: CSV (time,nat[,dst[,proto]], or "
+                         "columns named in a header row) or NDJSON objects with those keys; "
+                         "one answer per query line, in order.")
+    lk.add_argument("--json", action="store_true",
+                    help="One JSON object per answer (NDJSON) instead of text.")
+    lk.add_argument("files", nargs="+", metavar="FILE",
+                    help="Record files: file-sink NDJSON (rotated files and .gz included) or "
+                         "Fluent Bit file output (format plain); a directory means every file "
+                         "in it.")
 
 
 # Flags that set one config key each, as given.
@@ -168,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         from shipper import demo
 
         return int(demo.main(args))
+    if args.command == "lookup":
+        from shipper import lookup
+
+        return lookup.main(args)
     from shipper import log as log_mod
 
     try:
