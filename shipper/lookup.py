@@ -69,9 +69,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 _GAP_NEEDLE = b'"gap"'
 _NAT_NEEDLE = b'"nat"'
-# The compact form both the file sink and Fluent Bit's `file` output (format
-# plain) write; the port is absent for protocols without ports (ICMP).
-_NAT_RE = re.compile(rb'"nat":\{"ip":"([^"]*)"(?:,"port":(\d+))?')
+# Every "nat" key, with its object when in the compact form both the file sink
+# and Fluent Bit's `file` output (format plain) write (no port for ICMP).
+_NAT_RE = re.compile(rb'"nat"(:\{"ip":"[^"]*"(?:,"port":\d+)?\})?')
 
 
 class LookupInputError(Exception):
@@ -301,8 +301,13 @@ def _open(path: Path) -> IO[bytes]:
     return f
 
 
-def read_blocks(path: Path, size: int = CHUNK) -> Iterator[bytes]:
-    """Yield ``path``'s content as blocks of whole lines (each ends with a newline)."""
+def read_blocks(path: Path, size: int = CHUNK) -> Iterator[tuple[bytes, int, int]]:
+    """Yield ``path``'s content as ``(buffer, start, end)``: whole lines in ``buffer[start:end]``.
+
+    The buffer is what one read returned, not a copy (a gigabyte copied twice
+    costs more than searching it); only the line cut at a read boundary is
+    joined to the next read.
+    """
     f = _open(path)
     try:
         rest = b""
@@ -314,19 +319,41 @@ def read_blocks(path: Path, size: int = CHUNK) -> Iterator[bytes]:
                                        f"gzip?): {exc}") from exc
             if not data:
                 break
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                rest += data
-                continue
-            yield rest + data[:cut + 1] if rest else data[:cut + 1]
-            rest = data[cut + 1:]
+            begin = 0
+            if rest:
+                nl = data.find(b"\n")
+                if nl < 0:
+                    rest += data
+                    continue
+                joined = rest + data[:nl + 1]
+                yield joined, 0, len(joined)
+                begin = nl + 1
+            cut = data.rfind(b"\n") + 1
+            if cut > begin:
+                yield data, begin, cut
+                rest = data[cut:]
+            else:
+                rest = data[begin:]
         if rest:
-            yield rest + b"\n"
+            yield rest + b"\n", 0, len(rest) + 1
     finally:
         f.close()
 
 
+_sec_cache: dict[str, int] = {}
+
+
 def _ts_us(text: str) -> int:
+    # Fast path for the records' own form, 2026-11-27T08:01:43.887525Z: the
+    # seconds part repeats from record to record.
+    if len(text) == 27 and text[19] == "." and text[26] == "Z":
+        sec = _sec_cache.get(text[:19])
+        if sec is None:
+            if len(_sec_cache) > 65536:
+                _sec_cache.clear()
+            sec = _sec_cache[text[:19]] = (
+                datetime.fromisoformat(text[:19] + "+00:00") - _EPOCH) // _US
+        return sec + int(text[20:26])
     dt = datetime.fromisoformat(text)
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
@@ -386,13 +413,14 @@ class Scanner:
     def __init__(self, keys: Iterable[tuple[str, int]]) -> None:
         self.keys = set(keys)
         # Byte forms of the keys, as the records write them.
-        self._bkeys = {(ip.encode(), str(port).encode()) for ip, port in self.keys}
+        self._bkeys = {f':{{"ip":"{ip}","port":{port}}}'.encode() for ip, port in self.keys}
         ports = {p for _, p in self.keys}
         self._needles = ([str(p).encode() for p in sorted(ports)]
                          if len(ports) <= _MAX_NEEDLES else None)
         self._ips = {ip.encode() for ip, _ in self.keys}
         self._ipnorm: dict[str, str] = {}
         self._kube: dict[bytes, dict[str, Any]] = {}
+        self._shared: dict[tuple[str, ...], tuple[str, ...]] = {}
         self.scan = Scan()
 
     def run(self, paths: list[Path]) -> Scan:
@@ -400,60 +428,62 @@ class Scanner:
         for path in paths:
             self.scan.files += 1
             name = str(path)
-            for block in read_blocks(path):
-                self.scan.bytes += len(block)
-                self._block(block, name)
+            for buf, start, end in read_blocks(path):
+                self.scan.bytes += end - start
+                self._block(buf, start, end, name)
         return self.scan
 
     # -- pre-filter: which lines of a block are worth parsing
 
-    def _block(self, block: bytes, name: str) -> None:
+    def _take(self, buf: bytes, i: int, end: int, starts: set[int], name: str) -> int:
+        """Parse the line holding position ``i`` (once); return the position after it."""
+        s = buf.rfind(b"\n", 0, i) + 1
+        e = buf.find(b"\n", i, end)
+        if e < 0:
+            e = end
+        if s not in starts:
+            starts.add(s)
+            self._line(buf[s:e], name)
+        return e
+
+    def _block(self, buf: bytes, start: int, end: int, name: str) -> None:
         starts: set[int] = set()
-        find = block.find
+        find = buf.find
         if self._needles is not None:
             ips = self._ips
             for needle in self._needles:
                 n = len(needle)
-                i = find(needle)
+                i = find(needle, start, end)
                 while i >= 0:
                     # a whole number only: 2895 must not match 28958 or 12895
-                    if not block[i - 1:i].isdigit() and not block[i + n:i + n + 1].isdigit():
-                        s = block.rfind(b"\n", 0, i) + 1
-                        e = find(b"\n", i)
-                        if s not in starts and any(ip in block[s:e] for ip in ips):
+                    if not buf[i - 1:i].isdigit() and not buf[i + n:i + n + 1].isdigit():
+                        s = buf.rfind(b"\n", 0, i) + 1
+                        e = find(b"\n", i, end)
+                        if e < 0:
+                            e = end
+                        if s not in starts and any(buf.find(ip, s, e) >= 0 for ip in ips):
                             starts.add(s)
-                            self._line(block[s:e], name)
-                        i = find(needle, e)
+                            self._line(buf[s:e], name)
+                        i = find(needle, e, end)
                     else:
-                        i = find(needle, i + n)
+                        i = find(needle, i + n, end)
         else:
-            matches = list(_NAT_RE.finditer(block))
-            if len(matches) == block.count(_NAT_NEEDLE):
-                bkeys = self._bkeys
-                for m in matches:
-                    if m.group(1, 2) in bkeys:
-                        i = m.start()
-                        s = block.rfind(b"\n", 0, i) + 1
-                        if s not in starts:
-                            starts.add(s)
-                            self._line(block[s:find(b"\n", i)], name)
-            else:  # not (all) the compact form: parse every line that has a "nat" key
-                i = find(_NAT_NEEDLE)
+            # Every "nat" key, with its object if in the compact form (else None).
+            bkeys = self._bkeys
+            compact = True
+            for m in _NAT_RE.finditer(buf, start, end):
+                k = m[1]
+                if k is None:
+                    compact = False
+                elif k in bkeys:
+                    self._take(buf, m.start(), end, starts, name)
+            if not compact:  # another layout: parse every line that has a "nat" key
+                i = find(_NAT_NEEDLE, start, end)
                 while i >= 0:
-                    s = block.rfind(b"\n", 0, i) + 1
-                    e = find(b"\n", i)
-                    if s not in starts:
-                        starts.add(s)
-                        self._line(block[s:e], name)
-                    i = find(_NAT_NEEDLE, e)
-        i = find(_GAP_NEEDLE)
+                    i = find(_NAT_NEEDLE, self._take(buf, i, end, starts, name), end)
+        i = find(_GAP_NEEDLE, start, end)
         while i >= 0:
-            s = block.rfind(b"\n", 0, i) + 1
-            e = find(b"\n", i)
-            if s not in starts:
-                starts.add(s)
-                self._line(block[s:e], name)
-            i = find(_GAP_NEEDLE, e)
+            i = find(_GAP_NEEDLE, self._take(buf, i, end, starts, name), end)
 
     # -- a candidate line
 
@@ -470,7 +500,7 @@ class Scanner:
             self._bad(name)
             return
         try:
-            self._record(rec)
+            self._record(rec, line)
         except (KeyError, TypeError, ValueError, AttributeError):
             self._bad(name)
 
@@ -482,7 +512,7 @@ class Scanner:
                 self._ipnorm[text] = n
         return n
 
-    def _record(self, rec: dict[str, Any]) -> None:
+    def _record(self, rec: dict[str, Any], line: bytes) -> None:
         event = rec["event"]
         action = event["action"]
         if action == "gap":
@@ -494,46 +524,62 @@ class Scanner:
                     "lost_events"),
                 ((rec.get("flowlog") or {}).get("gap") or {}).get("resync"), event.get("id")))
             return
-        src = rec.get("source") or {}
-        nat = src.get("nat") or {}
+        src = rec.get("source") or _EMPTY
+        nat = src.get("nat") or _EMPTY
         port = nat.get("port")
         if port is None or "ip" not in nat:
             return  # a record without a NAT port (ICMP) is no join candidate
         key = (self._norm(nat["ip"]), int(port))
         if key not in self.keys:
             return  # the digits matched elsewhere on the line
-        dst = rec.get("destination") or {}
-        ct = rec.get("conntrack") or {}
-        status = tuple(ct.get("status") or ())
+        dst = rec.get("destination") or _EMPTY
+        ct = rec.get("conntrack") or _EMPTY
+        net = rec.get("network") or _EMPTY
+        # Kept records are many and their texts repeat: share them.
+        st = ct.get("status") or ()
+        status = self._shared.get(tuple(st))
+        if status is None:
+            status = self._shared[tuple(st)] = tuple(st)
         kube = rec.get("kubernetes")
         if kube is not None:
-            # Records of one pod share one dict: many kept records, few pods.
-            kb = orjson.dumps(kube, option=orjson.OPT_SORT_KEYS)
+            # Records of one pod share one dict: many kept records, few pods. The
+            # key is the object's own text where the line has the usual layout.
+            i = line.find(b'"kubernetes":')
+            j = line.find(b',"flowlog":', i)
+            kb = line[i:j] if 0 <= i < j else orjson.dumps(kube)
             kube = self._kube.setdefault(kb, kube)
         counters = None
         if "bytes" in src or "bytes" in dst:
             counters = (src.get("bytes"), src.get("packets"), dst.get("bytes"),
                         dst.get("packets"))
+        start, end, dip = event.get("start"), event.get("end"), dst.get("ip")
         self.scan.recs.setdefault(key, []).append(Rec(
-            ts_us=_ts_us(rec["@timestamp"]),
-            action=action,
-            host=str((rec.get("host") or {}).get("name")),
-            ct_id=ct.get("id"),
-            cid=(rec.get("network") or {}).get("community_id"),
-            proto=(rec.get("network") or {}).get("transport"),
-            src_ip=src.get("ip"),
-            src_port=src.get("port"),
-            dst_ip=self._norm(dst["ip"]) if dst.get("ip") else None,
-            dst_port=dst.get("port"),
-            start_us=_ts_us(event["start"]) if event.get("start") else None,
-            end_us=_ts_us(event["end"]) if event.get("end") else None,
-            clash="NAT_CLASH" in status,
-            status=status,
-            attribution=(rec.get("flowlog") or {}).get("attribution"),
-            kube=kube,
-            counters=counters,
-            event_id=event.get("id"),
+            _ts_us(rec["@timestamp"]),
+            sys.intern(action),
+            sys.intern(str((rec.get("host") or _EMPTY).get("name"))),
+            ct.get("id"),
+            net.get("community_id"),
+            _intern_opt(net.get("transport")),
+            src.get("ip"),
+            src.get("port"),
+            self._norm(dip) if dip else None,
+            dst.get("port"),
+            _ts_us(start) if start else None,
+            _ts_us(end) if end else None,
+            "NAT_CLASH" in status,
+            status,
+            _intern_opt((rec.get("flowlog") or _EMPTY).get("attribution")),
+            kube,
+            counters,
+            event.get("id"),
         ))
+
+
+_EMPTY: dict[str, Any] = {}
+
+
+def _intern_opt(v: Any) -> Any:
+    return sys.intern(v) if isinstance(v, str) else v
 
 
 # ---- answering ------------------------------------------------------------------
