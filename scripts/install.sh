@@ -23,7 +23,7 @@ retry() {  # a passing network hiccup should not fail a whole install
 }
 retry apt-get update -qq
 retry apt-get install -y -qq --no-install-recommends \
-  iptables conntrack iproute2 iputils-ping procps kmod openssl ca-certificates \
+  iptables conntrack iproute2 iputils-ping procps kmod openssl ca-certificates curl \
   python3 python3-venv python3-pip >/dev/null
 for m in nf_conntrack nf_conntrack_netlink nf_nat iptable_nat ip6table_nat; do
   modprobe -q "$m" 2>/dev/null || true   # built in, or loaded on demand by iptables
