@@ -77,7 +77,7 @@ class Flow:
     clash: bool = False
     bytes_out: int = 1200
     bytes_in: int = 5400
-    attribution: str | None = None  # overrides the encoder's (e.g. "uncertain")
+    attribution: str | None = None  # as the pipeline passes it (None: from ``pod``)
 
     def events(self) -> list[tuple[FlowEvent, int]]:
         """The flow's events with the flow start the pipeline would pass."""
@@ -105,14 +105,6 @@ class Flow:
         return out
 
 
-def _fix_attribution(line: bytes, attribution: str | None) -> bytes:
-    if attribution is None:
-        return line
-    rec = orjson.loads(line)
-    rec["flowlog"]["attribution"] = attribution
-    return orjson.dumps(rec) + b"\n"
-
-
 def file_sink_lines(flows: Iterable[Flow], gaps: Iterable[dict[str, Any]] = ()) -> list[bytes]:
     """NDJSON lines in time order, as the file sink writes them."""
     encoders: dict[str, JsonLineEncoder] = {}
@@ -120,8 +112,7 @@ def file_sink_lines(flows: Iterable[Flow], gaps: Iterable[dict[str, Any]] = ()) 
     for f in flows:
         enc = encoders.setdefault(f.host, JsonLineEncoder(f.host))
         for ev, start in f.events():
-            line = _fix_attribution(enc.encode(ev, f.pod, start), f.attribution)
-            timed.append((ev.ts_event or 0, line))
+            timed.append((ev.ts_event or 0, enc.encode(ev, f.pod, start, f.attribution)))
     for g in gaps:
         timed.append((ecs_time(g), orjson.dumps(g) + b"\n"))
     timed.sort(key=lambda t: t[0])
@@ -152,9 +143,8 @@ def fluent_bit_plain_lines(flows: Iterable[Flow],
     timed: list[tuple[int, bytes]] = []
     for f in flows:
         for ev, start in f.events():
-            rec = ecs.build_record(ev, f.pod, f.host, flow_start_ns=start)
-            if f.attribution:
-                rec = {**rec, "flowlog": {**rec["flowlog"], "attribution": f.attribution}}
+            rec = ecs.build_record(ev, f.pod, f.host, flow_start_ns=start,
+                                   attribution=f.attribution)
             timed.append((ev.ts_event or 0, encode_entry(rec, ev.ts_event or 0)))
     for g in gaps:
         timed.append((ecs_time(g), encode_entry(g, ecs_time(g))))

@@ -73,6 +73,8 @@ def _flows() -> tuple[list[Flow], list[dict[str, Any]]]:
              T0 + 50 * M, T0 + 51 * M),
         Flow("node-a", 110, pod("late-1", "10.244.0.20"), "10.244.0.20", 42002, NA, 35001,
              WEB, 443, T0 + 50 * M, T0 + 51 * M, attribution="uncertain"),
+        Flow("node-a", 117, pod("held-1", "10.244.0.23"), "10.244.0.23", 42003, NA, 35002,
+             WEB, 443, T0 + 50 * M, T0 + 51 * M, attribution="stale"),
         # one NAT port, two destinations at once
         Flow("node-a", 111, pod("h-1", "10.244.0.17"), "10.244.0.17", 43000, NA, 36000,
              "203.0.113.8", 443, T0 + 55 * M, T0 + 56 * M),
@@ -233,11 +235,14 @@ class TestSingle:
         code, a = ask(outputs[fmt], f"{NA}:35000", T0 + 50 * M + 30 * S, window="0")
         assert code == 3 and a["flows"][0]["attribution"] == "unresolved"
 
-    def test_uncertain_pod_is_ambiguous(self, outputs: dict[str, Path], fmt: str) -> None:
+    @pytest.mark.parametrize("port,pod_name,status", [(35001, "late-1", "uncertain"),
+                                                      (35002, "held-1", "stale")])
+    def test_uncertain_or_stale_pod_is_ambiguous(self, outputs: dict[str, Path], fmt: str,
+                                                 port: int, pod_name: str, status: str) -> None:
         """Any attribution other than resolved is not a clean answer."""
-        code, a = ask(outputs[fmt], f"{NA}:35001", T0 + 50 * M + 30 * S, window="0")
-        assert code == 3 and pods(a) == ["late-1"]
-        assert "uncertain" in a["reasons"][0]
+        code, a = ask(outputs[fmt], f"{NA}:{port}", T0 + 50 * M + 30 * S, window="0")
+        assert code == 3 and pods(a) == [pod_name]
+        assert a["flows"][0]["attribution"] == status and status in a["reasons"][0]
 
     def test_destination_narrows_concurrent_flows(self, outputs: dict[str, Path],
                                                   fmt: str) -> None:
