@@ -25,6 +25,22 @@ Rules (kubeovn.io/v1 ``Subnet.spec``):
   also removed from the pod CIDRs, so the CIDR filter alone already drops
   them. Rules the gateway could not apply either (a malformed address) make
   the whole Subnet invalid: it is skipped and counted, never half-applied.
+* **Node role** (:func:`compute_role`): where Kube-OVN NATs a Subnet's egress
+  depends on ``spec.gatewayType``. ``distributed`` (the default, also when the
+  field is empty) NATs on the pod's own node, so every node NATs its own
+  pods. ``centralized`` NATs on the gateway nodes only, for the pods of every
+  node. A node is a gateway of a centralized Subnet when ``spec.gatewayNode``
+  (comma-separated ``node`` or ``node:egress-ip`` entries) names it, or, only
+  when ``gatewayNode`` is empty, when one of ``spec.gatewayNodeSelectors``
+  (``metav1.LabelSelector``\\ s) matches the node's labels; this is how
+  Kube-OVN's own controller and daemon decide it (``util.GatewayContains``,
+  ``util.MatchLabelSelectors``). Without ``enableEcmp`` only one gateway (the
+  Subnet's ``status.activateGateway``) NATs at a time and the others stand by;
+  a standby gateway still counts as one (it takes over without notice), and
+  the role says whether it is the active one.
+* With a role, the pod CIDRs are those of the Subnets in the role. CIDRs set
+  by hand (``filter.pod_cidrs``) win over discovered ones: then the role is
+  only reported.
 """
 
 from __future__ import annotations
@@ -39,6 +55,8 @@ import netaddr
 from shipper.errors import EnrichError
 
 Action = Literal["nat", "forward"]
+GatewayType = Literal["distributed", "centralized"]
+PodScope = Literal["node", "cluster"]
 
 _Ranges = tuple[tuple[int, ...], tuple[int, ...]]  # sorted starts, inclusive ends
 
@@ -94,6 +112,89 @@ class NatRule:
     dst: tuple[netaddr.IPNetwork, ...]
 
 
+_SELECTOR_OPS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    """A ``metav1.LabelSelector``: every matchLabels pair and every expression must hold.
+
+    Same semantics as ``metav1.LabelSelectorAsSelector``: an empty selector
+    matches every node; ``NotIn`` and ``DoesNotExist`` also match a node
+    without the key.
+    """
+
+    match_labels: tuple[tuple[str, str], ...] = ()
+    # (key, operator, values)
+    match_expressions: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        """True if ``labels`` satisfy the selector."""
+        for key, value in self.match_labels:
+            if labels.get(key) != value:
+                return False
+        for key, op, values in self.match_expressions:
+            present = key in labels
+            if op == "In":
+                ok = present and labels[key] in values
+            elif op == "NotIn":
+                ok = not present or labels[key] not in values
+            elif op == "Exists":
+                ok = present
+            else:  # DoesNotExist
+                ok = not present
+            if not ok:
+                return False
+        return True
+
+
+def _selector_from_dict(raw: Any, where: str) -> LabelSelector:
+    """One LabelSelector object; raises EnrichError naming ``where`` for what Kubernetes rejects."""
+    if not isinstance(raw, Mapping):
+        raise EnrichError(f"{where} is not an object")
+    ml = raw.get("matchLabels") or {}
+    if not isinstance(ml, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in ml.items()
+    ):
+        raise EnrichError(f"{where}.matchLabels is not a map of strings")
+    exprs = raw.get("matchExpressions") or []
+    if not isinstance(exprs, list):
+        raise EnrichError(f"{where}.matchExpressions is not a list")
+    out = []
+    for i, e in enumerate(exprs):
+        w = f"{where}.matchExpressions[{i}]"
+        if not isinstance(e, Mapping):
+            raise EnrichError(f"{w} is not an object")
+        key, op, values = e.get("key"), e.get("operator"), e.get("values") or []
+        if not isinstance(key, str) or not key:
+            raise EnrichError(f"{w}.key is missing or not a string")
+        if op not in _SELECTOR_OPS:
+            raise EnrichError(f"{w}.operator is {op!r}, expected one of {', '.join(_SELECTOR_OPS)}")
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise EnrichError(f"{w}.values is not a list of strings")
+        if op in ("In", "NotIn") and not values:
+            raise EnrichError(f"{w}: operator {op} needs values")
+        if op in ("Exists", "DoesNotExist") and values:
+            raise EnrichError(f"{w}: operator {op} takes no values")
+        out.append((key, op, tuple(values)))
+    return LabelSelector(tuple(sorted(ml.items())), tuple(out))
+
+
+def parse_gateway_node(text: str) -> tuple[tuple[str, str | None], ...]:
+    """``spec.gatewayNode`` -> ((node, egress IP or None), ...), as Kube-OVN splits it.
+
+    Entries are comma-separated, each ``node`` or ``node:egress-ip`` (the part
+    before the first colon is the node name); blanks are ignored.
+    """
+    out = []
+    for entry in text.split(","):
+        name, sep, ip = entry.partition(":")
+        name = name.strip()
+        if name:
+            out.append((name, (ip.strip() or None) if sep else None))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class SubnetInfo:
     """What the shipper needs from one Subnet."""
@@ -103,6 +204,29 @@ class SubnetInfo:
     nat_outgoing: bool
     vpc: str | None
     rules: tuple[NatRule, ...] = ()
+    gateway_type: GatewayType = "distributed"
+    # spec.gatewayNode as written (Kube-OVN tests it against "" before using selectors).
+    gateway_node: str = ""
+    gateway_nodes: tuple[tuple[str, str | None], ...] = ()
+    gateway_selectors: tuple[LabelSelector, ...] = ()
+    ecmp: bool = False
+    active_gateway: str | None = None  # status.activateGateway
+
+    def gateway_entry(
+        self, node: str, labels: Mapping[str, str] | None
+    ) -> tuple[bool, str | None]:
+        """(is ``node`` a gateway of this Subnet, its egress IP from ``node:ip`` if any).
+
+        ``labels`` None (the Node object is unknown) matches no selector.
+        """
+        if self.gateway_node != "":
+            for name, ip in self.gateway_nodes:
+                if name == node:
+                    return True, ip
+            return False, None
+        if labels is None:
+            return False, None
+        return any(sel.matches(labels) for sel in self.gateway_selectors), None
 
 
 def subnet_from_dict(obj: Mapping[str, Any]) -> SubnetInfo:
@@ -144,7 +268,48 @@ def subnet_from_dict(obj: Mapping[str, Any]) -> SubnetInfo:
                 _parse_nets(match.get("dstIPs"), f"{where}.match.dstIPs"),
             )
         )
-    return SubnetInfo(name, cidrs, nat, vpc or None, tuple(rules))
+    gw_type = spec.get("gatewayType") or "distributed"  # Kube-OVN's default for ""
+    if gw_type not in ("distributed", "centralized"):
+        raise EnrichError(
+            f"{ref}: spec.gatewayType is {gw_type!r}, expected 'distributed' or 'centralized'"
+        )
+    gw_node = spec.get("gatewayNode") or ""
+    if not isinstance(gw_node, str):
+        raise EnrichError(f"{ref}: spec.gatewayNode is not a string")
+    raw_sel = spec.get("gatewayNodeSelectors") or []
+    if not isinstance(raw_sel, list):
+        raise EnrichError(f"{ref}: spec.gatewayNodeSelectors is not a list")
+    selectors = tuple(
+        _selector_from_dict(raw, f"{ref}: spec.gatewayNodeSelectors[{i}]")
+        for i, raw in enumerate(raw_sel)
+    )
+    ecmp = spec.get("enableEcmp", False)
+    if not isinstance(ecmp, bool):
+        raise EnrichError(f"{ref}: spec.enableEcmp is not a boolean")
+    status = obj.get("status")
+    active = status.get("activateGateway") if isinstance(status, Mapping) else None
+    return SubnetInfo(
+        name, cidrs, nat, vpc or None, tuple(rules),
+        gateway_type=gw_type,
+        gateway_node=gw_node,
+        gateway_nodes=parse_gateway_node(gw_node),
+        gateway_selectors=selectors,
+        ecmp=ecmp,
+        active_gateway=active if isinstance(active, str) and active else None,
+    )
+
+
+def node_labels(obj: Mapping[str, Any]) -> dict[str, str]:
+    """``metadata.labels`` of one v1 Node (empty if none); raises EnrichError if malformed."""
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    labels = meta.get("labels") if isinstance(meta, Mapping) else None
+    if labels is None:
+        return {}
+    if not isinstance(labels, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise EnrichError(f"node {_name(obj, 'node')}: metadata.labels is not a map of strings")
+    return dict(labels)
 
 
 def node_from_dict(obj: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
@@ -239,6 +404,119 @@ def _forwarded_sources(s: SubnetInfo) -> list[netaddr.IPNetwork]:
     return out
 
 
+def _selected(
+    s: SubnetInfo, selection: str, vpc_set: set[str], join_subnet: str
+) -> bool:
+    """True if ``s`` is a pod Subnet under the selection settings (role not applied)."""
+    if s.name == join_subnet:
+        return False
+    if selection == "nat_outgoing" and not s.nat_outgoing:
+        return False
+    return not (vpc_set and (s.vpc or "ovn-cluster") not in vpc_set)
+
+
+@dataclass(frozen=True)
+class RoleEntry:
+    """One Subnet this node NATs, and how."""
+
+    subnet: str
+    mode: GatewayType  # distributed: this node's pods; centralized: every node's pods
+    cidrs: tuple[str, ...]
+    # centralized only: True with ECMP or when this node is status.activateGateway,
+    # False when another gateway is the active one, None when the status names none.
+    active: bool | None = None
+    egress_ip: str | None = None  # from a "node:ip" gatewayNode entry
+
+
+@dataclass(frozen=True)
+class NodeRole:
+    """What one node NATs, computed from the Subnets and the node's name and labels."""
+
+    node: str
+    entries: tuple[RoleEntry, ...]
+    # False when the Node object was not found: gatewayNodeSelectors could not be matched.
+    node_known: bool = True
+
+    @property
+    def gateway(self) -> bool:
+        """True if this node is a gateway of at least one centralized Subnet."""
+        return any(e.mode == "centralized" for e in self.entries)
+
+    @property
+    def pod_scope(self) -> PodScope:
+        """Whose pods this node must know: a gateway NATs pods of every node."""
+        return "cluster" if self.gateway else "node"
+
+    @property
+    def subnets(self) -> frozenset[str]:
+        """Names of the Subnets in the role."""
+        return frozenset(e.subnet for e in self.entries)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able form (logs, /readyz, check-config)."""
+        return {
+            "node": self.node,
+            "node_known": self.node_known,
+            "gateway": self.gateway,
+            "pod_scope": self.pod_scope,
+            "subnets": [_describe_entry(e) for e in self.entries],
+        }
+
+    def summary(self) -> str:
+        """One line for humans, e.g. ``ovn-default (centralized, standby), snat (distributed)``."""
+        if not self.entries:
+            return "nothing (no Subnet is NATed on this node)"
+        parts = []
+        for e in self.entries:
+            if e.mode == "centralized":
+                state = {True: "active", False: "standby", None: "gateway"}[e.active]
+                parts.append(f"{e.subnet} (centralized, {state})")
+            else:
+                parts.append(f"{e.subnet} (distributed)")
+        return ", ".join(parts)
+
+
+def _describe_entry(e: RoleEntry) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": e.subnet, "mode": e.mode, "cidrs": list(e.cidrs)}
+    if e.mode == "centralized":
+        out["active"] = e.active
+        if e.egress_ip is not None:
+            out["egress_ip"] = e.egress_ip
+    return out
+
+
+def compute_role(
+    subnets: Iterable[SubnetInfo],
+    node: str,
+    labels: Mapping[str, str] | None,
+    *,
+    selection: Literal["nat_outgoing", "all"] = "nat_outgoing",
+    vpcs: Iterable[str] = (),
+    join_subnet: str = "join",
+) -> NodeRole:
+    """The role of ``node``: the selected Subnets it NATs (see the module doc).
+
+    ``labels`` None means the Node object is unknown: no selector can match.
+    """
+    vpc_set = set(vpcs)
+    entries = []
+    for s in sorted(subnets, key=lambda x: x.name):
+        if not _selected(s, selection, vpc_set, join_subnet):
+            continue
+        cidrs = tuple(str(c) for c in s.cidrs)
+        if s.gateway_type == "distributed":
+            entries.append(RoleEntry(s.name, "distributed", cidrs))
+            continue
+        is_gw, egress = s.gateway_entry(node, labels)
+        if not is_gw:
+            continue
+        active: bool | None = True
+        if not s.ecmp:
+            active = None if s.active_gateway is None else s.active_gateway == node
+        entries.append(RoleEntry(s.name, "centralized", cidrs, active, egress))
+    return NodeRole(node, tuple(entries), labels is not None)
+
+
 def compute(
     subnets: Iterable[SubnetInfo],
     node_cidrs: Iterable[str],
@@ -250,38 +528,38 @@ def compute(
     service_cidrs: Iterable[str] = (),
     static_pod_cidrs: Iterable[str] = (),
     static_cluster_cidrs: Iterable[str] = (),
+    role: NodeRole | None = None,
 ) -> CidrSets:
     """Pod and cluster CIDRs (sorted, merged, as strings) plus the NAT policy of the pod Subnets.
 
-    Static CIDRs are always included. ``vpcs`` empty means every VPC.
+    Static cluster CIDRs are always included. Static pod CIDRs, when given,
+    are the pod CIDRs (the operator's word wins over discovery). With a
+    ``role``, only the Subnets in it give pod CIDRs. ``vpcs`` empty means
+    every VPC.
     """
     vpc_set = set(vpcs)
-    pod: list[netaddr.IPNetwork] = [netaddr.IPNetwork(c).cidr for c in static_pod_cidrs]
+    static_pod = [netaddr.IPNetwork(c).cidr for c in static_pod_cidrs]
+    pod: list[netaddr.IPNetwork] = []
     cluster: list[netaddr.IPNetwork] = [
         netaddr.IPNetwork(c).cidr
         for c in (*static_cluster_cidrs, *service_cidrs, *node_cidrs)
     ]
+    in_role = role.subnets if role is not None else None
     removed = netaddr.IPSet()
     chosen: list[SubnetInfo] = []
     for s in sorted(subnets, key=lambda x: x.name):
         cluster.extend(s.cidrs)
-        if s.name == join_subnet:
+        if not _selected(s, selection, vpc_set, join_subnet):
             continue
-        if selection == "nat_outgoing" and not s.nat_outgoing:
-            continue
-        if vpc_set and (s.vpc or "ovn-cluster") not in vpc_set:
+        if in_role is not None and s.name not in in_role:
             continue
         chosen.append(s)
         pod.extend(s.cidrs)
         if honour_rules and s.nat_outgoing:
             for net in _forwarded_sources(s):
                 removed.add(net)
-    pod_set = netaddr.IPSet(pod)
-    if removed:
-        # Static pod CIDRs are the operator's word: never shrink them.
-        pod_set = (pod_set - removed) | netaddr.IPSet(
-            netaddr.IPNetwork(c) for c in static_pod_cidrs
-        )
+    # Static pod CIDRs are the operator's word: they replace discovery, never shrink.
+    pod_set = netaddr.IPSet(static_pod) if static_pod else netaddr.IPSet(pod) - removed
     policy = NatPolicy(s for s in chosen if s.nat_outgoing) if honour_rules else NatPolicy(())
     return CidrSets(
         tuple(str(n) for n in pod_set.iter_cidrs()),

@@ -465,17 +465,42 @@ def subnet(
     nat_outgoing: bool = True,
     vpc: str = "ovn-cluster",
     rules: list[dict[str, Any]] | None = None,
+    gateway_type: str | None = None,
+    gateway_node: str | None = None,
+    gateway_node_selectors: list[dict[str, Any]] | None = None,
+    enable_ecmp: bool | None = None,
+    activate_gateway: str | None = None,
 ) -> dict[str, Any]:
-    """A kubeovn.io/v1 Subnet object."""
+    """A kubeovn.io/v1 Subnet object (spec field names as in Kube-OVN's subnet.go).
+
+    ``gateway_type`` None leaves ``gatewayType`` out (Kube-OVN then means
+    distributed); ``activate_gateway`` sets ``status.activateGateway``.
+    """
     spec: dict[str, Any] = {"cidrBlock": cidr, "natOutgoing": nat_outgoing, "vpc": vpc}
     if rules is not None:
         spec["natOutgoingPolicyRules"] = rules
-    return {"metadata": {"name": name}, "spec": spec}
+    if gateway_type is not None:
+        spec["gatewayType"] = gateway_type
+    if gateway_node is not None:
+        spec["gatewayNode"] = gateway_node
+    if gateway_node_selectors is not None:
+        spec["gatewayNodeSelectors"] = gateway_node_selectors
+    if enable_ecmp is not None:
+        spec["enableEcmp"] = enable_ecmp
+    obj: dict[str, Any] = {"metadata": {"name": name}, "spec": spec}
+    if activate_gateway is not None:
+        obj["status"] = {"activateGateway": activate_gateway}
+    return obj
 
 
-def node(name: str, internal_ip: str | list[str]) -> dict[str, Any]:
-    """A v1 Node object with InternalIP addresses."""
+def node(
+    name: str, internal_ip: str | list[str], *, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A v1 Node object with InternalIP addresses (and ``metadata.labels``)."""
     ips = [internal_ip] if isinstance(internal_ip, str) else internal_ip
     addrs = [{"type": "InternalIP", "address": i} for i in ips]
     addrs.append({"type": "Hostname", "address": name})
-    return {"metadata": {"name": name}, "status": {"addresses": addrs}}
+    meta: dict[str, Any] = {"name": name}
+    if labels is not None:
+        meta["labels"] = dict(labels)
+    return {"metadata": meta, "status": {"addresses": addrs}}
