@@ -533,8 +533,9 @@ class KubernetesConfig(_Closed):
     backoff_max_s: float = Field(30.0, gt=0, description="Longest reconnect delay.")
     subnets_enabled: bool = Field(
         False,
-        description="Discover pod and cluster CIDRs from kubeovn.io/v1 Subnets at runtime "
-        "(combined with filter.pod_cidrs / filter.cluster_cidrs).",
+        description="Discover the node role and the pod and cluster CIDRs from kubeovn.io/v1 "
+        "Subnets at runtime (cluster CIDRs add to filter.cluster_cidrs; filter.pod_cidrs, "
+        "if set, replace the discovered pod CIDRs).",
     )
     subnet_selection: Literal["nat_outgoing", "all"] = Field(
         "nat_outgoing",
@@ -560,6 +561,12 @@ class KubernetesConfig(_Closed):
     )
     watch_nodes: bool = Field(
         True, description="Watch Nodes and exclude their InternalIPs as destinations."
+    )
+    pod_scope: Literal["auto", "node", "cluster"] = Field(
+        "auto",
+        description="Which pods to watch: node (only this node's, fieldSelector "
+        "spec.nodeName), cluster (all), or auto (with subnets_enabled: node unless the node "
+        "role makes this node a centralized gateway, switching at runtime; else cluster).",
     )
 
     @field_validator("service_cidrs")

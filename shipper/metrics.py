@@ -290,7 +290,8 @@ DEFS: dict[str, MetricDef] = {
         MetricDef(
             "shipper_kube_watch_restarts_total",
             "counter",
-            "Kubernetes watches restarted, by resource and reason (gone, expired, error).",
+            "Kubernetes watches restarted, by resource and reason (gone, expired, error, scope: "
+            "the watch scope changed with the node role).",
             ("resource", "reason"),
         ),
         MetricDef(
@@ -304,6 +305,20 @@ DEFS: dict[str, MetricDef] = {
             "gauge",
             "1 while the cached objects of a resource may be out of date (API unreachable).",
             ("resource",),
+        ),
+        MetricDef(
+            "shipper_node_role",
+            "gauge",
+            "1 for each Kube-OVN Subnet whose egress this node NATs, by subnet and mode "
+            "(distributed: this node's pods; centralized: this node is a gateway, every node's "
+            "pods).",
+            ("subnet", "mode"),
+        ),
+        MetricDef(
+            "shipper_kube_pod_scope",
+            "gauge",
+            "1 for the pod watch scope in force: node (spec.nodeName=this node) or cluster.",
+            ("scope",),
         ),
         MetricDef(
             "shipper_kube_cidrs",
@@ -349,6 +364,10 @@ class Metrics:
     def set(self, name: str, value: float, *labels: str) -> None:
         """Set a gauge."""
         self.values[name][labels] = value
+
+    def remove(self, name: str, *labels: str) -> None:
+        """Drop one labelled series of a gauge (a subnet that left the node role)."""
+        self.values[name].pop(labels, None)
 
     def observe(self, name: str, value: float, *labels: str) -> None:
         """Record one histogram observation."""

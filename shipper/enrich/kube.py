@@ -156,8 +156,15 @@ class Reflector(Generic[T]):
         watch_timeout_s: int = 290,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
+        selector: Callable[[], str | None] | None = None,
     ) -> None:
-        """Nothing happens until :meth:`start`."""
+        """Nothing happens until :meth:`start`.
+
+        ``selector`` (called in the reflector's thread before every list)
+        returns the ``fieldSelector`` of the collection, or None for all of
+        it; the watch that follows uses the same one. It may block (bounded)
+        until it knows the answer.
+        """
         self.resource = resource
         self.path = path
         self.consumer = consumer
@@ -168,6 +175,9 @@ class Reflector(Generic[T]):
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.synced = threading.Event()
+        self._selector_fn = selector
+        self.field_selector: str | None = None  # the one in force
+        self._rescope = threading.Event()
         self._client_factory = client_factory
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -193,6 +203,18 @@ class Reflector(Generic[T]):
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("kube %s reflector did not stop within %.1fs", self.resource, timeout)
+
+    def rescope(self, stale: bool = False) -> None:
+        """Re-list now with a fresh ``selector()`` (the scope changed): ends the open watch.
+
+        ``stale`` marks the cache stale until the re-list is applied (a scope
+        that widens: the cache lacks objects that are now in scope).
+        """
+        self._rescope.set()
+        self.metrics.inc("shipper_kube_watch_restarts_total", self.resource, "scope")
+        if stale:
+            self._set_stale(True, "watch scope widened; re-listing")
+        self._abort_response()
 
     @property
     def stale(self) -> bool:
@@ -220,9 +242,13 @@ class Reflector(Generic[T]):
             gone_streak = 0
             while not self._stop.is_set():
                 try:
+                    if self._rescope.is_set():
+                        need_list = True
                     if need_list:
                         self._list(client)
                         need_list = False
+                        if self._stop.is_set():
+                            break
                     self._watch(client)
                     gone_streak = 0
                 except _Gone:
@@ -239,6 +265,8 @@ class Reflector(Generic[T]):
                 except (_ApiStatus, httpx.HTTPError, OSError, ValueError, EnrichError) as exc:
                     if self._stop.is_set():
                         break
+                    if self._rescope.is_set():
+                        continue  # we cut the connection ourselves: re-list at once
                     self._failures += 1
                     self.metrics.inc("shipper_kube_watch_restarts_total", self.resource, "error")
                     self._set_stale(True, f"{type(exc).__name__}: {exc}")
@@ -252,8 +280,14 @@ class Reflector(Generic[T]):
         self._stop.wait(random.uniform(cap / 2, cap))
 
     def _list(self, client: httpx.Client) -> None:
+        self._rescope.clear()
+        rescoped = self.synced.is_set() and self._selector_fn is not None
+        selector = self._selector_fn() if self._selector_fn is not None else None
+        if self._stop.is_set():
+            return
+        base: dict[str, str] = {"fieldSelector": selector} if selector else {}
         items: list[T] = []
-        params: dict[str, str] = {"limit": str(self.page_size)}
+        params: dict[str, str] = {"limit": str(self.page_size), **base}
         invalid = 0
         rv: str | None = None
         try:
@@ -273,7 +307,7 @@ class Reflector(Generic[T]):
                 cont = meta.get("continue")
                 if not cont:
                     break
-                params = {"limit": str(self.page_size), "continue": str(cont)}
+                params = {"limit": str(self.page_size), "continue": str(cont), **base}
         except (_Gone, _ApiStatus, httpx.HTTPError, OSError, ValueError):
             self.metrics.inc("shipper_kube_lists_total", self.resource, "error")
             raise
@@ -281,6 +315,9 @@ class Reflector(Generic[T]):
             self.metrics.inc("shipper_kube_objects_invalid_total", self.resource, n=invalid)
         if not rv:
             raise ValueError(f"list of {self.resource} carries no resourceVersion")
+        if rescoped and selector != self.field_selector:
+            log.info("kube %s: watch scope now %s", self.resource, selector or "all")
+        self.field_selector = selector
         self.consumer.replace(items)
         self.resource_version = rv
         self.metrics.inc("shipper_kube_lists_total", self.resource, "ok")
@@ -321,19 +358,21 @@ class Reflector(Generic[T]):
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(self.watch_timeout_s),
         }
+        if self.field_selector:
+            params["fieldSelector"] = self.field_selector
         started = time.monotonic()
         events = 0
         with self._open(client, params, self.watch_timeout_s + WATCH_READ_GRACE_S) as resp:
             self._failures = 0
             self._set_stale(False)
             for line in resp.iter_lines():
-                if self._stop.is_set():
+                if self._stop.is_set() or self._rescope.is_set():
                     return
                 if not line.strip():
                     continue
                 events += 1
                 self._handle_line(line)
-        if self._stop.is_set():
+        if self._stop.is_set() or self._rescope.is_set():
             return
         if events == 0 and time.monotonic() - started < MIN_HEALTHY_WATCH_S:
             raise _ApiStatus(0, "watch closed immediately without events")
@@ -389,7 +428,7 @@ class _Stream:
     def __enter__(self) -> _Stream:
         with self._owner._resp_lock:
             self._owner._resp = self._resp
-        if self._owner._stop.is_set():
+        if self._owner._stop.is_set() or self._owner._rescope.is_set():
             self._owner._abort_response()
         return self
 
@@ -444,22 +483,54 @@ class PodConsumer:
         self.metrics.set("shipper_pod_tombstones", self.index.tombstones())
 
 
+class HealthLike(Protocol):
+    """The part of :class:`shipper.health.Health` the API source uses."""
+
+    def set_info(self, key: str, value: Any) -> None:
+        """Show ``value`` under ``key`` in /readyz's body."""
+
+
 class CidrConsumer:
-    """Subnets and Nodes -> :meth:`CidrFilter.set_cidrs` (recomputed after every change).
+    """Subnets and Nodes -> node role -> :meth:`CidrFilter.set_cidrs` (after every change).
 
     Two reflectors (subnets, nodes) share one instance; :meth:`for_kind` gives
-    each its view. The lock serialises their recomputations.
+    each its view. The lock serialises their recomputations. The node role
+    (:func:`~shipper.enrich.subnets.compute_role`) needs this node's labels,
+    taken from the Node object named ``cfg.node_name``; it is logged at the
+    first computation and on every change, exported as
+    ``shipper_node_role{subnet,mode}``, shown in /readyz (``health``), and
+    ``on_role`` callbacks get every new role (the pod watch scope follows it).
     """
 
-    def __init__(self, cfg: Config, cidr_filter: CidrFilter, metrics: Metrics) -> None:
-        """Static CIDRs come from ``cfg.filter``; discovery settings from ``cfg.kubernetes``."""
+    def __init__(
+        self,
+        cfg: Config,
+        cidr_filter: CidrFilter,
+        metrics: Metrics,
+        health: HealthLike | None = None,
+        *,
+        nodes_watched: bool = True,
+    ) -> None:
+        """Static CIDRs come from ``cfg.filter``; discovery settings from ``cfg.kubernetes``.
+
+        ``nodes_watched`` False: no Node reflector feeds this (the role is then
+        known once the Subnets are, without labels).
+        """
         self.cfg = cfg
         self.cidr_filter = cidr_filter
         self.metrics = metrics
+        self.health = health
         self.subnets: dict[str, subnet_rules.SubnetInfo] = {}
         self.nodes: dict[str, tuple[str, ...]] = {}
+        self.node_labels: dict[str, str] | None = None  # this node's, once seen
         self.nat_policy = subnet_rules.NatPolicy(())
+        self.role: subnet_rules.NodeRole | None = None
+        self.role_known = threading.Event()
+        self.on_role: list[Callable[[subnet_rules.NodeRole], None]] = []
+        self._listed: set[str] = set() if nodes_watched else {"nodes"}
         self._lock = threading.Lock()
+        self._report_lock = threading.Lock()
+        self._reported: subnet_rules.NodeRole | None = None
         self._last: tuple[tuple[str, ...], tuple[str, ...]] | None = None
 
     def for_kind(self, kind: str) -> Consumer[Any]:
@@ -467,9 +538,17 @@ class CidrConsumer:
         return _CidrView(self, kind)
 
     def recompute(self) -> None:
-        """Install the CIDRs implied by the current Subnets and Nodes (if they changed)."""
+        """Install the role and CIDRs implied by the current Subnets and Nodes (if they changed)."""
         k = self.cfg.kubernetes
         with self._lock:
+            role = subnet_rules.compute_role(
+                self.subnets.values(),
+                self.cfg.node_name,
+                self.node_labels,
+                selection=k.subnet_selection,
+                vpcs=k.subnet_vpcs,
+                join_subnet=k.join_subnet,
+            )
             result = subnet_rules.compute(
                 self.subnets.values(),
                 [c for cidrs in self.nodes.values() for c in cidrs],
@@ -480,16 +559,62 @@ class CidrConsumer:
                 service_cidrs=k.service_cidrs,
                 static_pod_cidrs=self.cfg.filter.pod_cidrs,
                 static_cluster_cidrs=self.cfg.filter.cluster_cidrs,
+                role=role,
             )
             self.nat_policy = result.nat_policy
+            self.role = role
+            known = self._listed >= {"subnets", "nodes"}
             pair = (result.pod_cidrs, result.cluster_cidrs)
-            if pair == self._last:
+            changed = pair != self._last
+            if changed:
+                self.cidr_filter.set_cidrs(*pair)
+                self._last = pair
+        if changed:
+            self.metrics.set("shipper_kube_cidrs", len(pair[0]), "pod")
+            self.metrics.set("shipper_kube_cidrs", len(pair[1]), "cluster")
+            log.info("kube: pod CIDRs now %s; cluster CIDRs now %s",
+                     list(pair[0]), list(pair[1]))
+        if not known:
+            return
+        # Report outside the compute lock, in order: always the latest role, once.
+        with self._report_lock:
+            with self._lock:
+                role = self.role
+            old = self._reported
+            if old is not None and role == old:
                 return
-            self.cidr_filter.set_cidrs(*pair)
-            self._last = pair
-        self.metrics.set("shipper_kube_cidrs", len(pair[0]), "pod")
-        self.metrics.set("shipper_kube_cidrs", len(pair[1]), "cluster")
-        log.info("kube: pod CIDRs now %s; cluster CIDRs now %s", list(pair[0]), list(pair[1]))
+            self._reported = role
+            self._report_role(role, old)
+            self.role_known.set()
+            for fn in list(self.on_role):
+                fn(role)
+
+    def _report_role(
+        self, role: subnet_rules.NodeRole, old: subnet_rules.NodeRole | None
+    ) -> None:
+        hand_set = bool(self.cfg.filter.pod_cidrs)
+        if old is not None:
+            for e in old.entries:
+                self.metrics.remove("shipper_node_role", e.subnet, e.mode)
+        for e in role.entries:
+            self.metrics.set("shipper_node_role", 1, e.subnet, e.mode)
+        info = role.describe()
+        info["filter"] = "filter.pod_cidrs (set by hand)" if hand_set else "node role"
+        if self.health is not None:
+            self.health.set_info("node_role", info)
+        log.info(
+            "kube: node role %s %s: NATs %s; pod watch scope %s%s",
+            role.node, "at start" if old is None else "changed",
+            role.summary(), role.pod_scope,
+            "; filter.pod_cidrs is set by hand and wins (the role is only reported)"
+            if hand_set else "",
+            extra={"fields": {"node_role": info}},
+        )
+        if not role.node_known:
+            log.warning(
+                "kube: node %r not found among the Nodes: gatewayNodeSelectors cannot match "
+                "it (check node_name / $NODE_NAME)", role.node,
+            )
 
 
 class _CidrView:
@@ -500,20 +625,30 @@ class _CidrView:
     def convert(self, obj: Mapping[str, Any]) -> Any:
         if self.kind == "subnets":
             return subnet_rules.subnet_from_dict(obj)
-        return subnet_rules.node_from_dict(obj)
+        name, ips = subnet_rules.node_from_dict(obj)
+        # Labels are kept for this node only (the role needs them; others do not).
+        labels = subnet_rules.node_labels(obj) if name == self.owner.cfg.node_name else None
+        return name, ips, labels
 
-    def _store(self) -> dict[str, Any]:
-        return self.owner.subnets if self.kind == "subnets" else self.owner.nodes
+    def _put(self, item: Any) -> None:
+        if self.kind == "subnets":
+            self.owner.subnets[item.name] = item
+            return
+        name, ips, labels = item
+        self.owner.nodes[name] = ips
+        if name == self.owner.cfg.node_name:
+            self.owner.node_labels = labels
 
     def replace(self, items: list[Any]) -> None:
         with self.owner._lock:
-            store = self._store()
-            store.clear()
+            if self.kind == "subnets":
+                self.owner.subnets.clear()
+            else:
+                self.owner.nodes.clear()
+                self.owner.node_labels = None
             for item in items:
-                if self.kind == "subnets":
-                    store[item.name] = item
-                else:
-                    store[item[0]] = item[1]
+                self._put(item)
+            self.owner._listed.add(self.kind)
         self.owner.recompute()
 
     def apply(self, event: str, obj: Mapping[str, Any]) -> None:
@@ -523,14 +658,16 @@ class _CidrView:
             if not isinstance(name, str):
                 raise EnrichError(f"{self.kind} DELETED event without metadata.name")
             with self.owner._lock:
-                self._store().pop(name, None)
+                if self.kind == "subnets":
+                    self.owner.subnets.pop(name, None)
+                else:
+                    self.owner.nodes.pop(name, None)
+                    if name == self.owner.cfg.node_name:
+                        self.owner.node_labels = None
         else:
             item = self.convert(obj)
             with self.owner._lock:
-                if self.kind == "subnets":
-                    self._store()[item.name] = item
-                else:
-                    self._store()[item[0]] = item[1]
+                self._put(item)
         self.owner.recompute()
 
 
@@ -547,33 +684,111 @@ class KubeSource:
     """
 
     def __init__(
-        self, cfg: Config, index: PodIndex, cidr_filter: CidrFilter, metrics: Metrics
+        self,
+        cfg: Config,
+        index: PodIndex,
+        cidr_filter: CidrFilter,
+        metrics: Metrics,
+        health: HealthLike | None = None,
     ) -> None:
-        """Raises EnrichError when no usable kubeconfig / in-cluster config is found."""
+        """Raises EnrichError when no usable kubeconfig / in-cluster config is found.
+
+        ``health`` (optional) gets the node role as ``set_info("node_role", ...)``.
+        """
         self.cfg = cfg
         self.index = index
         self.cidr_filter = cidr_filter
         self.metrics = metrics
         k = cfg.kubernetes
         self._conn = load_connection(cfg)
-        self._cidrs = CidrConsumer(cfg, cidr_filter, metrics)
+        # Without the cluster-wide Node watch, the role still needs this node's labels:
+        # watch this one Node only.
+        own_node = k.subnets_enabled and not k.watch_nodes
+        self._cidrs = CidrConsumer(
+            cfg, cidr_filter, metrics, health, nodes_watched=k.watch_nodes or own_node
+        )
         pods = PodConsumer(index, LabelPolicy.from_config(cfg.enrich), metrics)
-        self.reflectors: list[Reflector[Any]] = [self._reflector("pods", PODS_PATH, pods)]
+        self.pods = self._reflector("pods", PODS_PATH, pods, selector=self._pod_selector)
+        self.reflectors: list[Reflector[Any]] = [self.pods]
         if k.subnets_enabled:
             self.reflectors.append(
                 self._reflector("subnets", SUBNETS_PATH, self._cidrs.for_kind("subnets"))
             )
-        if k.watch_nodes:
+        if k.watch_nodes or own_node:
+            node_sel = f"metadata.name={cfg.node_name}" if own_node else None
             self.reflectors.append(
-                self._reflector("nodes", NODES_PATH, self._cidrs.for_kind("nodes"))
+                self._reflector("nodes", NODES_PATH, self._cidrs.for_kind("nodes"),
+                                selector=(lambda: node_sel) if node_sel else None)
             )
+        self._scope: str | None = None  # the pod scope last chosen
+        self._scope_lock = threading.Lock()
+        if k.pod_scope == "auto" and k.subnets_enabled:
+            self._cidrs.on_role.append(self._on_role)
         self._started = False
+
+    # ---- pod watch scope ----
+
+    def _pod_selector(self) -> str | None:
+        """fieldSelector for the pod list+watch, per ``kubernetes.pod_scope`` and the role.
+
+        In ``auto`` mode the first call waits (bounded by ``sync_timeout_s``)
+        for the node role; if it is still unknown then, every pod is watched
+        (the safe superset) until the role arrives.
+        """
+        k = self.cfg.kubernetes
+        auto = k.pod_scope == "auto" and k.subnets_enabled
+        if auto and self._scope is None:
+            deadline = time.monotonic() + k.sync_timeout_s
+            while not self._cidrs.role_known.wait(0.1):
+                if self.pods._stop.is_set():
+                    return None
+                if time.monotonic() >= deadline:
+                    log.warning("kube: node role unknown after %.1fs; watching every pod "
+                                "until it is known", k.sync_timeout_s)
+                    break
+        with self._scope_lock:
+            scope: str = k.pod_scope
+            if scope == "auto":
+                role = self._cidrs.role if self._cidrs.role_known.is_set() else None
+                scope = role.pod_scope if auto and role is not None else "cluster"
+            if scope != self._scope:
+                if self._scope is not None:
+                    self.metrics.remove("shipper_kube_pod_scope", self._scope)
+                self.metrics.set("shipper_kube_pod_scope", 1, scope)
+                self._scope = scope
+        return f"spec.nodeName={self.cfg.node_name}" if scope == "node" else None
+
+    def _on_role(self, role: subnet_rules.NodeRole) -> None:
+        """Switch the pod watch scope when the role needs another one (from a CIDR thread).
+
+        The role is assigned before this runs, and the pod thread reads it under
+        the same lock, so a scope chosen concurrently is either already the new
+        one or is followed by this re-list.
+        """
+        with self._scope_lock:
+            if self._scope is None or role.pod_scope == self._scope:
+                return
+            old = self._scope
+        log.info("kube: pod watch scope %s -> %s (node role changed); re-listing pods",
+                 old, role.pod_scope)
+        self.pods.rescope(stale=role.pod_scope == "cluster")
+
+    @property
+    def node_role(self) -> subnet_rules.NodeRole | None:
+        """The node role in force (None until the Subnets, and Nodes, are listed)."""
+        return self._cidrs.role if self._cidrs.role_known.is_set() else None
 
     def _client(self) -> httpx.Client:
         params = ConnectionParams(timeout=httpx.Timeout(self.cfg.kubernetes.request_timeout_s))
         return _lightkube_http_client(self._conn, params)
 
-    def _reflector(self, resource: str, path: str, consumer: Consumer[Any]) -> Reflector[Any]:
+    def _reflector(
+        self,
+        resource: str,
+        path: str,
+        consumer: Consumer[Any],
+        selector: Callable[[], str | None] | None = None,
+    ) -> Reflector[Any]:
         k = self.cfg.kubernetes
         return Reflector(
             resource,
@@ -586,6 +801,7 @@ class KubeSource:
             watch_timeout_s=k.watch_timeout_s,
             backoff_initial_s=k.backoff_initial_s,
             backoff_max_s=k.backoff_max_s,
+            selector=selector,
         )
 
     @property

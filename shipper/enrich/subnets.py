@@ -268,10 +268,15 @@ def subnet_from_dict(obj: Mapping[str, Any]) -> SubnetInfo:
                 _parse_nets(match.get("dstIPs"), f"{where}.match.dstIPs"),
             )
         )
-    gw_type = spec.get("gatewayType") or "distributed"  # Kube-OVN's default for ""
-    if gw_type not in ("distributed", "centralized"):
+    gw_type: GatewayType
+    raw_type = spec.get("gatewayType") or "distributed"  # Kube-OVN's default for ""
+    if raw_type == "distributed":
+        gw_type = "distributed"
+    elif raw_type == "centralized":
+        gw_type = "centralized"
+    else:
         raise EnrichError(
-            f"{ref}: spec.gatewayType is {gw_type!r}, expected 'distributed' or 'centralized'"
+            f"{ref}: spec.gatewayType is {raw_type!r}, expected 'distributed' or 'centralized'"
         )
     gw_node = spec.get("gatewayNode") or ""
     if not isinstance(gw_node, str):

@@ -2,6 +2,12 @@
 
 Serves ``/api/v1/pods``, ``/api/v1/nodes`` and ``/apis/kubeovn.io/v1/subnets``:
 
+* ``fieldSelector`` on list and watch (``spec.nodeName``, ``metadata.name``,
+  ``metadata.namespace`` on pods; ``metadata.name`` elsewhere; ``=``, ``==``,
+  ``!=``); an unsupported field answers 400 ``field label not supported``.
+  A watch sees an object that starts matching as ADDED and one that stops
+  matching as DELETED, as the API server's watch cache sends them;
+
 * **list**: ``{"kind": "<X>List", "metadata": {"resourceVersion", "continue"}, "items"}``
   with ``limit``/``continue`` paging (an expired continue token answers 410);
 * **watch** (``?watch=1&resourceVersion=X&allowWatchBookmarks=true&timeoutSeconds=N``):
@@ -26,7 +32,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -47,6 +53,55 @@ SUBNETS = "/apis/kubeovn.io/v1/subnets"
 _ITEM_KIND = {PODS: ("v1", "Pod"), NODES: ("v1", "Node"), SUBNETS: ("kubeovn.io/v1", "Subnet")}
 
 
+def _meta(field: str) -> Callable[[dict[str, Any]], str]:
+    return lambda o: str((o.get("metadata") or {}).get(field) or "")
+
+
+# Field selectors each collection supports (a subset of the real API server's:
+# pods also have spec.nodeName; custom resources only metadata.name/namespace).
+FIELDS: dict[str, dict[str, Callable[[dict[str, Any]], str]]] = {
+    PODS: {
+        "metadata.name": _meta("name"),
+        "metadata.namespace": _meta("namespace"),
+        "spec.nodeName": lambda o: str((o.get("spec") or {}).get("nodeName") or ""),
+    },
+    NODES: {"metadata.name": _meta("name")},
+    SUBNETS: {"metadata.name": _meta("name")},
+}
+
+_Selector = list[tuple[str, bool, str]]  # (field, equal?, value)
+
+
+def parse_field_selector(path: str, text: str | None) -> _Selector:
+    """``a=b,c!=d`` -> terms; raises ValueError with the API server's message when unsupported."""
+    terms: _Selector = []
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "!=" in part:
+            field, _, value = part.partition("!=")
+            eq = False
+        elif "==" in part:
+            field, _, value = part.partition("==")
+            eq = True
+        elif "=" in part:
+            field, _, value = part.partition("=")
+            eq = True
+        else:
+            raise ValueError(f"invalid selector: '{text}'; can't understand '{part}'")
+        if field not in FIELDS[path]:
+            raise ValueError(f'field label not supported: {field}')
+        terms.append((field, eq, value))
+    return terms
+
+
+def _selects(path: str, terms: _Selector, obj: dict[str, Any] | None) -> bool:
+    if obj is None:
+        return False
+    return all((FIELDS[path][f](obj) == v) == eq for f, eq, v in terms)
+
+
 def _status_410(message: str) -> dict[str, Any]:
     return {
         "kind": "Status",
@@ -62,8 +117,11 @@ def _status_410(message: str) -> dict[str, Any]:
 class _Watch:
     """One open watch connection."""
 
-    def __init__(self, path: str, bookmarks: bool, sock: socket.socket) -> None:
+    def __init__(
+        self, path: str, bookmarks: bool, sock: socket.socket, terms: _Selector | None = None
+    ) -> None:
         self.path = path
+        self.terms = terms or []
         self.bookmarks = bookmarks
         self.sock = sock
         self.inject: list[dict[str, Any]] = []  # events to send now (bookmarks, errors)
@@ -80,7 +138,10 @@ class FakeKubeApi:
         self._cond = threading.Condition()
         self._rv = 100
         self._objects: dict[str, dict[str, dict[str, Any]]] = {p: {} for p in RESOURCES}
-        self._events: dict[str, list[tuple[int, str, dict[str, Any]]]] = {p: [] for p in RESOURCES}
+        # (resourceVersion, type, object, previous object or None)
+        self._events: dict[str, list[tuple[int, str, dict[str, Any], dict[str, Any] | None]]] = {
+            p: [] for p in RESOURCES
+        }
         self._compacted = 0
         self._watches: list[_Watch] = []
         self._conns: set[socket.socket] = set()
@@ -162,11 +223,12 @@ class FakeKubeApi:
             etype = "MODIFIED" if same else "ADDED"
             if old is not None and etype == "ADDED":
                 # Same name, new uid: the old object was deleted first.
-                self._events[path].append((self._rv, "DELETED", old))
+                self._events[path].append((self._rv, "DELETED", old, old))
                 self._rv += 1
                 meta["resourceVersion"] = str(self._rv)
             self._objects[path][key] = obj
-            self._events[path].append((self._rv, etype, copy.deepcopy(obj)))
+            prev = old if etype == "MODIFIED" else None
+            self._events[path].append((self._rv, etype, copy.deepcopy(obj), prev))
             self._cond.notify_all()
             return copy.deepcopy(obj)
 
@@ -177,7 +239,7 @@ class FakeKubeApi:
             self._rv += 1
             obj = copy.deepcopy(obj)
             obj["metadata"]["resourceVersion"] = str(self._rv)
-            self._events[path].append((self._rv, "DELETED", obj))
+            self._events[path].append((self._rv, "DELETED", obj, obj))
             self._cond.notify_all()
 
     def delete_quietly(self, path: str, key: str) -> None:
@@ -289,14 +351,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(404, {"kind": "Status", "code": 404, "message": "not found"})
             return
         try:
+            terms = parse_field_selector(parts.path, query.get("fieldSelector"))
+        except ValueError as exc:
+            self._json(400, {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                             "status": "Failure", "message": str(exc),
+                             "reason": "BadRequest", "code": 400})
+            return
+        try:
             if query.get("watch") in ("1", "true"):
-                self._watch(parts.path, query)
+                self._watch(parts.path, query, terms)
             else:
-                self._list(parts.path, query)
+                self._list(parts.path, query, terms)
         except (BrokenPipeError, ConnectionResetError, OSError):
             self.close_connection = True
 
-    def _list(self, path: str, query: dict[str, str]) -> None:
+    def _list(self, path: str, query: dict[str, str], terms: _Selector) -> None:
         fake = self.fake
         limit = int(query.get("limit", "0") or 0)
         cont = query.get("continue")
@@ -311,7 +380,9 @@ class _Handler(BaseHTTPRequestHandler):
                 rv = int(rv_s)
             else:
                 offset, rv = 0, fake._rv
-            items = sorted(fake._objects[path].items())
+            items = sorted(
+                (k, o) for k, o in fake._objects[path].items() if _selects(path, terms, o)
+            )
             page = items[offset : offset + limit] if limit else items[offset:]
             more = limit and offset + limit < len(items)
             body = {
@@ -328,7 +399,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
 
-    def _watch(self, path: str, query: dict[str, str]) -> None:
+    def _watch(self, path: str, query: dict[str, str], terms: _Selector) -> None:
         fake = self.fake
         rv_s = query.get("resourceVersion") or "0"
         since = int(rv_s)
@@ -353,12 +424,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._chunk(b"")
             self.close_connection = True
             return
-        w = _Watch(path, query.get("allowWatchBookmarks") == "true", self.connection)
+        w = _Watch(path, query.get("allowWatchBookmarks") == "true", self.connection, terms)
         with fake._cond:
             fake._watches.append(w)
             if since == 0:
                 # "Get state and start at most recent": synthetic ADDED for everything.
-                pending = [("ADDED", o) for o in fake._objects[path].values()]
+                pending = [
+                    ("ADDED", o) for o in fake._objects[path].values() if _selects(path, terms, o)
+                ]
                 since = fake._rv
             else:
                 pending = []
@@ -397,13 +470,39 @@ class _Handler(BaseHTTPRequestHandler):
                     fake._cond.wait(min(left, 0.5))
                 inject, w.inject = w.inject, []
                 close = w.close or fake._server is None
-            for rv, etype, obj in new:
+            for rv, etype, obj, prev in new:
                 since = rv
-                yield orjson.dumps({"type": etype, "object": obj}) + b"\n"
+                ev = _filtered(w, rv, etype, obj, prev)
+                if ev is not None:
+                    yield orjson.dumps(ev) + b"\n"
             for ev in inject:
                 yield orjson.dumps(ev) + b"\n"
             if close:
                 return
+
+
+def _filtered(
+    w: _Watch, rv: int, etype: str, obj: dict[str, Any], prev: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """One stored event as a watch with a field selector sees it (the API server's rule).
+
+    An object that starts matching arrives as ADDED, one that stops matching
+    as DELETED carrying its previous content at the event's resourceVersion.
+    """
+    if not w.terms:
+        return {"type": etype, "object": obj}
+    now = etype != "DELETED" and _selects(w.path, w.terms, obj)
+    before = _selects(w.path, w.terms, prev)
+    if now and not before:
+        return {"type": "ADDED", "object": obj}
+    if now and before:
+        return {"type": "MODIFIED", "object": obj}
+    if before:
+        gone = copy.deepcopy(prev)
+        assert gone is not None
+        gone["metadata"]["resourceVersion"] = str(rv)
+        return {"type": "DELETED", "object": gone}
+    return None
 
 
 def write_kubeconfig(path: Path, server: str, *, context: str = "fake") -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,7 +65,8 @@ def api() -> Iterator[FakeKubeApi]:
 class Harness:
     """A KubeSource wired to a fresh index, filter and metrics."""
 
-    def __init__(self, api: FakeKubeApi, tmp_path: Path, **kube: object) -> None:
+    def __init__(self, api: FakeKubeApi, tmp_path: Path, *, node_name: str = "node-1",
+                 health: Any = None, **kube: object) -> None:
         kc = write_kubeconfig(tmp_path / "kubeconfig", api.url)
         settings: dict[str, object] = {
             "kubeconfig": str(kc),
@@ -76,11 +78,13 @@ class Harness:
         filt: dict[str, object] = {}
         if not settings.get("subnets_enabled"):
             filt["pod_cidrs"] = ["10.16.0.0/16"]
-        self.cfg = Config.model_validate({"kubernetes": settings, "filter": filt})
+        self.cfg = Config.model_validate(
+            {"kubernetes": settings, "filter": filt, "node_name": node_name}
+        )
         self.index = PodIndex()
         self.filter = CidrFilter(self.cfg.filter.pod_cidrs, self.cfg.filter.cluster_cidrs)
         self.metrics = Metrics()
-        self.source = KubeSource(self.cfg, self.index, self.filter, self.metrics)
+        self.source = KubeSource(self.cfg, self.index, self.filter, self.metrics, health)
 
     def __enter__(self) -> Harness:
         self.source.start()
@@ -94,7 +98,7 @@ class Harness:
 def make(api: FakeKubeApi, tmp_path: Path) -> Iterator[Callable[..., Harness]]:
     made: list[Harness] = []
 
-    def factory(**kube: object) -> Harness:
+    def factory(**kube: Any) -> Harness:
         h = Harness(api, tmp_path, **kube)
         made.append(h)
         return h
@@ -389,8 +393,8 @@ class TestSubnetDiscovery:
             api.delete(SUBNETS, "team-a")
             wait_for(lambda: "10.20.0.0/24" not in h.filter.cluster_cidrs)
 
-    def test_static_cidrs_combined(self, api: FakeKubeApi, tmp_path: Path) -> None:
-        """Static filter CIDRs stay in force alongside discovered ones."""
+    def test_static_cidrs_win(self, api: FakeKubeApi, tmp_path: Path) -> None:
+        """Hand-set pod CIDRs replace the discovered ones; static cluster CIDRs add to them."""
         api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16"))
         kc = write_kubeconfig(tmp_path / "kc", api.url)
         cfg = Config.model_validate(
@@ -405,7 +409,7 @@ class TestSubnetDiscovery:
         src.start()
         try:
             assert src.wait_synced(WAIT_S)
-            assert filt.pod_cidrs == ("10.16.0.0/16", "192.168.50.0/24")
+            assert filt.pod_cidrs == ("192.168.50.0/24",)
             assert set(filt.cluster_cidrs) == {"10.16.0.0/16", "10.200.0.0/16"}
         finally:
             src.stop()
@@ -434,3 +438,231 @@ class TestSubnetDiscovery:
             assert h.source.wait_synced(WAIT_S)
             assert h.filter.pod_cidrs == ("10.16.0.0/16",)
             assert h.metrics.value("shipper_kube_objects_invalid_total", "subnets") == 1
+
+
+# ---- node role and pod watch scope ---------------------------------------------------
+
+
+class FakeHealth:
+    """Records set_info calls (the contract of shipper.health.Health)."""
+
+    def __init__(self) -> None:
+        self.info: dict[str, Any] = {}
+
+    def set_info(self, key: str, value: Any) -> None:
+        self.info[key] = value
+
+
+def pod_lists(api: FakeKubeApi) -> list[dict[str, str]]:
+    """Query parameters of every pod list request (first pages), in order."""
+    return [q for p, q in list(api.requests)
+            if p == PODS and q.get("watch") not in ("1", "true") and "continue" not in q]
+
+
+def live_names(h: Harness, ips: dict[str, str]) -> set[str]:
+    return {name for name, ip in ips.items() if owner(h.index, ip) == name}
+
+
+CENTRAL = dict(gateway_type="centralized", gateway_node="node-1:172.18.0.9,node-3")
+PODS_3 = {"a1": ("10.16.0.11", "node-1"), "b1": ("10.16.0.21", "node-2"),
+          "c1": ("10.16.0.31", "node-3")}
+
+
+def put_pods(api: FakeKubeApi) -> dict[str, str]:
+    for name, (ip, nd) in PODS_3.items():
+        api.put(PODS, pod(name, ip, node=nd))
+    return {name: ip for name, (ip, _) in PODS_3.items()}
+
+
+class TestFakeFieldSelector:
+    def test_list_and_watch_filtered(self, api: FakeKubeApi) -> None:
+        """The fake answers fieldSelector=spec.nodeName on lists, and 400 for unknown fields."""
+        import httpx2 as httpx
+
+        put_pods(api)
+        with httpx.Client(base_url=api.url) as c:
+            body = c.get(PODS, params={"fieldSelector": "spec.nodeName=node-2"}).json()
+            assert [i["metadata"]["name"] for i in body["items"]] == ["b1"]
+            body = c.get(PODS, params={"fieldSelector": "spec.nodeName!=node-2"}).json()
+            assert sorted(i["metadata"]["name"] for i in body["items"]) == ["a1", "c1"]
+            bad = c.get(PODS, params={"fieldSelector": "spec.bogus=x"})
+            assert bad.status_code == 400 and "field label not supported" in bad.text
+
+    def test_watch_sees_object_leaving_selector_as_deleted(self, api: FakeKubeApi) -> None:
+        """An object that stops matching arrives as DELETED, one that starts as ADDED."""
+        import httpx2 as httpx
+        import orjson
+
+        api.put(PODS, pod("p", None, node=""))
+        rv = api.resource_version
+        api.put(PODS, pod("p", "10.16.0.5", node="node-1"))  # bound: now matches
+        api.put(PODS, pod("q", "10.16.0.6", node="node-2"))  # never matches
+        api.delete(PODS, "default/p")
+        params = {"watch": "1", "resourceVersion": str(rv), "timeoutSeconds": "1",
+                  "fieldSelector": "spec.nodeName=node-1"}
+        with httpx.Client(base_url=api.url, timeout=5) as c:
+            lines = [orjson.loads(x) for x in c.get(PODS, params=params).text.splitlines() if x]
+        assert [(e["type"], e["object"]["metadata"]["name"]) for e in lines] == [
+            ("ADDED", "p"), ("DELETED", "p")]
+
+
+class TestNodeRoleAndScope:
+    def test_node_scope_watches_own_pods_only(
+        self, api: FakeKubeApi, make: Callable[..., Harness]
+    ) -> None:
+        """Distributed only: list and watch carry fieldSelector=spec.nodeName=<node>; only own
+        pods are cached; the role is in metrics and health."""
+        api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16"))
+        ips = put_pods(api)
+        health = FakeHealth()
+        with make(subnets_enabled=True, health=health) as h:
+            assert h.source.wait_synced(WAIT_S)
+            assert live_names(h, ips) == {"a1"}
+            assert pod_lists(api)[-1]["fieldSelector"] == "spec.nodeName=node-1"
+            wait_for(lambda: api.watch_requests(PODS))
+            assert api.watch_requests(PODS)[-1]["fieldSelector"] == "spec.nodeName=node-1"
+            assert h.metrics.value("shipper_node_role", "ovn-default", "distributed") == 1
+            assert h.metrics.value("shipper_kube_pod_scope", "node") == 1
+            info = health.info["node_role"]
+            assert info["pod_scope"] == "node" and info["filter"] == "node role"
+            assert info["subnets"] == [{"name": "ovn-default", "mode": "distributed",
+                                        "cidrs": ["10.16.0.0/16"]}]
+
+    def test_gateway_watches_every_pod(
+        self, api: FakeKubeApi, make: Callable[..., Harness]
+    ) -> None:
+        """A gateway named "node-1:ip" in a centralized Subnet watches all pods (no selector)."""
+        api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16", **CENTRAL))
+        ips = put_pods(api)
+        with make(subnets_enabled=True) as h:
+            assert h.source.wait_synced(WAIT_S)
+            assert live_names(h, ips) == {"a1", "b1", "c1"}
+            assert "fieldSelector" not in pod_lists(api)[-1]
+            assert h.filter.pod_cidrs == ("10.16.0.0/16",)
+            role = h.source.node_role
+            assert role is not None and role.entries[0].egress_ip == "172.18.0.9"
+
+    def test_non_gateway_of_centralized_subnet(
+        self, api: FakeKubeApi, make: Callable[..., Harness]
+    ) -> None:
+        """node-2 is no gateway of the centralized Subnet: its CIDR is not kept, own pods only."""
+        api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16", **CENTRAL))
+        api.put(SUBNETS, subnet("snat", "172.22.0.0/16"))
+        ips = put_pods(api)
+        with make(subnets_enabled=True, node_name="node-2") as h:
+            assert h.source.wait_synced(WAIT_S)
+            assert h.filter.pod_cidrs == ("172.22.0.0/16",)
+            assert "10.16.0.0/16" in h.filter.cluster_cidrs
+            assert live_names(h, ips) == {"b1"}
+
+    def test_scope_switches_at_runtime_and_keeps_history(
+        self, api: FakeKubeApi, make: Callable[..., Harness]
+    ) -> None:
+        """Becoming a gateway re-lists every pod; ceasing to be one re-lists own pods, and the
+        other nodes' pods keep their history up to the switch (closed, never reassigned)."""
+        api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16"))
+        ips = put_pods(api)
+        with make(subnets_enabled=True) as h:
+            assert h.source.wait_synced(WAIT_S)
+            assert live_names(h, ips) == {"a1"}
+            api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16", **CENTRAL))
+            wait_for(lambda: live_names(h, ips) == {"a1", "b1", "c1"})
+            assert "fieldSelector" not in pod_lists(api)[-1]
+            assert h.metrics.value("shipper_kube_pod_scope", "cluster") == 1
+            assert h.metrics.value("shipper_node_role", "ovn-default", "centralized") == 1
+            assert ("ovn-default", "distributed") not in h.metrics.values["shipper_node_role"]
+            assert h.metrics.value("shipper_kube_watch_restarts_total", "pods", "scope") == 1
+            t_gateway = time.time_ns()
+            api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16"))  # distributed again
+            wait_for(lambda: live_names(h, ips) == {"a1"})
+            assert pod_lists(api)[-1]["fieldSelector"] == "spec.nodeName=node-1"
+            # b1 owned its address while this node was its gateway: still attributed then.
+            assert owner(h.index, ips["b1"], t_gateway) == "b1"
+            # Events after the narrowing keep flowing for own pods.
+            api.put(PODS, pod("a2", "10.16.0.12", node="node-1"))
+            api.put(PODS, pod("b2", "10.16.0.22", node="node-2"))
+            wait_for(lambda: owner(h.index, "10.16.0.12") == "a2")
+            assert owner(h.index, "10.16.0.22") is None
+            assert h.index.live_pods() == 2
+
+    def test_gone_in_node_scope_relists_with_selector(
+        self, api: FakeKubeApi, make: Callable[..., Harness]
+    ) -> None:
+        """A 410 in node scope re-lists with the same fieldSelector."""
+        api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16"))
+        put_pods(api)
+        with make(subnets_enabled=True) as h:
+            assert h.source.wait_synced(WAIT_S)
+            wait_for(lambda: api.open_watches(PODS) == 1)
+            api.gone(PODS)
+            wait_for(lambda: len(pod_lists(api)) >= 2)
+            assert all(q["fieldSelector"] == "spec.nodeName=node-1" for q in pod_lists(api))
+
+    def test_gateway_by_node_labels(
+        self, api: FakeKubeApi, make: Callable[..., Harness]
+    ) -> None:
+        """gatewayNodeSelectors match this node's labels (from the Node watch); a label change
+        at runtime changes the role and the scope."""
+        sel = [{"matchLabels": {"kube-ovn/role": "gateway"}}]
+        api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16", gateway_type="centralized",
+                                gateway_node_selectors=sel))
+        api.put(NODES, node("node-1", "172.18.0.2", labels={"kube-ovn/role": "gateway"}))
+        api.put(NODES, node("node-2", "172.18.0.3"))
+        ips = put_pods(api)
+        with make(subnets_enabled=True, watch_nodes=True) as h:
+            assert h.source.wait_synced(WAIT_S)
+            assert live_names(h, ips) == {"a1", "b1", "c1"}
+            api.put(NODES, node("node-1", "172.18.0.2", labels={}))
+            wait_for(lambda: h.filter.pod_cidrs == ())
+            wait_for(lambda: pod_lists(api)[-1].get("fieldSelector") == "spec.nodeName=node-1")
+            wait_for(lambda: live_names(h, ips) == {"a1"})
+
+    def test_own_node_watched_when_nodes_are_not(
+        self, api: FakeKubeApi, make: Callable[..., Harness]
+    ) -> None:
+        """With watch_nodes off, only this Node is read (fieldSelector=metadata.name=<node>)."""
+        sel = [{"matchExpressions": [{"key": "egress", "operator": "Exists"}]}]
+        api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16", gateway_type="centralized",
+                                gateway_node_selectors=sel))
+        api.put(NODES, node("node-1", "172.18.0.2", labels={"egress": ""}))
+        api.put(NODES, node("node-2", "172.18.0.3"))
+        with make(subnets_enabled=True, watch_nodes=False) as h:
+            assert h.source.wait_synced(WAIT_S)
+            node_reqs = [q for p, q in list(api.requests) if p == NODES]
+            assert node_reqs and all(
+                q["fieldSelector"] == "metadata.name=node-1" for q in node_reqs)
+            role = h.source.node_role
+            assert role is not None and role.gateway
+            assert "172.18.0.3/32" not in h.filter.cluster_cidrs
+
+    @pytest.mark.parametrize(("scope", "selector"),
+                             [("node", "spec.nodeName=node-1"), ("cluster", None)])
+    def test_fixed_scope(self, api: FakeKubeApi, make: Callable[..., Harness],
+                         scope: str, selector: str | None) -> None:
+        """pod_scope node/cluster is used as set, also without Subnets."""
+        put_pods(api)
+        with make(pod_scope=scope) as h:
+            assert h.source.wait_synced(WAIT_S)
+            assert pod_lists(api)[-1].get("fieldSelector") == selector
+
+    def test_hand_set_pod_cidrs_reported_as_winning(
+        self, api: FakeKubeApi, tmp_path: Path
+    ) -> None:
+        """With filter.pod_cidrs set, the filter keeps them and /readyz says the hand setting wins."""
+        api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16", **CENTRAL))
+        kc = write_kubeconfig(tmp_path / "kc", api.url)
+        cfg = Config.model_validate({
+            "node_name": "node-2", "filter": {"pod_cidrs": ["10.16.0.0/16"]},
+            "kubernetes": {"kubeconfig": str(kc), "subnets_enabled": True, "watch_nodes": False},
+        })
+        filt = CidrFilter(cfg.filter.pod_cidrs, cfg.filter.cluster_cidrs)
+        health = FakeHealth()
+        src = KubeSource(cfg, PodIndex(), filt, Metrics(), health)
+        src.start()
+        try:
+            assert src.wait_synced(WAIT_S)
+            assert filt.pod_cidrs == ("10.16.0.0/16",)
+            assert health.info["node_role"]["subnets"] == []
+            assert health.info["node_role"]["filter"] == "filter.pod_cidrs (set by hand)"
+        finally:
+            src.stop()
