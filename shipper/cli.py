@@ -102,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="Validate the configuration and print it.",
                        description="Validate the configuration (file + flags) and print the "
                                    "effective configuration as JSON. Exit 2 and list every "
-                                   "problem if it is invalid.")
+                                   "problem if it is invalid. With --kubeconfig, also read "
+                                   "the Kube-OVN Subnets and this Node once and print (on "
+                                   "stderr) the node role this node would have: which "
+                                   "Subnets it NATs and the pod watch scope (exit 2 if the "
+                                   "API cannot be read).")
     _common(c)
     m = sub.add_parser("demo", help="Run a self-contained lab proving attribution (root).",
                        description="As root on a Linux box with netfilter: build a throwaway "
@@ -218,9 +222,45 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.buffer.write(
             orjson.dumps(config_mod.effective(cfg), option=orjson.OPT_INDENT_2) + b"\n"
         )
+        if args.kubeconfig:
+            return _print_role(cfg)
         return EXIT_OK
     log_mod.setup(cfg.log_level)
     return _run(cfg, args.command)
+
+
+def _print_role(cfg: config_mod.Config) -> int:
+    """check-config --kubeconfig: print (stderr) the node role this node would have."""
+    from shipper.enrich.kube import probe_role
+    from shipper.errors import EnrichError
+
+    try:
+        role, n = probe_role(cfg)
+    except EnrichError as exc:
+        print(f"node role: cannot be read: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    k = cfg.kubernetes
+    lines = [f"node role of {role.node} (from {n} Subnets): NATs {role.summary()}"]
+    for e in role.entries:
+        extra = ""
+        if e.mode == "centralized":
+            extra = {True: " active", False: " standby", None: " gateway"}[e.active]
+            if e.egress_ip:
+                extra += f" egress {e.egress_ip}"
+        lines.append(f"  {e.subnet}: {e.mode} {','.join(e.cidrs)}{extra}")
+    if not role.node_known:
+        lines.append(f"  warning: no Node named {role.node!r}: gatewayNodeSelectors cannot "
+                     "match (check node_name / --node-name / $NODE_NAME)")
+    scope = role.pod_scope if k.pod_scope == "auto" and k.subnets_enabled else (
+        k.pod_scope if k.pod_scope != "auto" else "cluster")
+    lines.append(f"pod watch scope: {scope} (kubernetes.pod_scope: {k.pod_scope})")
+    if not k.subnets_enabled:
+        lines.append("kubernetes.subnets_enabled is false: the role is not used; the filter "
+                     "keeps filter.pod_cidrs")
+    elif cfg.filter.pod_cidrs:
+        lines.append("filter.pod_cidrs is set by hand and wins: the role is only reported")
+    print("\n".join(lines), file=sys.stderr)
+    return EXIT_OK
 
 
 def _run(cfg: config_mod.Config, command: str) -> int:

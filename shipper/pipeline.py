@@ -315,7 +315,8 @@ class Pipeline:
         if self.inventory is not None:
             self.inventory.start()
         if self._kube_source is not None:
-            self.kube = self._kube_source(self.cfg, self.index, self.filter, self.metrics)
+            self.kube = self._kube_source(self.cfg, self.index, self.filter, self.metrics,
+                                          self.health)
             self.kube.start()
             timeout = float(self.cfg.kubernetes.sync_timeout_s)
             deadline = time.monotonic() + timeout

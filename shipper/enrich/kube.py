@@ -671,6 +671,64 @@ class _CidrView:
         self.owner.recompute()
 
 
+# ---- one-shot role (check-config) -------------------------------------------------
+
+
+def probe_role(cfg: Config) -> tuple[subnet_rules.NodeRole, int]:
+    """Read the Subnets and this Node once; return (the node role, how many Subnets).
+
+    For ``check-config --kubeconfig``: no watch, no threads. Invalid Subnets
+    are skipped as the running shipper skips them (and logged). Raises
+    EnrichError when the API cannot be read.
+    """
+    conn = load_connection(cfg)
+    k = cfg.kubernetes
+    timeout = httpx.Timeout(k.request_timeout_s)
+    client = _lightkube_http_client(conn, ConnectionParams(timeout=timeout))
+
+    def items(path: str, extra: dict[str, str]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        params = {"limit": str(k.list_page_size), **extra}
+        while True:
+            resp = client.get(path, params=params)
+            if resp.status_code != 200:
+                raise EnrichError(
+                    f"kubernetes: GET {path} answered {resp.status_code}: "
+                    f"{resp.text[:300]}"
+                )
+            body = orjson.loads(resp.content)
+            if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+                raise EnrichError(f"kubernetes: GET {path} returned no items list")
+            out.extend(body["items"])
+            cont = (body.get("metadata") or {}).get("continue")
+            if not cont:
+                return out
+            params = {"limit": str(k.list_page_size), "continue": str(cont), **extra}
+
+    try:
+        with client:
+            raw_subnets = items(SUBNETS_PATH, {})
+            raw_nodes = items(NODES_PATH, {"fieldSelector": f"metadata.name={cfg.node_name}"})
+    except (httpx.HTTPError, OSError, ValueError) as exc:
+        raise EnrichError(f"kubernetes: cannot read Subnets/Node at {conn.cluster.server}: "
+                          f"{exc}") from exc
+    subnets = []
+    for obj in raw_subnets:
+        try:
+            subnets.append(subnet_rules.subnet_from_dict(obj))
+        except EnrichError as exc:
+            log.warning("kube subnets: skipping invalid object: %s", exc)
+    labels = None
+    for obj in raw_nodes:
+        if subnet_rules.node_from_dict(obj)[0] == cfg.node_name:
+            labels = subnet_rules.node_labels(obj)
+    role = subnet_rules.compute_role(
+        subnets, cfg.node_name, labels, selection=k.subnet_selection, vpcs=k.subnet_vpcs,
+        join_subnet=k.join_subnet,
+    )
+    return role, len(raw_subnets)
+
+
 # ---- the source ------------------------------------------------------------------
 
 

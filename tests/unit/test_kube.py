@@ -648,7 +648,7 @@ class TestNodeRoleAndScope:
     def test_hand_set_pod_cidrs_reported_as_winning(
         self, api: FakeKubeApi, tmp_path: Path
     ) -> None:
-        """With filter.pod_cidrs set, the filter keeps them and /readyz says the hand setting wins."""
+        """With filter.pod_cidrs set, the filter keeps them; /readyz says the hand setting wins."""
         api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16", **CENTRAL))
         kc = write_kubeconfig(tmp_path / "kc", api.url)
         cfg = Config.model_validate({
@@ -666,3 +666,46 @@ class TestNodeRoleAndScope:
             assert health.info["node_role"]["filter"] == "filter.pod_cidrs (set by hand)"
         finally:
             src.stop()
+
+
+class TestCheckConfigRole:
+    def test_prints_role_of_this_node(
+        self, api: FakeKubeApi, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """check-config --kubeconfig prints the role the named node would have (seed cluster)."""
+        from shipper import cli
+
+        api.put(SUBNETS, subnet("central", "192.101.0.0/16", gateway_type="distributed"))
+        api.put(SUBNETS, subnet("join", "100.64.0.0/16", nat_outgoing=False))
+        api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16", gateway_type="centralized",
+                                gateway_node="ovn1:192.168.137.176", activate_gateway="ovn1"))
+        api.put(SUBNETS, subnet("snat", "172.22.0.0/16"))
+        api.put(NODES, node("ovn1", "192.168.137.176"))
+        kc = write_kubeconfig(tmp_path / "kc", api.url)
+        conf = tmp_path / "c.yaml"
+        conf.write_text("kubernetes: {subnets_enabled: true}\n", encoding="utf-8")
+        rc = cli.main(["check-config", "-c", str(conf), "--kubeconfig", str(kc),
+                       "--node-name", "ovn1"])
+        out, err = capsys.readouterr()
+        assert rc == 0 and '"subnets_enabled": true' in out
+        assert "node role of ovn1 (from 4 Subnets)" in err
+        assert "ovn-default: centralized 10.16.0.0/16 active egress 192.168.137.176" in err
+        assert "snat: distributed 172.22.0.0/16" in err and "join" not in err
+        assert "pod watch scope: cluster" in err
+        rc = cli.main(["check-config", "-c", str(conf), "--kubeconfig", str(kc),
+                       "--node-name", "ovn2"])
+        _, err = capsys.readouterr()
+        assert "ovn-default" not in err and "pod watch scope: node" in err
+        assert "no Node named 'ovn2'" in err
+
+    def test_api_unreachable_exits_2(
+        self, api: FakeKubeApi, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """When the role cannot be read, check-config says why and exits 2."""
+        from shipper import cli
+
+        api.fail_with = 403
+        kc = write_kubeconfig(tmp_path / "kc", api.url)
+        rc = cli.main(["check-config", "--pod-cidr", "10.16.0.0/16", "--kubeconfig", str(kc)])
+        _, err = capsys.readouterr()
+        assert rc == 2 and "node role: cannot be read" in err and "403" in err
