@@ -385,6 +385,13 @@ class SyslogSinkConfig(_Closed):
     facility: Facility = Field(
         "local0", description="Facility of every message (kern ... local7, rsyslog's names)."
     )
+    max_message_bytes: int = Field(
+        8192,
+        ge=480,
+        description="Largest message sent (header + JSON); larger records are not sent but "
+        "dropped and counted (too_large). Set it to the receiver's limit: rsyslog's "
+        "maxMessageSize (default 8k) truncates longer ones.",
+    )
     relp_window: int = Field(
         128, ge=1, le=100_000,
         description="RELP: messages sent before their acks arrive (librelp's default is 128).",

@@ -15,7 +15,9 @@ rules:
   SinkError), ``shutdown`` (memory-only and still queued when the grace period
   ended), ``spool_full`` (the spool's ``drop_oldest`` policy dropped it),
   ``spool_corrupt`` (a spooled batch could not be read back),
-  ``spool_incompatible`` (counted by the spool: written for another sink).
+  ``spool_incompatible`` (counted by the spool: written for another sink), or a
+  reason the sink gave for records it left out of a delivered batch (``deliver``
+  returns them by reason; the syslog sink's ``too_large``).
 
 With a spool (:class:`~shipper.sinks.spool.Spool`) every batch is appended to
 disk (fsynced) before it is queued and committed only after it was shipped or
@@ -275,7 +277,7 @@ class Delivery:
         name = self.sink.name
         while True:
             try:
-                self.sink.deliver(batch)
+                left_out = self.sink.deliver(batch)
             except SinkError as exc:
                 if not exc.retriable:
                     log.error("batch rejected by sink", extra={"fields": {
@@ -304,6 +306,9 @@ class Delivery:
                 self._count_drop(len(batch), "sink_error")
                 return True
             n = len(batch)
+            for reason, k in (left_out or {}).items():  # records the sink refused to send
+                self._count_drop(k, reason)
+                n -= k
             self.metrics.inc("shipper_records_shipped_total", name, n=n)
             self.metrics.inc("shipper_batches_shipped_total", name)
             self.metrics.observe(

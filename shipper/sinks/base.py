@@ -9,6 +9,7 @@ not the sink, owns retries, backoff and counting.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,11 +42,14 @@ class Sink(Protocol):
         """Encode one record (pure, called on the event path)."""
         ...
 
-    def deliver(self, batch: Batch) -> None:
+    def deliver(self, batch: Batch) -> Mapping[str, int] | None:
         """Write or send the whole batch; return only once it is confirmed.
 
         Raises SinkError(retriable=...) on failure. Must not block for longer
-        than the sink's own configured timeouts.
+        than the sink's own configured timeouts. Returns None when every record
+        was delivered, or ``{reason: count}`` for records the sink left out on
+        purpose (the delivery worker counts them as dropped with that reason
+        and the rest as shipped).
         """
         ...
 

@@ -36,6 +36,10 @@ Transports (``sink.syslog.protocol``):
   the offsets are of TLS records, so a partly acknowledged batch is counted
   whole). (b) cannot be seen by a sender without an application-level
   acknowledgement: use ``relp``.
+* Size: a message longer than ``max_message_bytes`` is never sent (rsyslog
+  truncates it, and with octet counting parses its rest as junk messages);
+  :meth:`SyslogSink.deliver` returns such records as ``too_large`` and the
+  delivery worker counts them dropped.
 * No UDP: a datagram can be lost or truncated without anyone knowing, and
   nothing sent over it could honestly be counted as delivered.
 
@@ -209,30 +213,45 @@ class SyslogSink:
 
     # --- the Sink protocol --------------------------------------------------------------
 
-    def deliver(self, batch: Batch) -> None:
+    def deliver(self, batch: Batch) -> dict[str, int] | None:
         """Send the batch; with RELP return only once every message was acked.
 
-        SinkError(retriable=True) on any failure (the connection is dropped; the
-        next attempt reconnects, failing over).
+        Messages longer than ``max_message_bytes`` are left out (the receiver would
+        truncate them, and with octet counting rsyslog turns the rest into junk
+        messages): they are returned as ``{"too_large": n}`` for the delivery worker
+        to count, and logged with their event ids. SinkError(retriable=True) on any
+        failure (the connection is dropped; the next attempt reconnects, failing over).
         """
-        if not batch.entries:
-            return
-        conn = self._connect()
-        ep = conn.endpoint
-        try:
-            if conn.relp is not None:
-                self._deliver_relp(conn, batch)
-            else:
-                self._deliver_stream(conn, batch)
-        except _Failure as f:
-            self._fail(conn, f)
-            raise SinkError(f"syslog to {ep.label}: {f}", retriable=True) from None
+        limit = self.cfg.max_message_bytes
+        entries = batch.entries
+        big = [m for m in entries if len(m) > limit]
+        if big:
+            entries = [m for m in entries if len(m) <= limit]
+        if entries:
+            conn = self._connect()
+            ep = conn.endpoint
+            try:
+                if conn.relp is not None:
+                    self._deliver_relp(conn, batch, entries)
+                else:
+                    self._deliver_stream(conn, entries)
+            except _Failure as f:
+                self._fail(conn, f)
+                raise SinkError(f"syslog to {ep.label}: {f}", retriable=True) from None
+        if not big:
+            return None
+        log.error("records larger than sink.syslog.max_message_bytes not sent (raise it "
+                  "together with the receiver's limit, e.g. rsyslog maxMessageSize)",
+                  extra={"fields": {"records": len(big), "max_message_bytes": limit,
+                                    "sizes": [len(m) for m in big[:5]],
+                                    "event_ids": [_event_id(m) for m in big[:5]]}})
+        return {"too_large": len(big)}
 
-    def _deliver_relp(self, conn: _Conn, batch: Batch) -> None:
+    def _deliver_relp(self, conn: _Conn, batch: Batch, entries: list[bytes]) -> None:
         assert conn.relp is not None
         ep = conn.endpoint
         skip = self._partial[1] if self._partial is not None and self._partial[0] is batch else 0
-        todo = batch.entries[skip:] if skip else batch.entries
+        todo = entries[skip:] if skip else entries
         self._partial = None
         cfg = self.cfg
         self.metrics.inc("shipper_syslog_records_sent_total", ep.label, n=len(todo))
@@ -248,9 +267,9 @@ class SyslogSink:
         self.metrics.observe("shipper_syslog_ack_latency_seconds", self._clock() - started,
                              ep.label)
 
-    def _deliver_stream(self, conn: _Conn, batch: Batch) -> None:
+    def _deliver_stream(self, conn: _Conn, entries: list[bytes]) -> None:
         ep = conn.endpoint
-        data = octet_frame(batch.entries)
+        data = octet_frame(entries)
         try:
             conn.sock.settimeout(self.cfg.send_timeout_s)
             conn.sock.sendall(data)
@@ -260,13 +279,12 @@ class SyslogSink:
             raise _Failure("tls", f"TLS error on write: {exc}") from exc
         except OSError as exc:
             raise _Failure("closed", f"write failed: {_oserror(exc)}") from exc
-        n = len(batch.entries)
-        self.metrics.inc("shipper_syslog_records_sent_total", ep.label, n=n)
+        self.metrics.inc("shipper_syslog_records_sent_total", ep.label, n=len(entries))
         info = _tcp_info(conn.sock)
         if info is not None:
             acked, written = info
             conn.unconfirmed.append(_Sent(written, [len(m) + len(b"%d " % len(m))
-                                                    for m in batch.entries], self._ssl is None))
+                                                    for m in entries], self._ssl is None))
             _confirm(conn.unconfirmed, acked)
 
     def abort(self) -> None:
@@ -440,6 +458,17 @@ def build_ssl_context(tls: SyslogTLSConfig) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise SinkError(f"cannot load TLS files: {exc}", retriable=False) from exc
     return ctx
+
+
+def _event_id(message: bytes) -> str:
+    """The event.id of an encoded message (for log lines about it), or ``?``."""
+    start = message.find(b" - {")
+    if start < 0:
+        return "?"
+    try:
+        return str(orjson.loads(message[start + 3:])["event"]["id"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return "?"
 
 
 def _tcp_info(sock: socket.socket) -> tuple[int, int] | None:

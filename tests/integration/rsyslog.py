@@ -71,13 +71,14 @@ class Rsyslog:
     ``relp`` (imrelp; ``relp_tls`` for RELP over TLS). ``pki`` is a directory with
     ``ca.crt``, ``server.crt``, ``server.key`` (see ``tests/integration/pki.py``);
     ``require_client_cert`` makes the receiver demand a client certificate signed
-    by that CA.
+    by that CA; ``max_message_size`` is rsyslog's ``maxMessageSize``.
     """
 
     def __init__(self, workdir: Path, protocol: str, *, pki: Path | None = None,
                  driver: str = "gtls", relp_tls: bool = False,
-                 require_client_cert: bool = False) -> None:
+                 require_client_cert: bool = False, max_message_size: str = "256k") -> None:
         self.dir = workdir
+        self.max_message_size = max_message_size
         self.protocol = protocol
         self.pki = pki
         self.driver = driver
@@ -97,7 +98,7 @@ class Rsyslog:
         """The rsyslog configuration for the current port."""
         d = self.dir
         lines = [
-            f'global(workDirectory="{d / "work"}" maxMessageSize="256k")',
+            f'global(workDirectory="{d / "work"}" maxMessageSize="{self.max_message_size}")',
         ]
         tls = self.protocol == "tls" or self.relp_tls
         if tls and self.pki is None:

@@ -278,6 +278,31 @@ class TestTcpLoss:
                                              for r in records[shipped * 10:shipped * 10 + 10]]
 
 
+class TestTooLarge:
+    def test_oversized_record_is_held_back_and_the_stream_stays_intact(self, tmp_path: Path
+                                                                       ) -> None:
+        """rsyslog (maxMessageSize 8k) would truncate a 20 KB octet-counted message and turn
+        its rest into junk messages; with max_message_bytes 8192 the sink leaves it out
+        (counted too_large) and rsyslog gets exactly the other records."""
+        require_rsyslog("imtcp")
+        rs = Rsyslog(tmp_path, "tcp", max_message_size="8k")
+        with rs.start():
+            m = Metrics()
+            sink = _sink(rs, m, protocol="tcp", max_message_bytes=8192)
+            records = _records(6)
+            records[2] = {**records[2], "pad": "x" * 20_000}
+            d = Delivery(sink, m, max_batches=4, overflow="block", retry=FAST)
+            d.start()
+            d.submit(next(_batches(sink, records, 6)))
+            assert d.close(10) is True
+            lines = rs.wait_lines(5)
+            time.sleep(0.2)  # room for junk lines to show up, if any
+            lines = rs.lines()
+        _assert_exact(lines, records[:2] + records[3:], sink)
+        assert m.value("shipper_records_dropped_total", "too_large") == 1
+        assert m.value("shipper_records_shipped_total", "syslog") == 5
+
+
 # --- RELP + spool: receiver restarts and SIGKILL lose nothing -------------------------------
 
 

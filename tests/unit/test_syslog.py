@@ -16,10 +16,12 @@ import pytest
 from shipper import cli
 from shipper import config as config_mod
 from shipper.config import SyslogSinkConfig, SyslogTLSConfig
+from shipper.delivery import Delivery
 from shipper.errors import ConfigError, SinkError
 from shipper.metrics import Metrics
 from shipper.sinks import build_sink
 from shipper.sinks.base import Batch
+from shipper.sinks.retry import RetryPolicy
 from shipper.sinks.syslog import (
     SyslogSink,
     _Sent,
@@ -272,3 +274,32 @@ class TestRelpDelivery:
         finally:
             t.join(5)
             lsock.close()
+
+
+class TestTooLarge:
+    def test_oversized_records_are_dropped_and_counted_not_sent(self) -> None:
+        """A record longer than max_message_bytes is not sent; Delivery counts it dropped
+        (too_large) and the other records of its batch shipped."""
+        rx = RelpReceiver()
+        m = Metrics()
+        try:
+            sink = SyslogSink(SyslogSinkConfig(addresses=[rx.address], max_message_bytes=1024),
+                              m)
+            entries = [sink.encode({**RECORD, "pad": "x" * (2000 if i == 2 else 1)}, T0)
+                       for i in range(5)]
+            d = Delivery(sink, m, max_batches=4, overflow="block", retry=RetryPolicy())
+            d.start()
+            d.submit(Batch(seq=1, entries=entries, times=[T0] * 5, nbytes=1))
+            assert d.close(10) is True
+        finally:
+            rx.close()
+        assert rx.acked == entries[:2] + entries[3:]
+        assert m.value("shipper_records_shipped_total", "syslog") == 4
+        assert m.value("shipper_records_dropped_total", "too_large") == 1
+
+    def test_a_batch_of_only_oversized_records_needs_no_connection(self) -> None:
+        """Nothing to send: no connection is attempted, the records are reported."""
+        sink = _sink(addresses=["127.0.0.1:1"], max_message_bytes=480)
+        big = sink.encode({**RECORD, "pad": "x" * 600}, T0)
+        assert sink.deliver(Batch(seq=1, entries=[big], times=[T0], nbytes=1)) == {
+            "too_large": 1}
