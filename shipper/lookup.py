@@ -587,12 +587,18 @@ def _intern_opt(v: Any) -> Any:
 
 @dataclass
 class Flow:
-    """One conntrack entry's lifetime on one host, built from its records."""
+    """One conntrack entry's lifetime on one host, built from its records.
+
+    ``start_us`` is None when no record proves when the flow began: a flow
+    first seen in a table dump (``snapshot``) without the kernel's start
+    timestamp existed at ``seen_us`` and began at some unknown time before.
+    """
 
     recs: list[Rec]
     start_us: int | None = None
     end_us: int | None = None
-    end_inferred_us: int | None = None  # a later flow on the same tuple began here
+    end_inferred_us: int | None = None  # a later flow on the same tuple was seen here
+    lower_us: int | None = None  # unknown start: not before an earlier flow's end
     closed: bool = False
 
     @property
@@ -601,9 +607,14 @@ class Flow:
         return self.recs[0]
 
     @property
+    def seen_us(self) -> int:
+        """Time of the flow's earliest record."""
+        return min(r.ts_us for r in self.recs)
+
+    @property
     def begin_us(self) -> int:
         """Start of the flow, or its earliest record when the start is unknown."""
-        return self.start_us if self.start_us is not None else min(r.ts_us for r in self.recs)
+        return self.start_us if self.start_us is not None else self.seen_us
 
     @property
     def clash(self) -> bool:
@@ -622,6 +633,23 @@ class Flow:
         """Flows with equal keys cannot coexist (the kernel's reply tuple is unique)."""
         r = self.first
         return (r.proto, r.dst_ip, r.dst_port)
+
+    def settle_start(self) -> None:
+        """Set ``start_us`` from what the records prove.
+
+        A ``new`` is the start. Otherwise ``event.start`` is proof only when it
+        is earlier than the flow's first record: the kernel's start
+        timestamp, or the time of a ``new`` in a file not given. Equal to it,
+        it is the shipper's own first sight (a table dump), not the start.
+        """
+        news = [r for r in self.recs if r.action == "new"]
+        if news:
+            r = news[0]
+            self.start_us = r.start_us if r.start_us is not None else r.ts_us
+            return
+        seen = self.seen_us
+        earlier = [r.start_us for r in self.recs if r.start_us is not None and r.start_us < seen]
+        self.start_us = min(earlier) if earlier else None
 
 
 def build_flows(recs: list[Rec]) -> list[Flow]:
@@ -645,38 +673,34 @@ def build_flows(recs: list[Rec]) -> list[Flow]:
         group.sort(key=lambda r: (r.ts_us, _order.get(r.action, 9)))
         cur: Flow | None = None
         for r in group:
-            if r.action == "destroy":
-                if cur is None or cur.closed:
-                    cur = Flow([r], start_us=r.start_us)
-                    flows.append(cur)
-                else:
-                    cur.recs.append(r)
-                    if cur.start_us is None:
-                        cur.start_us = r.start_us
-                cur.end_us = r.end_us if r.end_us is not None else r.ts_us
-                cur.closed = True
-                continue
             opens = cur is None or cur.closed or (
                 r.action == "new" and any(x.action == "new" for x in cur.recs))
             if opens:
-                cur = Flow([r], start_us=r.start_us if r.start_us is not None else (
-                    r.ts_us if r.action == "new" else None))
+                cur = Flow([r])
                 flows.append(cur)
             else:
                 assert cur is not None
                 cur.recs.append(r)
-                if cur.start_us is None and r.start_us is not None:
-                    cur.start_us = r.start_us
-    # An open flow ends, at the latest, when a later flow on the same tuple begins
-    # (except NAT_CLASH: there two entries share the tuple at once).
+            if r.action == "destroy":
+                cur.end_us = r.end_us if r.end_us is not None else r.ts_us
+                cur.closed = True
+    for f in flows:
+        f.settle_start()
+    # The kernel's reply tuple is unique (except NAT_CLASH, where two entries
+    # share it at once): an open flow ended before the next flow on its tuple
+    # was seen, and a flow of unknown start began after the previous one ended.
     by_tuple: dict[tuple[Any, ...], list[Flow]] = {}
     for f in flows:
         by_tuple.setdefault(f.tuple_key(), []).append(f)
     for same in by_tuple.values():
         same.sort(key=lambda f: f.begin_us)
         for a, b in itertools.pairwise(same):
-            if a.end_us is None and not a.clash and not b.clash:
+            if a.clash or b.clash:
+                continue
+            if a.end_us is None:
                 a.end_inferred_us = b.begin_us
+            if b.start_us is None and a.end_us is not None:
+                b.lower_us = a.end_us
     return flows
 
 
@@ -706,7 +730,8 @@ def answer(q: Query, scan: Scan) -> Answer:
     lo, hi = q.at_us - q.window_us, q.at_us + q.window_us
     cands = []
     for f in build_flows(recs):
-        if f.begin_us > hi:
+        begin = f.start_us if f.start_us is not None else f.lower_us
+        if begin is not None and begin > hi:
             continue  # began after the time (beyond the clock-skew window)
         end = f.end_us if f.end_us is not None else f.end_inferred_us
         if end is not None and end < lo:
@@ -744,6 +769,11 @@ def answer(q: Query, scan: Scan) -> Answer:
         reasons.append("NAT_CLASH: another flow shared this NAT port at once")
     if gaps:
         reasons.append(f"{len(gaps)} gap record(s) overlap: events may be missing")
+    for f in cands:
+        if f.start_us is None and f.seen_us > lo:
+            reasons.append(f"a flow's start is unknown: first seen at {fmt_us(f.seen_us)} "
+                           "(a table dump), it may have begun after the time")
+            break
     for f in cands:
         att = f.pod_rec.attribution
         if att != "resolved":
@@ -783,6 +813,8 @@ def flow_json(f: Flow) -> dict[str, Any]:
         "start": fmt_us(f.start_us),
         "end": fmt_us(f.end_us),
     }
+    if f.start_us is None:
+        d["first_seen"] = fmt_us(f.seen_us)
     if f.end_us is None and f.end_inferred_us is not None:
         d["ended_before"] = fmt_us(f.end_inferred_us)
     counters = next((x.counters for x in reversed(f.recs) if x.counters), None)
@@ -854,7 +886,7 @@ def answer_text(a: Answer) -> str:
         out.append(f"  flow        {d['transport']} {_fmt_ep(src['ip'], src['port'])}"
                    f" -> {_fmt_ep(dst['ip'], dst['port'])}"
                    f"  (host {d['host']}, conntrack id {d['conntrack_id']})")
-        out.append(f"  start       {d['start'] or 'unknown'}")
+        out.append(f"  start       {d['start'] or 'unknown, first seen ' + d['first_seen']}")
         out.append("  end         " + (d["end"] or (
             f"before {d['ended_before']} (a later flow reused the port)" if "ended_before" in d
             else "not in these records")))

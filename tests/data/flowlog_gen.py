@@ -78,6 +78,11 @@ class Flow:
     bytes_out: int = 1200
     bytes_in: int = 5400
     attribution: str | None = None  # as the pipeline passes it (None: from ``pod``)
+    # First seen in a table dump at this time (the shipper started after the flow);
+    # with kernel_ts the dump carries the kernel's start timestamp, else it does not
+    # (nf_conntrack_timestamp=0) and the pipeline's flow start is the dump time.
+    snapshot_at: int | None = None
+    kernel_ts: bool = True
 
     def events(self) -> list[tuple[FlowEvent, int]]:
         """The flow's events with the flow start the pipeline would pass."""
@@ -90,18 +95,29 @@ class Flow:
                     reply_dst=nat, reply_sport=self.dport, reply_dport=self.nat_port,
                     icmp_type=None, icmp_code=None, icmp_id=None, ct_id=self.ct_id,
                     tcp_state=(1 if self.proto == 6 else None), mark=None, zone=None)
-        out = [(FlowEvent(action="new", status=status, timeout=120, orig_packets=None,
-                          orig_bytes=None, reply_packets=None, reply_bytes=None,
-                          ts_start=None, ts_stop=None, ts_event=self.start_ns,
-                          received_ns=self.start_ns, **base), self.start_ns)]
+        kstart = self.start_ns if self.kernel_ts else None
+        if self.snapshot_at is None:
+            remembered = self.start_ns
+            out = [(FlowEvent(action="new", status=status, timeout=120, orig_packets=None,
+                              orig_bytes=None, reply_packets=None, reply_bytes=None,
+                              ts_start=None, ts_stop=None, ts_event=self.start_ns,
+                              received_ns=self.start_ns, **base), remembered)]
+        else:
+            remembered = kstart or self.snapshot_at
+            out = [(FlowEvent(action="snapshot", status=status | SEEN_REPLY | ASSURED,
+                              timeout=100, orig_packets=None, orig_bytes=None,
+                              reply_packets=None, reply_bytes=None, ts_start=kstart,
+                              ts_stop=None, ts_event=None, received_ns=self.snapshot_at,
+                              **base), remembered)]
         if self.end_ns is not None:
             out.append((FlowEvent(
                 action="destroy", status=status | SEEN_REPLY | ASSURED | DYING, timeout=0,
                 orig_packets=self.bytes_out // 100, orig_bytes=self.bytes_out,
                 reply_packets=self.bytes_in // 100, reply_bytes=self.bytes_in,
-                ts_start=self.start_ns, ts_stop=self.end_ns, ts_event=self.end_ns,
-                received_ns=self.end_ns, **{**base, "tcp_state": 8 if self.proto == 6 else None},
-            ), self.start_ns))
+                ts_start=kstart, ts_stop=self.end_ns if self.kernel_ts else None,
+                ts_event=self.end_ns, received_ns=self.end_ns,
+                **{**base, "tcp_state": 8 if self.proto == 6 else None},
+            ), remembered))
         return out
 
 
@@ -112,7 +128,8 @@ def file_sink_lines(flows: Iterable[Flow], gaps: Iterable[dict[str, Any]] = ()) 
     for f in flows:
         enc = encoders.setdefault(f.host, JsonLineEncoder(f.host))
         for ev, start in f.events():
-            timed.append((ev.ts_event or 0, enc.encode(ev, f.pod, start, f.attribution)))
+            timed.append((ev.ts_event or ev.received_ns,
+                          enc.encode(ev, f.pod, start, f.attribution)))
     for g in gaps:
         timed.append((ecs_time(g), orjson.dumps(g) + b"\n"))
     timed.sort(key=lambda t: t[0])
@@ -145,7 +162,8 @@ def fluent_bit_plain_lines(flows: Iterable[Flow],
         for ev, start in f.events():
             rec = ecs.build_record(ev, f.pod, f.host, flow_start_ns=start,
                                    attribution=f.attribution)
-            timed.append((ev.ts_event or 0, encode_entry(rec, ev.ts_event or 0)))
+            t = ev.ts_event or ev.received_ns
+            timed.append((t, encode_entry(rec, t)))
     for g in gaps:
         timed.append((ecs_time(g), encode_entry(g, ecs_time(g))))
     timed.sort(key=lambda t: t[0])

@@ -88,6 +88,15 @@ def _flows() -> tuple[list[Flow], list[dict[str, Any]]]:
              WEB, 443, T0 + 5 * M),
         Flow("node-a", 115, pod("l-1", "10.244.0.22"), "10.244.0.22", 43003, NA, 38000,
              WEB, 443, T0 + 15 * M, T0 + 25 * M),
+        # shipper restart: a flow whose destroy fell in the downtime, then a flow on the
+        # same tuple first seen by the start-up dump, its start unknown (no kernel
+        # timestamps); and one whose dump carries the kernel's start
+        Flow("node-a", 118, pod("prev-1", "10.244.0.24"), "10.244.0.24", 44000, NA, 39000,
+             WEB, 443, T0 + 2 * M),
+        Flow("node-a", 119, pod("snap-1", "10.244.0.25"), "10.244.0.25", 44001, NA, 39000,
+             WEB, 443, T0 + 25 * M, T0 + 35 * M, snapshot_at=T0 + 30 * M, kernel_ts=False),
+        Flow("node-a", 120, pod("snap-2", "10.244.0.26"), "10.244.0.26", 44002, NA, 39001,
+             WEB, 443, T0 + 10 * M, T0 + 35 * M, snapshot_at=T0 + 30 * M),
         # IPv6
         Flow("node-a", 116, pod("v6-1", "fd00:10:244::10"), "fd00:10:244::10", 40000,
              "2001:db8::1", 28958, "2001:db8:ffff::7", 443, T0 + 3 * M, T0 + 4 * M),
@@ -271,6 +280,28 @@ class TestSingle:
         code, a = ask(outputs[fmt], f"{NA}:38000", T0 + 10 * M, window="1m")
         assert code == 0 and pods(a) == ["k-1"]
         assert a["flows"][0]["ended_before"] == "2026-11-27T08:15:00.000000Z"
+
+    def test_flow_of_unknown_start_is_not_ruled_out(self, outputs: dict[str, Path],
+                                                    fmt: str) -> None:
+        """Before a dumped flow of unknown start was seen, it and the old flow are candidates."""
+        code, a = ask(outputs[fmt], f"{NA}:39000", T0 + 20 * M, window="1m")
+        assert code == 3 and pods(a) == ["prev-1", "snap-1"]
+        assert a["flows"][1]["start"] is None
+        assert a["flows"][1]["first_seen"] == "2026-11-27T08:30:00.000000Z"
+        assert any("start is unknown" in r for r in a["reasons"])
+
+    def test_flow_seen_in_dump_answers_after_it_was_seen(self, outputs: dict[str, Path],
+                                                         fmt: str) -> None:
+        """Once the dump saw it, the dumped flow is the answer (the old one had ended)."""
+        code, a = ask(outputs[fmt], f"{NA}:39000", T0 + 32 * M, window="1m")
+        assert code == 0 and pods(a) == ["snap-1"]
+
+    def test_kernel_start_in_a_dump_is_the_start(self, outputs: dict[str, Path],
+                                                 fmt: str) -> None:
+        """A dump with the kernel's start timestamp proves when the flow began."""
+        code, a = ask(outputs[fmt], f"{NA}:39001", T0 + 15 * M, window="1m")
+        assert code == 0 and pods(a) == ["snap-2"]
+        assert a["flows"][0]["start"] == "2026-11-27T08:10:00.000000Z"
 
     def test_ipv6(self, outputs: dict[str, Path], fmt: str) -> None:
         """[addr]:port for IPv6 NAT addresses; the address is matched normalised."""
