@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import random
 import select
 import socket
@@ -26,10 +25,7 @@ from shipper.record import FlowEvent
 from shipper.sources import bpf, conntrack
 from shipper.sources.decode import LayoutDecoder, iter_messages
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-]
+pytestmark = pytest.mark.kernel  # root only; in CI a skip fails (tests/conftest.py)
 
 TCP, UDP, ICMP, ICMP6 = 6, 17, 1, 58
 DNAT_PORT = 9999
@@ -111,19 +107,20 @@ class Reader:
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab(pods=3) as built:
-        conntrack.set_sysctls(built.gw, {"events": 1})
-        for fam in (4, 6):
-            tool = "iptables" if fam == 4 else "ip6tables"
-            pod0 = built.pod_ip(0, fam) if fam == 4 else f"[{built.pod_ip(0, fam)}]"
-            for proto in ("tcp", "udp"):
-                # ext -> node:9999 is DNATed to pod 0: the REPLY tuple's source
-                # is then pod 0's address, the ORIGINAL source is the ext host.
-                built.run(built.gw, tool, "-w", "-t", "nat", "-A", "PREROUTING", "-i",
-                          built.ext_link, "-p", proto, "--dport", str(DNAT_PORT), "-j", "DNAT",
-                          "--to-destination", f"{pod0}:8080")
-        yield built
+def lab(lab: Lab) -> Lab:
+    """The shared lab (tests/conftest.py), plus conntrack events on and a DNAT to pod 0."""
+    built = lab
+    conntrack.set_sysctls(built.gw, {"events": 1})
+    for fam in (4, 6):
+        tool = "iptables" if fam == 4 else "ip6tables"
+        pod0 = built.pod_ip(0, fam) if fam == 4 else f"[{built.pod_ip(0, fam)}]"
+        for proto in ("tcp", "udp"):
+            # ext -> node:9999 is DNATed to pod 0: the REPLY tuple's source
+            # is then pod 0's address, the ORIGINAL source is the ext host.
+            built.run(built.gw, tool, "-w", "-t", "nat", "-A", "PREROUTING", "-i",
+                      built.ext_link, "-p", proto, "--dport", str(DNAT_PORT), "-j", "DNAT",
+                      "--to-destination", f"{pod0}:8080")
+    return built
 
 
 @pytest.fixture

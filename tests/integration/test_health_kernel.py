@@ -8,7 +8,6 @@ same server that serves /metrics.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import urllib.error
@@ -27,10 +26,7 @@ from shipper.pipeline import Pipeline
 from shipper.record import FlowEvent
 from shipper.sources import conntrack
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-]
+pytestmark = [pytest.mark.kernel, pytest.mark.lab(pods=1)]  # lab: tests/conftest.py
 
 
 def probe(url: str) -> tuple[int, dict[str, Any]]:
@@ -89,12 +85,6 @@ class Running:
         self.thread.join(30)
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab(pods=1) as built:
-        yield built
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ clock second, so that a pod created later also has a later RFC 3339
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -39,10 +38,7 @@ from tests.fakes.kube_api import (
 )
 from tests.integration.harness import Record, ShipperProcess, ct_delete, get
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-]
+pytestmark = pytest.mark.kernel  # root only; in CI a skip fails (tests/conftest.py)
 
 Factory = Callable[..., ShipperProcess]
 T = TypeVar("T")
@@ -136,12 +132,6 @@ def _no_ambient_kube(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "HTTP_PROXY", "HTTPS_PROXY",
                 "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab(pods=3) as built:
-        yield built
 
 
 @pytest.fixture

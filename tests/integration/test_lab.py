@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from shipper.lab import Lab, LabError
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-]
+pytestmark = pytest.mark.kernel  # root only; in CI a skip fails (tests/conftest.py)
 
 
 def _netns_names() -> set[str]:
@@ -28,12 +24,6 @@ def _netns_names() -> set[str]:
 
 def _ns_of(prefix: str) -> set[str]:
     return {n for n in _netns_names() if n.startswith(prefix + "-")}
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab(pods=3) as built:
-        yield built
 
 
 class TestTopology:

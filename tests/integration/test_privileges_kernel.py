@@ -27,10 +27,7 @@ import yaml
 from shipper.lab import Lab
 from tests.integration.harness import Record, get
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-]
+pytestmark = [pytest.mark.kernel, pytest.mark.lab(pods=1, ipv6=False)]  # tests/conftest.py
 
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
@@ -136,12 +133,6 @@ class CappedShipper:
                 self.proc.kill()
                 self.proc.wait(10)
         self._stderr.close()
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab(pods=1, ipv6=False) as built:
-        yield built
 
 
 @pytest.fixture
