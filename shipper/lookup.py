@@ -8,9 +8,9 @@ Ambiguity is an answer of its own (exit 3), never hidden behind a first hit.
 
 How it reads the files (why it is fast and its memory bounded):
 
-- Files are streamed in large blocks (plain or gzip, detected by the magic
-  bytes, so ``path.1``, ``path.2.gz`` and Fluent Bit's ``name.<date>.gz``
-  rotations all work); nothing is loaded whole.
+- Files are streamed in large blocks (plain, gzip, bzip2 or xz, detected by
+  the magic bytes, so ``path.1``, ``path.2.gz`` and Fluent Bit's
+  ``name.<date>.gz`` rotations all work); nothing is loaded whole.
 - A block is searched as bytes before any JSON is parsed. One lookup searches
   for the port's digits (like ``grep -F``), then for the address on the same
   line; a batch of many queries matches one regular expression for the
@@ -28,11 +28,13 @@ CPython's own byte search and ``re``; parsing is orjson; gzip is the stdlib.
 
 from __future__ import annotations
 
+import bz2
 import csv
 import gzip
 import io
 import ipaddress
 import itertools
+import lzma
 import os
 import re
 import sys
@@ -296,8 +298,17 @@ def _open(path: Path) -> IO[bytes]:
         f = open(path, "rb")  # noqa: SIM115 - returned to the caller, closed there
     except OSError as exc:
         raise LookupInputError(f"{path}: cannot open: {exc.strerror}") from exc
-    if f.peek(2)[:2] == b"\x1f\x8b":
+    head = f.peek(6)[:6]
+    if head[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
+    # logrotate's compresscmd may be bzip2 or xz (stdlib); zstd is not in the stdlib.
+    if head[:3] == b"BZh":
+        return bz2.BZ2File(f, mode="rb")
+    if head == b"\xfd7zXZ\x00":
+        return lzma.LZMAFile(f, mode="rb")
+    if head[:4] == b"\x28\xb5\x2f\xfd":
+        f.close()
+        raise LookupInputError(f"{path}: zstd-compressed; decompress it first (zstd -d)")
     return f
 
 
@@ -314,9 +325,9 @@ def read_blocks(path: Path, size: int = CHUNK) -> Iterator[tuple[bytes, int, int
         while True:
             try:
                 data = f.read(size)
-            except (OSError, EOFError, zlib.error) as exc:
+            except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
                 raise LookupInputError(f"{path}: cannot read (corrupt or truncated "
-                                       f"gzip?): {exc}") from exc
+                                       f"compressed file?): {exc}") from exc
             if not data:
                 break
             begin = 0

@@ -432,6 +432,29 @@ class TestFormats:
         assert code == 0 and "1 line(s) that are not flow records" in err.getvalue()
 
 
+class TestCompression:
+    """Rotated files compressed by logrotate's other compressors are read too."""
+
+    @pytest.mark.parametrize("ext", ["bz2", "xz"])
+    def test_bz2_and_xz(self, tmp_path: Path, ext: str) -> None:
+        """bzip2 and xz files (detected by magic bytes) answer like the plain file."""
+        import bz2
+        import lzma
+
+        flows, _ = _flows()
+        data = b"".join(file_sink_lines(flows[:2]))
+        comp = bz2.compress(data) if ext == "bz2" else lzma.compress(data)
+        (tmp_path / f"flows.json.3.{ext}").write_bytes(comp)
+        code, a = ask(tmp_path, f"{NA}:28958", T0 + 30 * S, window="1m")
+        assert code == 0 and pods(a) == ["checkout-7d9f8b6c5d-x2x7q"]
+
+    def test_zstd_is_bad_input(self, tmp_path: Path) -> None:
+        """A zstd file (not in the standard library) is refused by name, not misread."""
+        (tmp_path / "flows.json.2.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 64)
+        with pytest.raises(lookup.LookupInputError, match="zstd"):
+            ask(tmp_path, f"{NA}:28958", T0, window="1m")
+
+
 class TestParsing:
     """Query texts: every accepted form, and a clear message for the rest."""
 
