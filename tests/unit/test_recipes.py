@@ -6,7 +6,6 @@ import fnmatch
 import json
 import os
 import re
-import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -214,7 +213,6 @@ def fake_es() -> Iterator[tuple[str, list[tuple[str, str, bytes]]]]:
         srv.server_close()
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="install.sh needs curl")
 class TestInstallScript:
     """config/elasticsearch/install.sh sends the three recipes, retention substituted."""
 
@@ -364,6 +362,42 @@ class TestKibana:
         assert src["indexRefName"] in {r["name"] for r in search["references"]}
         assert fnmatch.fnmatch("flowlog", view["attributes"]["title"])
         assert view["attributes"]["timeFieldName"] == "@timestamp"
+
+
+# Property names Fluent Bit accepts on an output, read from its source at commit
+# d55459d492c5 (v5.1 line): the generic ones (src/flb_output.c prop_key_check, plus
+# "name") and each plugin's config map (plugins/out_es/es.c, plugins/out_loki/loki.c).
+_FB_OUTPUT_GENERIC = {
+    "name", "alias", "host", "port", "log_level", "log_suppress_interval", "match",
+    "match_regex", "retry_limit", "storage.total_limit_size", "workers", "tls", "tls.ca_file",
+    "tls.ca_path", "tls.ciphers", "tls.crt_file", "tls.debug", "tls.key_file",
+    "tls.key_passwd", "tls.max_version", "tls.min_version", "tls.verify",
+    "tls.verify_hostname", "tls.vhost",
+}
+_FB_OUTPUT_KEYS = {
+    "es": {"aws_auth", "aws_external_id", "aws_profile", "aws_region", "aws_role_arn",
+           "aws_service_name", "aws_sts_endpoint", "buffer_size", "cloud_auth", "cloud_id",
+           "compress", "current_time_index", "generate_id", "http_api_key", "http_passwd",
+           "http_user", "id_key", "include_tag_key", "index", "logstash_dateformat",
+           "logstash_format", "logstash_prefix", "logstash_prefix_key",
+           "logstash_prefix_separator", "path", "pipeline", "replace_dots",
+           "suppress_type_name", "tag_key", "time_key", "time_key_format", "time_key_nanos",
+           "trace_error", "trace_output", "type", "upstream", "write_operation"},
+    "loki": {"uri", "tenant_id", "tenant_id_key", "tenant_id_key_error_handling",
+             "partial_success", "labels", "structured_metadata",
+             "structured_metadata_map_keys", "auto_kubernetes_labels", "drop_single_key",
+             "label_keys", "remove_keys", "line_format", "label_map_path", "http_user",
+             "http_passwd", "buffer_size", "bearer_token", "header", "compress"},
+}
+
+
+@pytest.mark.parametrize("path", ["fluent-bit.yaml", "loki/fluent-bit-loki.yaml"])
+def test_fluent_bit_output_keys_exist(path: str) -> None:
+    """Every property of an es/loki output is one Fluent Bit knows (no typo'd key)."""
+    fb = yaml.safe_load((CONFIG / path).read_text())
+    for out in fb["pipeline"]["outputs"]:
+        unknown = set(out) - _FB_OUTPUT_GENERIC - _FB_OUTPUT_KEYS[out["name"]]
+        assert not unknown, (path, out["name"], unknown)
 
 
 class TestFluentBitConfig:
