@@ -7,6 +7,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from shipper.health import Health
 from shipper.metrics import Metrics, serve
+from tests.unit import test_manifests
 
 
 class Clock:
@@ -166,3 +168,34 @@ class TestServe:
         finally:
             release.set()
             t.join(10)
+
+
+@pytest.mark.parametrize("kdir", test_manifests.kustomizations(), ids=test_manifests.kid)
+def test_manifests_probe_healthz_and_readyz_on_the_metrics_port(kdir: Path,
+                                                                tmp_path: Path) -> None:
+    """In every rendering the shipper's liveness probe is /healthz and its readiness probe
+    /readyz, on the container port that the rendered config's metrics.address serves."""
+    from shipper import config
+
+    objects = test_manifests.render(kdir)
+    configmaps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+    specs = test_manifests.pod_specs(objects)
+    assert specs, f"{kdir} renders no workload"
+    for where, spec in specs:
+        c = next(c for c in spec["containers"] if c["name"] == "shipper")
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        args = c["args"]
+        cfg_path = Path(args[args.index("--config") + 1])
+        mount = next(m for m in c["volumeMounts"] if Path(m["mountPath"]) == cfg_path.parent)
+        data = configmaps[volumes[mount["name"]]["configMap"]["name"]]["data"]
+        (tmp_path / "c.yaml").write_text(data[cfg_path.name])
+        address = config.load(tmp_path / "c.yaml").metrics.address
+        assert address, f"{where}: metrics.address is off, so the probes have no server"
+        metrics_port = int(address.rpartition(":")[2])
+        ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            get = c[probe]["httpGet"]
+            assert get["path"] == path, (where, probe)
+            port = get["port"]
+            assert (ports[port] if isinstance(port, str) else port) == metrics_port, \
+                (where, probe)
