@@ -338,7 +338,8 @@ class Pipeline:
             else:
                 self.health.set_ready("pod_sync", True, "pods listed")
         else:
-            self.health.set_ready("pod_sync", True, "no Kubernetes API configured")
+            self.health.set_ready("pod_sync", True, "no Kubernetes API configured" + (
+                "; pods file loaded" if self.inventory is not None else ""))
 
     def _stop_enrichment(self) -> None:
         if self.inventory is not None:

@@ -244,6 +244,10 @@ class TestMissingDependency:
             capsys: pytest.CaptureFixture[str]) -> None:
         """--kubeconfig with an unimportable Kubernetes client: exit 2, the message names
         the missing package (never a silent start without attribution)."""
+        from shipper import log as log_mod
+
+        # main() would route shipper.* logs to stderr for the rest of the session.
+        monkeypatch.setattr(log_mod, "setup", lambda level="info": None)
         for name in [module, *(n for n in sys.modules if n.startswith(module + "."))]:
             monkeypatch.setitem(sys.modules, name, None)  # import -> ModuleNotFoundError
         monkeypatch.delitem(sys.modules, "shipper.enrich.kube", raising=False)
