@@ -176,9 +176,9 @@ class SyslogSink:
             log.warning("syslog TLS certificate verification is disabled",
                         extra={"fields": {"sink": self.name}})
         if cfg.protocol != "relp":
-            log.warning("syslog over %s has no acknowledgement: records the receiver had not "
-                        "processed when a connection breaks are lost (use protocol relp)",
-                        cfg.protocol, extra={"fields": {"sink": self.name}})
+            log.warning("syslog over tcp/tls has no acknowledgement: records the receiver had "
+                        "not processed when a connection breaks are lost (use protocol relp)",
+                        extra={"fields": {"sink": self.name, "protocol": cfg.protocol}})
         fac = FACILITIES[cfg.facility]
         self._pri = {sev: b"<%d>1 " % (fac * 8 + sev) for sev in (SEV_WARNING, SEV_NOTICE,
                                                                  SEV_INFO)}
@@ -296,8 +296,10 @@ class SyslogSink:
                     self._conn.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        """Close the connection: RELP says ``close``; tcp/tls wait (bounded) until the
-        receiver's TCP acknowledged what was written, and count what it did not."""
+        """Close the connection: RELP says ``close``; tcp/tls wait (at most 5 s) until the
+        receiver's TCP acknowledged what was written; what it did not is counted lost if
+        the receiver closed or reset the connection, else logged (the kernel keeps
+        sending after our close)."""
         with self._lock:
             conn, self._conn = self._conn, None
             aborted = self._aborted
@@ -316,7 +318,8 @@ class SyslogSink:
                 _confirm(conn.unconfirmed, info[0])
                 if conn.unconfirmed:
                     time.sleep(0.01)
-        self._close_conn(conn, broken=False)
+        # Still unacknowledged and the peer closed or reset: the kernel drops it, count it.
+        self._close_conn(conn, broken=bool(conn.unconfirmed) and _stale(conn.sock))
 
     # --- connections ------------------------------------------------------------------
 
