@@ -149,6 +149,8 @@ class FakeKubeApi:
         self._thread: threading.Thread | None = None
         self.port = 0
         self.requests: list[tuple[str, dict[str, str]]] = []
+        # Response bytes sent, by (path, "list" | "watch"): the API load a client causes.
+        self.bytes_sent: dict[tuple[str, str], int] = {}
         self.expired_continue = False
         self.fail_with: int | None = None  # answer every request with this HTTP status
 
@@ -331,8 +333,16 @@ class _Handler(BaseHTTPRequestHandler):
         with contextlib.suppress(OSError):
             super().finish()
 
+    _kind = ("", "list")
+
+    def _count(self, n: int) -> None:
+        sent = self.fake.bytes_sent
+        with self.fake._cond:
+            sent[self._kind] = sent.get(self._kind, 0) + n
+
     def _json(self, code: int, body: dict[str, Any]) -> None:
         data = orjson.dumps(body)
+        self._count(len(data))
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -344,6 +354,7 @@ class _Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         fake = self.fake
         fake.requests.append((parts.path, query))
+        self._kind = (parts.path, "watch" if query.get("watch") in ("1", "true") else "list")
         if fake.fail_with is not None:
             self._json(fake.fail_with, {"kind": "Status", "code": fake.fail_with})
             return
@@ -396,6 +407,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, body)
 
     def _chunk(self, data: bytes) -> None:
+        self._count(len(data))
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
 
