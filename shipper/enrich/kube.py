@@ -364,7 +364,8 @@ class Reflector(Generic[T]):
         events = 0
         with self._open(client, params, self.watch_timeout_s + WATCH_READ_GRACE_S) as resp:
             self._failures = 0
-            self._set_stale(False)
+            if not self._rescope.is_set():  # a pending re-list clears staleness itself
+                self._set_stale(False)
             for line in resp.iter_lines():
                 if self._stop.is_set() or self._rescope.is_set():
                     return

@@ -143,6 +143,8 @@ class FakeKubeApi:
             p: [] for p in RESOURCES
         }
         self._compacted = 0
+        # First-page list results by (path, fieldSelector, resourceVersion), for paging.
+        self._snapshots: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
         self._watches: list[_Watch] = []
         self._conns: set[socket.socket] = set()
         self._server: ThreadingHTTPServer | None = None
@@ -381,26 +383,36 @@ class _Handler(BaseHTTPRequestHandler):
         limit = int(query.get("limit", "0") or 0)
         cont = query.get("continue")
         with fake._cond:
+            snap_key = (path, query.get("fieldSelector") or "")
+            items: list[dict[str, Any]] | None = None
             if cont:
                 rv_s, _, off_s = cont.partition(":")
                 if fake.expired_continue or int(rv_s) < fake._compacted:
                     self._json(410, _status_410("continue token expired"))
                     return
-                # A real server lists at the snapshot of the first page; close enough here.
+                # Later pages come from the first page's snapshot, as a real server
+                # lists at one resourceVersion.
                 offset = int(off_s)
                 rv = int(rv_s)
+                items = fake._snapshots.get((*snap_key, rv))
             else:
                 offset, rv = 0, fake._rv
-            items = sorted(
-                (k, o) for k, o in fake._objects[path].items() if _selects(path, terms, o)
-            )
+            if items is None:
+                items = [o for _, o in sorted(fake._objects[path].items())
+                         if _selects(path, terms, o)]
+                if limit and len(items) > limit:
+                    while len(fake._snapshots) >= 8:
+                        fake._snapshots.pop(next(iter(fake._snapshots)))
+                    fake._snapshots[(*snap_key, rv)] = items
             page = items[offset : offset + limit] if limit else items[offset:]
             more = limit and offset + limit < len(items)
+            # Stored objects are never mutated (put and delete store new copies), so the
+            # page can be serialised from them directly.
             body = {
                 "kind": RESOURCES[path][0],
                 "apiVersion": _ITEM_KIND[path][0],
                 "metadata": {"resourceVersion": str(rv)},
-                "items": [copy.deepcopy(o) for _, o in page],
+                "items": page,
             }
             if more:
                 body["metadata"]["continue"] = f"{rv}:{offset + limit}"
