@@ -18,7 +18,6 @@ test_kube_attribution.py and removed by its fixtures, also when a test fails.
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
 from typing import Any
 
@@ -36,16 +35,13 @@ from tests.integration.test_kube_attribution import (
     wait_gauge,
 )
 
-# The lab, fake API and shipper fixtures of the attribution tests, shared as they are.
+# The fake API and shipper fixtures of the attribution tests, shared as they are
+# (``lab`` comes from tests/conftest.py).
 _no_ambient_kube = kube_it._no_ambient_kube
-lab = kube_it.lab
 api = kube_it.api
 shipper = kube_it.shipper
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-]
+pytestmark = pytest.mark.kernel
 
 OTHER = "other-node"
 SUBNET_CONFIG = {"filter.pod_cidrs": [], "filter.cluster_cidrs": [],
