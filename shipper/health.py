@@ -4,12 +4,12 @@
 is wedged: it cannot tell the kubelet anything about the loop. These two can:
 
 - ``/healthz`` (liveness): 200 while the main thread has made progress within
-  ``health.stall_s`` -- the event loop completed an iteration (or, during
-  start-up, the sync wait or table dump moved on). Else 503 with a JSON
-  reason. Waiting for the sink under ``queue.overflow: block`` is not a
-  stall: it is backpressure by design, a restart would not cure it and would
-  lose the in-memory queue, so it is reported (``"status": "blocked"``) with
-  200.
+  ``health.stall_s`` -- the event loop completed an iteration (a long table
+  dump beats too). Else 503 with a JSON reason. Two waits are not stalls and
+  are reported as ``"status": "blocked"`` with 200: waiting for the sink under
+  ``queue.overflow: block`` (backpressure by design; a restart would not cure
+  it and would lose the in-memory queue), and the start-up Kubernetes sync
+  wait (bounded by ``kubernetes.sync_timeout_s``).
 - ``/readyz`` (readiness): 200 once every readiness condition is ok (the
   pipeline sets ``subscribed``, ``initial_dump``, ``pod_sync``, ``running``),
   else 503 naming the conditions that are not. The body always shows every

@@ -17,8 +17,11 @@ clock second, so that a pod created later also has a later RFC 3339
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -81,6 +84,15 @@ def wait_gauge(sp: ShipperProcess, name: str, value: float,
     """Poll until a sample equals ``value`` exactly (gauges may go down as well as up)."""
     poll(lambda: metric_now(sp, name, labels), lambda v: v == value,
          f"{name}{labels or ''} != {value}", timeout)
+
+
+def probe(url: str) -> tuple[int, dict[str, Any]]:
+    """GET a health endpoint: (status, JSON body), also for 503."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 def is_new(r: Record) -> bool:
@@ -463,6 +475,26 @@ class TestStartupSync:
         elapsed = time.monotonic() - t0
         assert code == 0
         assert elapsed < 5.0, f"took {elapsed:.1f}s to stop"
+
+    def test_probes_during_the_startup_wait(
+        self, lab: Lab, api: FakeKubeApi, shipper: Factory
+    ) -> None:
+        """While the API does not answer: /readyz is 503 naming pod_sync (the socket is
+        subscribed), and /healthz stays 200 "blocked" past health.stall_s (a bounded wait,
+        not a stall)."""
+        api.stop()
+        sp = shipper({"kubernetes.sync_timeout_s": 60.0, "health.stall_s": 0.5})
+        poll(sp.stderr, lambda s: "listening for conntrack events" in s, "subscribed")
+        base = f"http://127.0.0.1:{sp.metrics_port}"
+        code, body = poll(lambda: probe(base + "/healthz"),
+                          lambda r: r[1].get("since_progress_s", 0) > 1.0, "wait past stall_s")
+        assert code == 200 and body["status"] == "blocked", body
+        assert "Kubernetes pod sync" in body["reason"]
+        code, body = probe(base + "/readyz")
+        assert code == 503
+        assert body["conditions"]["subscribed"]["ok"] is True
+        assert body["conditions"]["pod_sync"]["ok"] is False
+        assert "not listed within" not in sp.stderr()  # no warning per wait slice
 
     def test_sigterm_during_startup_wait_ships_the_events_already_queued(
         self, lab: Lab, api: FakeKubeApi, shipper: Factory
