@@ -101,6 +101,21 @@ class ConntrackConfig(_Closed):
         description="How many flows' start times to remember (from NEW/snapshot) to attribute "
         "later events when the kernel sends no start timestamp.",
     )
+    reliable_destroy: bool = Field(
+        False,
+        description="Read DESTROY on a second socket with NETLINK_BROADCAST_ERROR and "
+        "NETLINK_NO_ENOBUFS: when it is full the kernel keeps the dead entry and retries the "
+        "DESTROY (about every 100 ms) instead of dropping it. Price: while the shipper does not "
+        "read, dead entries stay allocated and count against nf_conntrack_max, so a stalled "
+        "shipper can fill the table; pair it with the /healthz stall check (health.stall_s). "
+        "Needs 'destroy' in events.",
+    )
+
+    @model_validator(mode="after")
+    def _reliable_needs_destroy(self) -> ConntrackConfig:
+        if self.reliable_destroy and "destroy" not in self.events:
+            raise ValueError("reliable_destroy needs 'destroy' in conntrack.events")
+        return self
 
 
 class FilterConfig(_Closed):

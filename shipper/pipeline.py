@@ -442,7 +442,8 @@ class Pipeline:
             self._sysctls()
             # Subscribe before dumping, so nothing falls between dump and events.
             self._sock = conntrack.open_event_socket(
-                cfg.conntrack.netns, list(cfg.conntrack.events), cfg.conntrack.rcvbuf_bytes
+                cfg.conntrack.netns, list(cfg.conntrack.events), cfg.conntrack.rcvbuf_bytes,
+                reliable_destroy=cfg.conntrack.reliable_destroy,
             )
             if cfg.conntrack.kernel_filter:
                 self._attach_kernel_filter(self.filter)

@@ -2,7 +2,9 @@
 
 * :func:`open_event_socket` subscribes to NEW / UPDATE / DESTROY multicast
   groups of ctnetlink, inside a chosen network namespace, with a large receive
-  buffer (SO_RCVBUFFORCE).
+  buffer (SO_RCVBUFFORCE). With ``reliable_destroy`` DESTROY comes on a second
+  socket that asks the kernel to retry instead of dropping
+  (:class:`ReliableEventSocket`).
 * :func:`dump_table` reads the whole table over a separate socket (a dump on
   the event socket would interleave with events).
 * :func:`read_sysctls` / :func:`set_sysctls` read and set
@@ -24,9 +26,11 @@ the reference decoder in the tests.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
+import select
 import socket
 import threading
 import time
@@ -44,6 +48,8 @@ from shipper.sources.decode import NLMSG_DONE, NLMSG_ERROR, LayoutDecoder
 
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_BROADCAST_ERROR = 4
+NETLINK_NO_ENOBUFS = 5
 SO_RCVBUFFORCE = 33
 CLONE_NEWNET = 0x40000000
 
@@ -115,27 +121,116 @@ def _netlink_socket(rcvbuf: int) -> socket.socket:
     return s
 
 
-def open_event_socket(netns: str | None, events: list[str], rcvbuf: int) -> socket.socket:
-    """Open a non-blocking socket subscribed to the given event types inside ``netns``."""
+def _subscribed(rcvbuf: int, events: list[str], reliable: bool) -> socket.socket:
+    s = _netlink_socket(rcvbuf)
+    try:
+        if reliable:
+            # A failed delivery now fails the kernel's broadcast (the DESTROY is
+            # kept and retried) and never sets ENOBUFS on this socket.
+            s.setsockopt(SOL_NETLINK, NETLINK_BROADCAST_ERROR, 1)
+            s.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
+        for ev in events:
+            s.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, GROUPS[ev])
+    except OSError as exc:
+        s.close()
+        raise SourceError(
+            f"cannot subscribe to conntrack events: {exc.strerror} "
+            "(is nf_conntrack_netlink loaded, and do we have CAP_NET_ADMIN?)"
+        ) from exc
+    s.setblocking(False)
+    return s
 
-    def make() -> socket.socket:
-        s = _netlink_socket(rcvbuf)
+
+class ReliableEventSocket:
+    """The event socket with reliable DESTROY: two netlink sockets read as one.
+
+    ``main`` carries NEW/UPDATE as usual: on overrun the kernel drops them, sets
+    ENOBUFS once and counts each in the socket's drop counter, so that counter
+    stays an exact count of lost events (gap records). ``destroy`` carries
+    DESTROY only, with NETLINK_BROADCAST_ERROR and NETLINK_NO_ENOBUFS (what
+    conntrackd sets for its reliable event mode): when it is full, the kernel
+    keeps the dead entry and retries the DESTROY (measured on 6.18: about every
+    100 ms, without giving up) until it fits. Its drop counter therefore counts
+    failed *attempts*, not losses; keeping it off ``main`` is what keeps the gap
+    accounting exact (see docs/ARCHITECTURE.md, "Reliable DESTROY").
+
+    Duck-types the part of :class:`socket.socket` the pipeline uses:
+    ``fileno()`` is an epoll descriptor readable when either socket is,
+    ``recv_into`` reads ``main`` first (so a flow's NEW, queued before its
+    DESTROY, is read first), ``setsockopt`` (the BPF filter) applies to both,
+    ``getsockopt`` reads ``main``.
+    """
+
+    def __init__(self, main: socket.socket, destroy: socket.socket) -> None:
+        """Take ownership of both sockets."""
+        self.main = main
+        self.destroy = destroy
+        self._ep = select.epoll()
+        self._ep.register(main.fileno(), select.EPOLLIN)
+        self._ep.register(destroy.fileno(), select.EPOLLIN)
+
+    def fileno(self) -> int:
+        """An epoll descriptor, readable when either socket has data."""
+        return self._ep.fileno()
+
+    def recv_into(self, buf: bytearray) -> int:
+        """One datagram from ``main``, else from ``destroy``; BlockingIOError when both are empty.
+
+        OSError(ENOBUFS) comes only from ``main`` (``destroy`` never reports it).
+        """
         try:
-            for ev in events:
-                s.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, GROUPS[ev])
-        except OSError as exc:
-            s.close()
-            raise SourceError(
-                f"cannot subscribe to conntrack events: {exc.strerror} "
-                "(is nf_conntrack_netlink loaded, and do we have CAP_NET_ADMIN?)"
-            ) from exc
-        s.setblocking(False)
-        return s
+            return self.main.recv_into(buf)
+        except BlockingIOError:
+            return self.destroy.recv_into(buf)
+
+    def setsockopt(self, level: int, name: int, value: int | bytes) -> None:
+        """Apply to both sockets; raise the first error after trying both."""
+        err: OSError | None = None
+        for s in (self.main, self.destroy):
+            try:
+                s.setsockopt(level, name, value)
+            except OSError as exc:
+                err = err or exc
+        if err is not None:
+            raise err
+
+    def getsockopt(self, level: int, name: int) -> int:
+        """Read an option of ``main``."""
+        return int(self.main.getsockopt(level, name))
+
+    def close(self) -> None:
+        """Close both sockets and the epoll descriptor."""
+        for c in (self._ep, self.main, self.destroy):
+            with contextlib.suppress(OSError):
+                c.close()
+
+
+def open_event_socket(
+    netns: str | None, events: list[str], rcvbuf: int, reliable_destroy: bool = False
+) -> socket.socket | ReliableEventSocket:
+    """Open a non-blocking socket subscribed to the given event types inside ``netns``.
+
+    With ``reliable_destroy`` (and "destroy" in ``events``) return a
+    :class:`ReliableEventSocket`: DESTROY on its own retrying socket, the other
+    types on an ordinary one, each with ``rcvbuf``.
+    """
+    if not (reliable_destroy and "destroy" in events):
+        return in_netns(netns, lambda: _subscribed(rcvbuf, events, False))
+    rest = [e for e in events if e != "destroy"]
+
+    def make() -> ReliableEventSocket:
+        main = _subscribed(rcvbuf, rest, False)
+        try:
+            destroy = _subscribed(rcvbuf, ["destroy"], True)
+        except BaseException:
+            main.close()
+            raise
+        return ReliableEventSocket(main, destroy)
 
     return in_netns(netns, make)
 
 
-def effective_rcvbuf(sock: socket.socket) -> int:
+def effective_rcvbuf(sock: socket.socket | ReliableEventSocket) -> int:
     """The receive buffer the kernel granted (it reports twice the requested size)."""
     return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
@@ -174,8 +269,26 @@ def set_sysctls(netns: str | None, values: dict[str, int]) -> dict[str, str]:
     return in_netns(netns, write)
 
 
-def socket_drops(netns: str | None, sock: socket.socket) -> int | None:
-    """The kernel's drop counter of ``sock`` (None if it cannot be found)."""
+def socket_drops(netns: str | None, sock: socket.socket | ReliableEventSocket) -> int | None:
+    """The kernel's drop counter of ``sock`` (None if it cannot be found).
+
+    For a :class:`ReliableEventSocket` that of its ``main`` socket: the events
+    really lost. The ``destroy`` socket's counter counts retried attempts
+    (:func:`destroy_retries`).
+    """
+    if isinstance(sock, ReliableEventSocket):
+        sock = sock.main
+    return _drops_of(netns, sock)
+
+
+def destroy_retries(netns: str | None, sock: socket.socket | ReliableEventSocket) -> int | None:
+    """Failed DESTROY delivery attempts the kernel retried (reliable DESTROY only, else None)."""
+    if not isinstance(sock, ReliableEventSocket):
+        return None
+    return _drops_of(netns, sock.destroy)
+
+
+def _drops_of(netns: str | None, sock: socket.socket) -> int | None:
     inode = os.fstat(sock.fileno()).st_ino
 
     def read() -> int | None:

@@ -362,3 +362,19 @@ class TestShippedConfigFile:
             else:
                 raise
         assert isinstance(cfg, Config)
+
+
+class TestReliableDestroy:
+    def test_off_by_default(self) -> None:
+        """conntrack.reliable_destroy is opt-in (it can hold dead entries in the table)."""
+        assert load(None, POD).conntrack.reliable_destroy is False
+
+    def test_needs_destroy_events(self) -> None:
+        """reliable_destroy without 'destroy' in conntrack.events is an error naming both."""
+        probs = problems_of(None, {**POD, "conntrack.reliable_destroy": True,
+                                   "conntrack.events": ["new"]})
+        assert any("reliable_destroy" in p and "destroy" in p for p in probs), probs
+
+    def test_accepted_with_destroy(self) -> None:
+        """reliable_destroy with the default events loads."""
+        assert load(None, {**POD, "conntrack.reliable_destroy": True}).conntrack.reliable_destroy
