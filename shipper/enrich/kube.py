@@ -611,6 +611,12 @@ class CidrConsumer:
             if hand_set else "",
             extra={"fields": {"node_role": info}},
         )
+        if role.gateway and self.cfg.kubernetes.pod_scope == "node":
+            log.warning(
+                "kube: this node is a gateway of a centralized Subnet, but "
+                "kubernetes.pod_scope is node: flows of pods on other nodes stay unresolved "
+                "(use auto or cluster)"
+            )
         if not role.node_known:
             log.warning(
                 "kube: node %r not found among the Nodes: gatewayNodeSelectors cannot match "

@@ -585,6 +585,31 @@ class TestNodeRoleAndScope:
             assert owner(h.index, "10.16.0.22") is None
             assert h.index.live_pods() == 2
 
+    @pytest.mark.parametrize("gateway", [False, True], ids=["node-scope", "gateway"])
+    def test_pod_moved_to_another_node_keeps_its_history(
+        self, api: FakeKubeApi, make: Callable[..., Harness], gateway: bool
+    ) -> None:
+        """A StatefulSet pod recreated on another node with the same address: flows that
+        started before the move still name the old pod; after it, a node-scoped shipper
+        names nobody (it cannot see the new pod) and a gateway names the new one."""
+        extra = CENTRAL if gateway else {}
+        api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16", **extra))
+        api.put(PODS, pod("web-0", "10.16.0.50", node="node-1", uid="old-uid"))
+        with make(subnets_enabled=True) as h:
+            assert h.source.wait_synced(WAIT_S)
+            wait_for(lambda: owner(h.index, "10.16.0.50") == "web-0")
+            before = time.time_ns()
+            api.delete(PODS, "default/web-0")
+            wait_for(lambda: owner(h.index, "10.16.0.50") is None)
+            api.put(PODS, pod("web-0", "10.16.0.50", node="node-2", uid="new-uid"))
+            api.put(PODS, pod("marker", "10.16.0.51", node="node-1"))
+            wait_for(lambda: owner(h.index, "10.16.0.51") == "marker")
+            fam, ip = parse_ip("10.16.0.50")
+            old = h.index.lookup(fam, ip, before)
+            assert old is not None and old.uid == "old-uid"
+            now = h.index.lookup(fam, ip, time.time_ns())
+            assert (now.uid if now else None) == ("new-uid" if gateway else None)
+
     def test_gone_in_node_scope_relists_with_selector(
         self, api: FakeKubeApi, make: Callable[..., Harness]
     ) -> None:
@@ -634,6 +659,18 @@ class TestNodeRoleAndScope:
             role = h.source.node_role
             assert role is not None and role.gateway
             assert "172.18.0.3/32" not in h.filter.cluster_cidrs
+
+    def test_fixed_node_scope_on_gateway_warns(
+        self, api: FakeKubeApi, make: Callable[..., Harness],
+        caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """pod_scope node on a centralized gateway is kept as set, with a warning."""
+        api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16", **CENTRAL))
+        with caplog.at_level("WARNING", logger="shipper.kube"), \
+                make(subnets_enabled=True, pod_scope="node") as h:
+            assert h.source.wait_synced(WAIT_S)
+            assert pod_lists(api)[-1]["fieldSelector"] == "spec.nodeName=node-1"
+            wait_for(lambda: "pod_scope is node" in caplog.text)
 
     @pytest.mark.parametrize(("scope", "selector"),
                              [("node", "spec.nodeName=node-1"), ("cluster", None)])
