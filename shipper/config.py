@@ -181,6 +181,31 @@ class EnrichConfig(_Closed):
     max_value_bytes: int = Field(
         1024, ge=1, description="Longer label/annotation values are truncated to this size."
     )
+    stale_hold_s: float = Field(
+        60.0,
+        ge=0,
+        description="While the pod source is stale (watch cut or failing, pods file unreadable), "
+        "hold records up to this long for attribution after recovery; older ones ship flagged "
+        "stale (0: never hold).",
+    )
+    stale_hold_records: int = Field(
+        50_000,
+        ge=0,
+        description="At most this many records are held while the pod source is stale; past it "
+        "one leaves early flagged stale, chosen by queue.overflow (0: never hold).",
+    )
+    resolve_wait_s: float = Field(
+        2.0,
+        ge=0,
+        le=60,
+        description="A NEW/snapshot record whose source has no (or an uncertain) owner waits up "
+        "to this long for the pod's watch event (0: ship at once).",
+    )
+    resolve_wait_max_flows: int = Field(
+        10_000,
+        ge=0,
+        description="At most this many flows wait for an owner at once; more ship at once.",
+    )
 
 
 class BatchConfig(_Closed):

@@ -114,6 +114,42 @@ DEFS: dict[str, MetricDef] = {
         ),
         MetricDef("shipper_queue_batches", "gauge", "Closed batches waiting for the sink."),
         MetricDef("shipper_pods_live", "gauge", "Pods currently owning an address."),
+        MetricDef(
+            "shipper_pod_source_stale",
+            "gauge",
+            "1 while the pod source (watch or pods file) may be behind and records are held.",
+        ),
+        MetricDef(
+            "shipper_records_held_total",
+            "counter",
+            "Records held because the pod source was stale.",
+        ),
+        MetricDef("shipper_hold_records", "gauge", "Records held right now (pod source stale)."),
+        MetricDef(
+            "shipper_records_released_total",
+            "counter",
+            "Held records attributed and shipped after the pod source recovered.",
+        ),
+        MetricDef(
+            "shipper_records_stale_total",
+            "counter",
+            "Records shipped flagged stale (last known owner), by why they left the hold: "
+            "age (stale_hold_s), full (stale_hold_records; overflow), shutdown.",
+            ("reason",),
+        ),
+        MetricDef(
+            "shipper_records_waited_total",
+            "counter",
+            "Records that waited for an unknown or uncertain owner (resolve_wait_s), by outcome: "
+            "resolved, timeout, full (too many waiting: not delayed).",
+            ("result",),
+        ),
+        MetricDef(
+            "shipper_pod_ip_conflicts_total",
+            "counter",
+            "Pod addresses where Kube-OVN's allocation annotation disagreed with "
+            "status.podIPs (status.podIPs was used).",
+        ),
         MetricDef("shipper_pod_tombstones", "gauge", "Deleted-pod address intervals kept."),
         MetricDef(
             "shipper_pod_tombstones_evicted_total",

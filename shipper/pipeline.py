@@ -12,6 +12,12 @@ address when the flow *started*: the kernel's start timestamp when it sent one
 (``nf_conntrack_timestamp=1``), else the start remembered from the flow's
 NEW/snapshot event (a bounded cache keyed by conntrack id and source), else
 the time the event was read.
+
+When pod metadata may lag (the pod source is stale, or a new flow's source has
+no owner yet), records wait between attribution and encoding, bounded, in the
+buffers of :mod:`shipper.enrich.hold`; the event loop drives them once per
+iteration and never blocks on them. In steady state (source fresh, owner
+known) the event path pays one attribute check for this.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from shipper.batch import Batch, Batcher
 from shipper.config import Config
 from shipper.delivery import Delivery
 from shipper.ecs_json import JsonLineEncoder
+from shipper.enrich.hold import ResolveWait, SourceState, StaleHold
 from shipper.enrich.inventory import InventoryWatcher
 from shipper.enrich.kube_detect import kube_enabled
 from shipper.enrich.pod_index import PodIndex
@@ -45,6 +52,7 @@ from shipper.record import (
     ACTION_NEW,
     ACTION_SNAPSHOT,
     ATTR_RESOLVED,
+    ATTR_STALE,
     FlowEvent,
 )
 from shipper.sinks import Sink, build_sink
@@ -61,6 +69,16 @@ HOUSEKEEPING_S = 1.0
 DROPS_CHECK_S = 5.0
 PRUNE_S = 60.0
 MAX_BURST = 20000
+# Held records released per loop iteration once the pod source is fresh again
+# (at least; more when more arrived meanwhile), so a big release never stops
+# the socket from being read for long.
+RELEASE_CHUNK = 5000
+# Waiting flows are re-checked at most this often (seconds) after pod changes.
+RECHECK_S = 0.05
+
+# A record waiting in the hold or for an owner: (event, remembered flow start,
+# attribution time).
+Held = tuple[FlowEvent, "int | None", int]
 
 
 def kube_source_class(cfg: Config) -> Any:
@@ -165,6 +183,22 @@ class Pipeline:
         self._n_records: dict[str, int] = {}
         self._n_unresolved = 0
         self._n_uncertain = 0
+        # Records waiting for pod metadata (shipper.enrich.hold).
+        e = cfg.enrich
+        self.hold = StaleHold(int(e.stale_hold_s * 1e9), e.stale_hold_records, cfg.queue.overflow)
+        self.waiting = ResolveWait(int(e.resolve_wait_s * 1e9), e.resolve_wait_max_flows)
+        self._pod_states: list[SourceState] = []
+        # The one check on the event path: True while records must go to the hold
+        # (a pod source is stale, or held records are still being released).
+        self._holding = False
+        self._pods_stale = False
+        self._wait_version = -1
+        self._wait_checked = 0.0
+        self._n_held = 0
+        self._n_released = 0
+        self._held_since_tick = 0
+        self._n_stale: dict[str, int] = {}
+        self._n_waited: dict[str, int] = {}
         self._log_limit = _LogLimit(per_s=60.0)
         self._bpf_lock = threading.Lock()
         self.health = Health(cfg.health.stall_s)
@@ -211,8 +245,18 @@ class Pipeline:
         else:
             remembered = starts.get(key)
         t_attr = ev.ts_start or remembered or ev.received_ns
+        if self._holding:
+            self._hold_add((ev, remembered, t_attr))
+            return
         pod, attribution = self.index.attribute(ev.family, src, t_attr)
+        waiting = self.waiting
+        if waiting and waiting.follow(key, (ev, remembered, t_attr)):
+            return  # this flow's NEW waits for its owner: stay behind it
         if attribution != ATTR_RESOLVED:
+            if action in (ACTION_NEW, ACTION_SNAPSHOT) and waiting.wait_ns:
+                if waiting.start(key, (ev, remembered, t_attr), ev.received_ns):
+                    return
+                self._n_waited["full"] = self._n_waited.get("full", 0) + 1
             if pod is None:
                 self._n_unresolved += 1
             else:
@@ -226,6 +270,129 @@ class Pipeline:
                                                  attribution=attribution), t_ev)
         for b in self.batcher.add(entry, t_ev, time.monotonic()):
             self._submit(b)
+
+    def _ship(self, item: Held, pod: Any, attribution: str) -> None:
+        """Encode and batch a record that waited (the slow path of :meth:`handle`)."""
+        ev, remembered, _ = item
+        action = ev.action
+        if attribution != ATTR_RESOLVED and attribution != ATTR_STALE:
+            if pod is None:
+                self._n_unresolved += 1
+            else:
+                self._n_uncertain += 1
+        self._n_records[action] = self._n_records.get(action, 0) + 1
+        t_ev = ecs.event_time(ev)
+        if self._lines is not None:
+            entry = self._lines.encode(ev, pod, remembered, attribution)
+        else:
+            entry = self.encode(ecs.build_record(ev, pod, self.host, flow_start_ns=remembered,
+                                                 attribution=attribution), t_ev)
+        for b in self.batcher.add(entry, t_ev, time.monotonic()):
+            self._submit(b)
+
+    def _ship_attributed(self, item: Held) -> None:
+        ev, _, t_attr = item
+        pod, attribution = self.index.attribute(ev.family, ev.orig_src, t_attr)
+        self._ship(item, pod, attribution)
+
+    def _ship_stale(self, item: Held, reason: str) -> None:
+        """Ship a record the hold let go before the source recovered: the last known owner,
+        flagged ``stale`` (also when no owner is known: the view is behind, so
+        "unresolved" would claim more than we know)."""
+        ev, _, t_attr = item
+        pod, _ = self.index.attribute(ev.family, ev.orig_src, t_attr)
+        self._n_stale[reason] = self._n_stale.get(reason, 0) + 1
+        self._ship(item, pod, ATTR_STALE)
+
+    def _hold_add(self, item: Held) -> None:
+        self._n_held += 1
+        self._held_since_tick += 1
+        out = self.hold.add(item, item[0].received_ns)
+        if out is not None:
+            self._ship_stale(out, "full" if self.hold.enabled else "age")
+
+    def _tick_hold(self, now_ns: int, now_m: float) -> None:
+        """Once per loop iteration: follow the pod sources' freshness, release held records,
+        end waits. Everything the event path defers is decided here."""
+        stale = False
+        for st in self._pod_states:
+            if st.stale:
+                stale = True
+                break
+        hold = self.hold
+        if stale != self._pods_stale:
+            self._pods_stale = stale
+            self.metrics.set("shipper_pod_source_stale", 1 if stale else 0)
+            self._report_pods_state()
+            if stale:
+                log.warning("pod metadata is stale: holding records until it is re-listed "
+                            "(at most enrich.stale_hold_s, then shipped flagged stale)",
+                            extra={"fields": {"sources": self._stale_reasons()}})
+            else:
+                log.info("pod metadata is current again: releasing held records",
+                         extra={"fields": {"held": len(hold)}})
+        if stale:
+            for item in hold.expired(now_ns):
+                self._ship_stale(item, "age")
+        elif hold:
+            n = max(RELEASE_CHUNK, 2 * self._held_since_tick)
+            for item in hold.release(n):
+                self._n_released += 1
+                self._ship_attributed(item)
+        self._held_since_tick = 0
+        self._holding = stale or bool(hold)
+        waiting = self.waiting
+        if not waiting:
+            return
+        version = self.index.version
+        if version != self._wait_version and now_m - self._wait_checked >= RECHECK_S:
+            # Pods changed: flows whose owner is now known leave at once.
+            self._wait_version = version
+            self._wait_checked = now_m
+            attribute = self.index.attribute
+            for key, (ev, _, t_attr) in waiting.first():
+                pod, attribution = attribute(ev.family, ev.orig_src, t_attr)
+                if attribution == ATTR_RESOLVED:
+                    self._n_waited["resolved"] = self._n_waited.get("resolved", 0) + 1
+                    for item in waiting.pop(key):
+                        self._ship(item, pod, attribution)
+        for _, items in waiting.due(now_ns):
+            self._n_waited["timeout"] = self._n_waited.get("timeout", 0) + 1
+            for item in items:
+                if self._holding:
+                    self._hold_add(item)  # the view went stale meanwhile
+                else:
+                    self._ship_attributed(item)
+
+    def _flush_waiting(self) -> None:
+        """At shutdown: nothing may stay behind. Waiting flows ship as they stand; held
+        records ship attributed if the source is fresh, else flagged stale."""
+        for _, items in self.waiting.drain():
+            for item in items:
+                if self._pods_stale:
+                    self._ship_stale(item, "shutdown")
+                else:
+                    self._ship_attributed(item)
+        if self._pods_stale:
+            for item in self.hold.release(len(self.hold)):
+                self._ship_stale(item, "shutdown")
+        else:
+            for item in self.hold.release(len(self.hold)):
+                self._n_released += 1
+                self._ship_attributed(item)
+        self._holding = False
+
+    def _stale_reasons(self) -> dict[str, str]:
+        return {st.name: st.reason for st in self._pod_states if st.stale}
+
+    def _report_pods_state(self) -> None:
+        """The pods-stale state for /readyz (information only: readiness is unaffected)."""
+        self.health.set_info("pods", {
+            "stale": self._pods_stale,
+            "held": len(self.hold),
+            "waiting_for_owner": len(self.waiting),
+            "sources": {st.name: st.info() for st in self._pod_states},
+        })
 
     @staticmethod
     def _start_key(ev: FlowEvent) -> int:
@@ -258,6 +425,18 @@ class Pipeline:
         if self._n_uncertain:
             m.inc("shipper_records_uncertain_total", n=self._n_uncertain)
             self._n_uncertain = 0
+        if self._n_held:
+            m.inc("shipper_records_held_total", n=self._n_held)
+            self._n_held = 0
+        if self._n_released:
+            m.inc("shipper_records_released_total", n=self._n_released)
+            self._n_released = 0
+        for name, counts in (("shipper_records_stale_total", self._n_stale),
+                             ("shipper_records_waited_total", self._n_waited)):
+            for label, n in counts.items():
+                m.inc(name, label, n=n)
+            counts.clear()
+        m.set("shipper_hold_records", len(self.hold))
 
     def _on_decode_error(self, exc: DecodeError) -> None:
         self.metrics.inc("shipper_decode_errors_total", "malformed")
@@ -314,9 +493,11 @@ class Pipeline:
     def _start_enrichment(self, stop: threading.Event | None = None) -> None:
         if self.inventory is not None:
             self.inventory.start()
+            self._pod_states.append(self.inventory.state)
         if self._kube_source is not None:
             self.kube = self._kube_source(self.cfg, self.index, self.filter, self.metrics,
                                           self.health)
+            self._pod_states.append(self.kube.pods_state)
             self.kube.start()
             timeout = float(self.cfg.kubernetes.sync_timeout_s)
             # A bounded wait by design: /healthz reports it as such, not as a stall.
@@ -465,6 +646,7 @@ class Pipeline:
                 self._state_saver = StateSaver(self.state, self.index, cfg.state_interval_s)
                 self._state_saver.start()
             self._start_enrichment(stop)
+            self._tick_hold(time.time_ns(), time.monotonic())
             if cfg.conntrack.dump_at_start and not stop.is_set():
                 n = self.handle_all(conntrack.dump_table(
                     cfg.conntrack.netns, self.decoder, on_decode_error=self._on_decode_error))
@@ -546,6 +728,7 @@ class Pipeline:
 
     def _shutdown(self) -> bool:
         self.health.set_ready("running", False, "stopping")
+        self._flush_waiting()
         b = self.batcher.flush()
         if b is not None:
             self.delivery.submit(b, None)
@@ -578,10 +761,16 @@ class Pipeline:
             now_m = monotonic()
             deadline = min(next_house, self.batcher.deadline() or next_house)
             timeout_ms = max(0, int((deadline - now_m) * 1000) + 1)
+            if self.hold and not self._pods_stale:
+                timeout_ms = 0  # releasing held records: do not sleep between chunks
             if poller.poll(min(timeout_ms, 200)) and drain_pause:
                 # Let a burst gather: draining many events per wake-up costs far
                 # less CPU per event than waking for each one.
                 time.sleep(drain_pause)
+            if self._pod_states or self._holding or self.waiting:
+                # Before the burst: a pod source that went stale (or recovered) while
+                # we slept must decide where this burst's records go.
+                self._tick_hold(time_ns(), monotonic())
             burst = 0
             while burst < MAX_BURST:
                 try:
@@ -636,6 +825,8 @@ class Pipeline:
         evicted = self.index.evicted_total - m.value("shipper_pod_tombstones_evicted_total")
         if evicted > 0:
             m.inc("shipper_pod_tombstones_evicted_total", n=evicted)
+        if self._pod_states:
+            self._report_pods_state()
 
     # ---- one shot -----------------------------------------------------------
 
@@ -646,6 +837,7 @@ class Pipeline:
         self.delivery.start()
         try:
             self._start_enrichment()
+            self._tick_hold(time.time_ns(), time.monotonic())
             n = self.handle_all(conntrack.dump_table(
                 self.cfg.conntrack.netns, self.decoder, on_decode_error=self._on_decode_error))
             log.info("table dumped", extra={"fields": {"entries": n}})

@@ -45,6 +45,11 @@ ATTRIBUTIONS = (ATTR_RESOLVED, ATTR_UNCERTAIN, ATTR_UNRESOLVED, ATTR_STALE)
 
 _V6_TAG = 1 << 128
 
+# How a pod's address was learnt (``kubernetes.pod.ip_source``, docs/SCHEMA.md).
+IP_SOURCE_STATUS = "status"  # status.podIPs only
+IP_SOURCE_KUBE_OVN = "kube-ovn"  # Kube-OVN's allocation annotation only (status not set yet)
+IP_SOURCE_BOTH = "kube-ovn+status"  # both, and they agree
+
 
 def ip_key(family: int, ip: int) -> int:
     """Return a dictionary key for an address that cannot collide across families."""
@@ -203,6 +208,9 @@ class PodMeta:
     host_network: bool = False
     phase: str | None = None
     created_ns: int | None = None
+    # Parallel to ``ips``: how each address was learnt (``IP_SOURCE_*``), or
+    # empty when the builder did not say (then no ``kubernetes.pod.ip_source``).
+    ip_sources: tuple[str, ...] = ()
     kubernetes_by_ip: dict[int, dict[str, Any]] = field(default_factory=dict, compare=False)
 
     @property
@@ -260,6 +268,7 @@ class PodMeta:
             host_network=self.host_network,
             phase=_intern(self.phase) if self.phase else self.phase,
             created_ns=self.created_ns,
+            ip_sources=tuple(_intern(x) for x in self.ip_sources),
         )
         # One finished object per address (with kubernetes.pod.ip), built once
         # here rather than copied per record. Records share them: never mutate.
@@ -268,11 +277,12 @@ class PodMeta:
         by_ip = meta.kubernetes_by_ip
         ns, name, uid = meta.namespace, meta.name, meta.uid
         parts = meta._parts()
-        for fam, ip in meta.ips:
-            obj: dict[str, Any] = {
-                "namespace": ns,
-                "pod": {"name": name, "uid": uid, "ip": ip_to_str(fam, ip)},
-            }
+        sources = meta.ip_sources if len(meta.ip_sources) == len(meta.ips) else ()
+        for i, (fam, ip) in enumerate(meta.ips):
+            pod_obj: dict[str, Any] = {"name": name, "uid": uid, "ip": ip_to_str(fam, ip)}
+            if sources:
+                pod_obj["ip_source"] = sources[i]
+            obj: dict[str, Any] = {"namespace": ns, "pod": pod_obj}
             obj.update(parts)
             by_ip[ip_key(fam, ip)] = obj
         return meta

@@ -8,7 +8,9 @@ reload time, which is what keeps attribution right when a pod IP is reused).
 Bad input never stops the shipper: an unreadable or unparsable file keeps the
 previous state and counts ``shipper_inventory_reloads_total{result="error"}``;
 a single bad pod entry is skipped, logged with its name and counted
-(``result="partial"``).
+(``result="partial"``). A missing, unreadable or unparsable file also makes the
+source stale (:attr:`InventoryWatcher.state`): records are then held
+(``shipper.enrich.hold``) until a version of the file loads again.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import orjson
 
+from shipper.enrich.hold import SourceState
 from shipper.enrich.pod_index import PodIndex
 from shipper.enrich.pods import LabelPolicy, pods_from_list
 from shipper.errors import EnrichError
@@ -30,8 +33,14 @@ from shipper.record import PodMeta
 log = logging.getLogger("shipper.inventory")
 
 
-def load_file(path: Path, policy: LabelPolicy) -> tuple[list[PodMeta], list[str]]:
-    """Parse a PodList file; return ``(pods, problems)``. Raises EnrichError if unusable."""
+def load_file(
+    path: Path, policy: LabelPolicy, conflicts: list[str] | None = None
+) -> tuple[list[PodMeta], list[str]]:
+    """Parse a PodList file; return ``(pods, problems)``. Raises EnrichError if unusable.
+
+    Address conflicts of converted pods (see :func:`~shipper.enrich.pods.pod_from_dict`)
+    are appended to ``conflicts``.
+    """
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -41,7 +50,7 @@ def load_file(path: Path, policy: LabelPolicy) -> tuple[list[PodMeta], list[str]
     except orjson.JSONDecodeError as exc:
         raise EnrichError(f"pods file {path}: not valid JSON: {exc}") from exc
     try:
-        return pods_from_list(obj, policy)
+        return pods_from_list(obj, policy, conflicts)
     except EnrichError as exc:
         raise EnrichError(f"pods file {path}: {exc}") from exc
 
@@ -67,6 +76,7 @@ class InventoryWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.loaded = threading.Event()
+        self.state = SourceState("pods_file", now_ns=time.time_ns())
 
     def _signature(self) -> tuple[int, int, int] | None:
         try:
@@ -79,6 +89,7 @@ class InventoryWatcher:
         """Reload if the file changed since the last successful load; True if it did."""
         sig = self._signature()
         if sig is None:
+            self.state.mark_stale("pods file missing", time.time_ns())
             if self._sig is not None or not self.loaded.is_set():
                 self.metrics.inc("shipper_inventory_reloads_total", "error")
                 log.error("pods file missing; keeping the last known pods",
@@ -88,17 +99,30 @@ class InventoryWatcher:
             return False
         if sig == self._sig:
             return False
+        conflicts: list[str] = []
         try:
-            pods, problems = load_file(self.path, self.policy)
+            pods, problems = load_file(self.path, self.policy, conflicts)
         except EnrichError as exc:
+            news = self.state.mark_stale(str(exc), time.time_ns())
             self.metrics.inc("shipper_inventory_reloads_total", "error")
-            log.error("pods file rejected; keeping the last known pods",
-                      extra={"fields": {"path": str(self.path), "error": str(exc)}})
-            self._sig = sig  # do not retry the same broken content in a loop
+            if news or not isinstance(exc.__cause__, OSError):
+                log.error("pods file rejected; keeping the last known pods (records are held "
+                          "until it loads)",
+                          extra={"fields": {"path": str(self.path), "error": str(exc)}})
+            if not isinstance(exc.__cause__, OSError):
+                # Do not parse the same broken content in a loop. A read error
+                # (permissions, I/O) is retried: fixing it need not change the
+                # file's mtime, size or inode.
+                self._sig = sig
             self.loaded.set()
             return False
         self.index.reconcile(pods, time.time_ns())
+        self.state.mark_fresh(time.time_ns())
         self._sig = sig
+        if conflicts:
+            self.metrics.inc("shipper_pod_ip_conflicts_total", n=len(conflicts))
+            for c in conflicts[:20]:
+                log.warning("pods file: %s", c)
         result = "partial" if problems else "ok"
         self.metrics.inc("shipper_inventory_reloads_total", result)
         for p in problems[:20]:

@@ -48,6 +48,7 @@ from lightkube.config.kubeconfig import KubeConfig, SingleConfig
 from lightkube.core.exceptions import ConfigError as LightkubeConfigError
 
 from shipper.enrich import subnets as subnet_rules
+from shipper.enrich.hold import SourceState
 from shipper.enrich.kube_detect import SERVICE_ACCOUNT_DIR
 from shipper.enrich.kube_detect import in_cluster_available as _in_cluster_available
 from shipper.enrich.kube_detect import kube_enabled as kube_enabled  # re-exported
@@ -157,6 +158,7 @@ class Reflector(Generic[T]):
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
         selector: Callable[[], str | None] | None = None,
+        relist_after_error: bool = False,
     ) -> None:
         """Nothing happens until :meth:`start`.
 
@@ -164,6 +166,15 @@ class Reflector(Generic[T]):
         returns the ``fieldSelector`` of the collection, or None for all of
         it; the watch that follows uses the same one. It may block (bounded)
         until it knows the answer.
+
+        ``relist_after_error``: after a failed or cut watch, re-list instead of
+        resuming, and call :attr:`state` fresh only once a list was handed to
+        the consumer. A resumed watch replays the missed events but never says
+        when it has caught up, and a replayed DELETED is applied at replay
+        time, which would stretch the old owner's claim over an address's new
+        owner; a list reconciled into the index gives a complete view at a
+        known moment (the pod index then cuts a missed deletion at the new
+        owner's creation).
         """
         self.resource = resource
         self.path = path
@@ -185,6 +196,9 @@ class Reflector(Generic[T]):
         self._resp: httpx.Response | None = None
         self._stale = True
         self._failures = 0
+        self.relist_after_error = relist_after_error
+        # Freshness for the hold (shipper.enrich.hold): stale until the first list.
+        self.state = SourceState(resource, now_ns=time.time_ns())
         self.resource_version: str | None = None
         metrics.set("shipper_kube_cache_stale", 1, resource)
 
@@ -222,6 +236,8 @@ class Reflector(Generic[T]):
         return self._stale
 
     def _set_stale(self, stale: bool, why: str = "") -> None:
+        if stale:
+            self.state.mark_stale(why, time.time_ns())
         if stale == self._stale:
             return
         self._stale = stale
@@ -254,6 +270,8 @@ class Reflector(Generic[T]):
                 except _Gone:
                     need_list = True
                     gone_streak += 1
+                    # Events were compacted away: the view is behind until the re-list.
+                    self._set_stale(True, "resourceVersion expired (410 Gone)")
                     self.metrics.inc("shipper_kube_watch_restarts_total", self.resource, "gone")
                     log.info("kube %s: resourceVersion expired (410), re-listing", self.resource)
                     if gone_streak > 1:
@@ -270,6 +288,8 @@ class Reflector(Generic[T]):
                     self._failures += 1
                     self.metrics.inc("shipper_kube_watch_restarts_total", self.resource, "error")
                     self._set_stale(True, f"{type(exc).__name__}: {exc}")
+                    if self.relist_after_error:
+                        need_list = True
                     self._sleep_backoff()
         finally:
             client.close()
@@ -319,6 +339,7 @@ class Reflector(Generic[T]):
             log.info("kube %s: watch scope now %s", self.resource, selector or "all")
         self.field_selector = selector
         self.consumer.replace(items)
+        self.state.mark_fresh(time.time_ns())
         self.resource_version = rv
         self.metrics.inc("shipper_kube_lists_total", self.resource, "ok")
         self._failures = 0
@@ -365,6 +386,8 @@ class Reflector(Generic[T]):
         with self._open(client, params, self.watch_timeout_s + WATCH_READ_GRACE_S) as resp:
             self._failures = 0
             if not self._rescope.is_set():  # a pending re-list clears staleness itself
+                if not self.relist_after_error:
+                    self.state.mark_fresh(time.time_ns())
                 self._set_stale(False)
             for line in resp.iter_lines():
                 if self._stop.is_set() or self._rescope.is_set():
@@ -458,8 +481,14 @@ class PodConsumer:
         self.metrics = metrics
 
     def convert(self, obj: Mapping[str, Any]) -> PodMeta:
-        """One API Pod -> PodMeta (EnrichError if malformed)."""
-        return pod_from_dict(obj, self.policy)
+        """One API Pod -> PodMeta (EnrichError if malformed); address conflicts are counted."""
+        problems: list[str] = []
+        meta = pod_from_dict(obj, self.policy, problems)
+        if problems:
+            self.metrics.inc("shipper_pod_ip_conflicts_total", n=len(problems))
+            for p in problems:
+                log.warning("kube pods: %s", p)
+        return meta
 
     def replace(self, items: list[PodMeta]) -> None:
         """Reconcile the index with a full list."""
@@ -476,7 +505,7 @@ class PodConsumer:
                 raise EnrichError("pod DELETED event without metadata.uid")
             self.index.delete(uid, now)
         else:
-            self.index.update(pod_from_dict(obj, self.policy), now)
+            self.index.update(self.convert(obj), now)
         self._gauges()
 
     def _gauges(self) -> None:
@@ -790,6 +819,10 @@ class KubeSource:
         if k.pod_scope == "auto" and k.subnets_enabled:
             self._cidrs.on_role.append(self._on_role)
         self._started = False
+        # Attribution must know when the pod view is complete again (hold.py).
+        for r in self.reflectors:
+            if r.resource == "pods":
+                r.relist_after_error = True
 
     # ---- pod watch scope ----
 
@@ -920,6 +953,15 @@ class KubeSource:
     def stale(self) -> bool:
         """True while any watched resource's cache may be out of date."""
         return any(r.stale for r in self.reflectors)
+
+    @property
+    def pods_state(self) -> SourceState:
+        """Freshness of the pod view: stale from a watch error, a 410 or a failing list until
+        a re-list was reconciled into the index (``stale_since_ns``, ``recovered_ns``)."""
+        for r in self.reflectors:
+            if r.resource == "pods":
+                return r.state
+        raise RuntimeError("no pods reflector")  # pragma: no cover - always built
 
     @property
     def nat_policy(self) -> subnet_rules.NatPolicy:

@@ -32,12 +32,27 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from shipper.errors import EnrichError
-from shipper.record import PodMeta, parse_ip
+from shipper.record import (
+    IP_SOURCE_BOTH,
+    IP_SOURCE_KUBE_OVN,
+    IP_SOURCE_STATUS,
+    PodMeta,
+    ip_to_str,
+    parse_ip,
+)
 
 if TYPE_CHECKING:
     from shipper.config import EnrichConfig
 
 LOGICAL_SWITCH_ANNOTATION = "ovn.kubernetes.io/logical_switch"
+# Kube-OVN's allocation annotations (pkg/util/const.go: IPAddressAnnotationTemplate,
+# AllocatedAnnotationTemplate = "%s.kubernetes.io/ip_address" / "%s.kubernetes.io/allocated",
+# one pair per provider; the default network's provider is "ovn"). The controller
+# writes both in one patch when it allocates (pkg/controller/pod.go), the address
+# as util.GetStringIP(v4, v6): "v4", "v6" or "v4,v6".
+IP_ADDRESS_SUFFIX = ".kubernetes.io/ip_address"
+ALLOCATED_SUFFIX = ".kubernetes.io/allocated"
+DEFAULT_PROVIDER = "ovn"
 POD_TEMPLATE_HASH_LABEL = "pod-template-hash"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -207,6 +222,84 @@ def _ips(status: Mapping[str, Any], ref: str) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def _allocations(
+    annotations: Mapping[str, Any], ref: str
+) -> dict[str, tuple[tuple[int, int], ...]]:
+    """Kube-OVN's allocated addresses per provider (``{"ovn": ((4, ip), (6, ip))}``).
+
+    Only a provider whose ``<provider>.kubernetes.io/allocated`` is exactly
+    ``"true"`` counts: an ``ip_address`` without it is a user's request for a
+    static address, not yet an allocation.
+    """
+    out: dict[str, tuple[tuple[int, int], ...]] = {}
+    for key, value in annotations.items():
+        if not isinstance(key, str) or not key.endswith(IP_ADDRESS_SUFFIX):
+            continue
+        provider = key[: -len(IP_ADDRESS_SUFFIX)]
+        if not provider or annotations.get(provider + ALLOCATED_SUFFIX) != "true":
+            continue
+        if not isinstance(value, str):
+            raise EnrichError(f"pod {ref}: annotation {key} is not a string")
+        addrs: list[tuple[int, int]] = []
+        for text in value.split(","):
+            if not text.strip():
+                continue
+            try:
+                pair = parse_ip(text)
+            except ValueError as exc:
+                raise EnrichError(
+                    f"pod {ref}: annotation {key} has a bad address {text.strip()!r}"
+                ) from exc
+            if pair not in addrs:
+                addrs.append(pair)
+        if addrs:
+            out[provider] = tuple(addrs)
+    return out
+
+
+def _addresses(
+    status_ips: tuple[tuple[int, int], ...],
+    allocations: Mapping[str, tuple[tuple[int, int], ...]],
+    ref: str,
+    problems: list[str] | None,
+) -> tuple[tuple[tuple[int, int], ...], tuple[str, ...]]:
+    """The pod's addresses and, for each, how it was learnt.
+
+    Kube-OVN's allocation counts from the moment it is written (before the
+    sandbox exists and long before ``status.podIPs``). When both exist they
+    are cross-checked for the default network (provider ``ovn``): for a family
+    where they name different addresses, ``status.podIPs`` (what the kubelet
+    reports the sandbox actually has) wins and the annotation's address is not
+    claimed at all, reported through ``problems``; claiming both could name
+    this pod for another pod's address. Addresses of other providers
+    (attachment networks) never appear in ``status.podIPs`` and are taken from
+    their allocation.
+    """
+    if not allocations:
+        return status_ips, (IP_SOURCE_STATUS,) * len(status_ips)
+    status_set = set(status_ips)
+    status_families = {fam for fam, _ in status_ips}
+    ips: list[tuple[int, int]] = list(status_ips)
+    sources: list[str] = [IP_SOURCE_STATUS] * len(status_ips)
+    for provider in sorted(allocations):
+        for pair in allocations[provider]:
+            if pair in status_set:
+                sources[ips.index(pair)] = IP_SOURCE_BOTH
+                continue
+            if provider == DEFAULT_PROVIDER and pair[0] in status_families:
+                if problems is not None:
+                    problems.append(
+                        f"pod {ref}: {provider}{IP_ADDRESS_SUFFIX} "
+                        f"{ip_to_str(*pair)} disagrees with status.podIPs; "
+                        "status.podIPs is used"
+                    )
+                continue
+            if pair not in ips:
+                ips.append(pair)
+                sources.append(IP_SOURCE_KUBE_OVN)
+    return tuple(ips), tuple(sources)
+
+
 def _owner(
     meta: Mapping[str, Any], labels: Mapping[str, Any], ref: str
 ) -> tuple[str | None, str | None]:
@@ -234,15 +327,22 @@ def _owner(
     return None, None
 
 
-def pod_from_dict(obj: Mapping[str, Any], policy: LabelPolicy | None = None) -> PodMeta:
+def pod_from_dict(
+    obj: Mapping[str, Any],
+    policy: LabelPolicy | None = None,
+    problems: list[str] | None = None,
+) -> PodMeta:
     """Convert one v1 Pod object (list item or watch object) into a ready :class:`PodMeta`.
 
     The result has already been through :meth:`PodMeta.with_record_object`.
     ``metadata.namespace``, ``metadata.name`` and ``metadata.uid`` are
-    required; everything else is optional. The Kube-OVN logical switch is
-    read from its annotation whatever the annotation allowlist says. Raises
-    :class:`~shipper.errors.EnrichError` naming the field and the pod when
-    the object is malformed.
+    required; everything else is optional. The Kube-OVN logical switch and
+    allocation annotations are read whatever the annotation allowlist says.
+    The pod's addresses are ``status.podIPs`` plus Kube-OVN's allocated
+    addresses (see :func:`_addresses`); ``ip_sources`` says where each came
+    from. A disagreement between the two is appended to ``problems`` (the
+    pod is still converted). Raises :class:`~shipper.errors.EnrichError`
+    naming the field and the pod when the object is malformed.
     """
     policy = policy or _DEFAULT_POLICY
     if not isinstance(obj, Mapping):
@@ -286,12 +386,16 @@ def pod_from_dict(obj: Mapping[str, Any], policy: LabelPolicy | None = None) -> 
         _truncate(switch, policy.max_value_bytes) if isinstance(switch, str) and switch else None
     )
     owner_kind, owner_name = _owner(meta, raw_labels, ref)
+    ips, ip_sources = _addresses(
+        _ips(status, ref), _allocations(raw_annotations, ref), ref, problems
+    )
 
     return PodMeta(
         namespace=meta["namespace"],
         name=meta["name"],
         uid=meta["uid"],
-        ips=_ips(status, ref),
+        ips=ips,
+        ip_sources=ip_sources,
         node=node or None,
         labels=policy.labels(raw_labels),
         annotations=policy.annotations(raw_annotations),
@@ -305,14 +409,17 @@ def pod_from_dict(obj: Mapping[str, Any], policy: LabelPolicy | None = None) -> 
 
 
 def pods_from_list(
-    obj: Mapping[str, Any], policy: LabelPolicy | None = None
+    obj: Mapping[str, Any],
+    policy: LabelPolicy | None = None,
+    problems: list[str] | None = None,
 ) -> tuple[list[PodMeta], list[str]]:
     """Convert a v1 PodList (``kubectl get pods -A -o json``) into pods and per-item errors.
 
     One bad item does not reject the list: it yields one error string (naming
     the item's index and the problem) and is skipped; the caller counts and
-    logs them. A document that is not a list at all (no ``items`` list) raises
-    :class:`~shipper.errors.EnrichError`.
+    logs them. Address disagreements of converted pods go to ``problems``
+    (see :func:`pod_from_dict`). A document that is not a list at all (no
+    ``items`` list) raises :class:`~shipper.errors.EnrichError`.
     """
     if not isinstance(obj, Mapping):
         raise EnrichError(f"pod list is not a JSON object ({type(obj).__name__})")
@@ -327,7 +434,7 @@ def pods_from_list(
     errors: list[str] = []
     for i, item in enumerate(items):
         try:
-            pods.append(pod_from_dict(item, policy))
+            pods.append(pod_from_dict(item, policy, problems))
         except EnrichError as exc:
             errors.append(f"items[{i}]: {exc}")
     return pods, errors

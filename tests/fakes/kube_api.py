@@ -19,7 +19,11 @@ Serves ``/api/v1/pods``, ``/api/v1/nodes`` and ``/apis/kubeovn.io/v1/subnets``:
 * test controls: add/modify/delete objects, compact history (:meth:`compact`),
   send 410 to open watches (:meth:`gone`), send bookmarks, drop every open
   connection (:meth:`drop_connections`), go down and come back on the same
-  port (:meth:`stop` / :meth:`start`), and a request log.
+  port (:meth:`stop` / :meth:`start`: while down, connections are refused),
+  end open watches cleanly as a server-side timeout does (:meth:`end_watches`),
+  hold back watch events for a while (:meth:`delay_events`: watch latency; a
+  watch stream stays in order, so later events wait behind a delayed one,
+  while lists show the stored objects at once), and a request log.
 
 All resource versions come from one counter, like etcd's revision.
 """
@@ -155,6 +159,8 @@ class FakeKubeApi:
         self.bytes_sent: dict[tuple[str, str], int] = {}
         self.expired_continue = False
         self.fail_with: int | None = None  # answer every request with this HTTP status
+        self._delay_s = 0.0  # watch latency for events recorded from now on
+        self._visible_at: dict[int, float] = {}  # resource version -> monotonic time
 
     # ---- lifecycle ----
 
@@ -233,6 +239,8 @@ class FakeKubeApi:
             self._objects[path][key] = obj
             prev = old if etype == "MODIFIED" else None
             self._events[path].append((self._rv, etype, copy.deepcopy(obj), prev))
+            if self._delay_s:
+                self._visible_at[self._rv] = time.monotonic() + self._delay_s
             self._cond.notify_all()
             return copy.deepcopy(obj)
 
@@ -294,6 +302,19 @@ class FakeKubeApi:
                             },
                         }
                     )
+            self._cond.notify_all()
+
+    def delay_events(self, seconds: float) -> None:
+        """Watch streams deliver changes made from now on ``seconds`` late (0: no delay)."""
+        with self._cond:
+            self._delay_s = seconds
+
+    def end_watches(self, path: str | None = None) -> None:
+        """End open watch streams (of ``path``, or all) cleanly, as ``timeoutSeconds`` does."""
+        with self._cond:
+            for w in self._watches:
+                if path is None or w.path == path:
+                    w.close = True
             self._cond.notify_all()
 
     def drop_connections(self) -> None:
@@ -468,7 +489,9 @@ class _Handler(BaseHTTPRequestHandler):
             with fake._cond:
                 if w in fake._watches:
                     fake._watches.remove(w)
-        self.close_connection = True
+        # A stream that ended normally leaves the HTTP/1.1 connection usable for the
+        # next request, as a real API server's does; a cut one is gone.
+        self.close_connection = w.dead or fake._server is None
 
     def _stream(
         self,
@@ -483,7 +506,16 @@ class _Handler(BaseHTTPRequestHandler):
         while True:
             with fake._cond:
                 while True:
-                    new = [e for e in fake._events[w.path] if e[0] > since]
+                    new = []
+                    held_back = False
+                    now = time.monotonic()
+                    for e in fake._events[w.path]:
+                        if e[0] <= since:
+                            continue
+                        if fake._visible_at.get(e[0], 0.0) > now:
+                            held_back = True  # in order: later events wait behind it
+                            break
+                        new.append(e)
                     if w.dead:
                         return
                     if new or w.inject or w.close or fake._server is None:
@@ -491,7 +523,7 @@ class _Handler(BaseHTTPRequestHandler):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return
-                    fake._cond.wait(min(left, 0.5))
+                    fake._cond.wait(min(left, 0.02 if held_back else 0.5))
                 inject, w.inject = w.inject, []
                 close = w.close or fake._server is None
             for rv, etype, obj, prev in new:

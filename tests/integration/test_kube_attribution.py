@@ -126,10 +126,10 @@ def pod_key(lab: Lab, i: int) -> str:
     return f"{ident.namespace}/{ident.name}"
 
 
-def assert_names(r: Record, lab: Lab, i: int) -> None:
+def assert_names(r: Record, lab: Lab, i: int, attribution: str = "resolved") -> None:
     """``r`` is attributed to lab pod ``i`` as it is now (name, uid, namespace)."""
     ident = lab.identities[i]
-    assert get(r, "flowlog.attribution") == "resolved", r
+    assert get(r, "flowlog.attribution") == attribution, r
     assert get(r, "kubernetes.pod.name") == ident.name, r
     assert get(r, "kubernetes.pod.uid") == ident.uid, r
     assert get(r, "kubernetes.namespace") == ident.namespace, r
@@ -331,12 +331,13 @@ class TestApiOutage:
     def test_cache_serves_during_outage_and_recovers(
         self, lab: Lab, api: FakeKubeApi, shipper: Factory, history: str
     ) -> None:
-        """With the API down, records keep coming within normal latency, attributed from the
-        cache, and the stale gauge is 1; after it returns the gauge is 0 and a pod IP reuse
-        made during the outage is applied, by resuming the watch ("kept") or, when the
-        server's history was compacted meanwhile (410 Gone), by re-listing."""
+        """With the hold off (enrich.stale_hold_s 0) and the API down, records keep coming
+        within normal latency, naming the cached owner but flagged stale, and the stale
+        gauges are 1; after the API returns the pods are re-listed (also when the server
+        kept its history: a resumed watch never says when it has caught up), the gauges are
+        0 and a pod IP reuse made during the outage is applied."""
         put_lab_pods(api, lab)
-        sp = shipper()
+        sp = shipper({"enrich.stale_hold_s": 0})
         sp.wait_ready()
         wait_gauge(sp, "shipper_kube_cache_stale", 0, {"resource": "pods"})
         lab.start_server("tcp", 8080, 4)
@@ -354,9 +355,11 @@ class TestApiOutage:
                 rec = sp.wait_records(is_new, n=before + 1, timeout=WAIT_S)[-1]
                 latency = time.monotonic() - t0
                 assert latency < MAX_LATENCY_S, (round_, i, latency)
-                assert_names(rec, lab, i)
+                assert_names(rec, lab, i, attribution="stale")
         assert sp.proc.poll() is None
         assert sp.metric("shipper_records_unresolved_total") == 0
+        sp.wait_metric("shipper_records_stale_total", 6, {"reason": "age"})
+        assert metric_now(sp, "shipper_pod_source_stale") == 1
         assert sp.metric("shipper_kube_watch_restarts_total",
                          {"resource": "pods", "reason": "error"}) >= 1
 
@@ -372,19 +375,9 @@ class TestApiOutage:
         api.start()
         wait_gauge(sp, "shipper_kube_cache_stale", 0, {"resource": "pods"})
         wait_gauge(sp, "shipper_kube_cache_stale", 0, {"resource": "nodes"})
-        if history == "kept":
-            # The watch resumed from its resourceVersion and got the missed events;
-            # DELETED came first, so 3 live pods again means the new pod is in.
-            sp.wait_metric("shipper_kube_events_total", 1,
-                           {"resource": "pods", "type": "ADDED"})
-            wait_gauge(sp, "shipper_pods_live", 3)
-            assert sp.metric("shipper_kube_lists_total",
-                             {"resource": "pods", "result": "ok"}) == 1
-        else:
-            # 410 on resume: a second full list, applied before it is counted.
-            sp.wait_metric("shipper_kube_lists_total", 2, {"resource": "pods", "result": "ok"})
-            assert sp.metric("shipper_kube_watch_restarts_total",
-                             {"resource": "pods", "reason": "gone"}) >= 1
+        # A second full list, applied before it is counted, whatever the server kept.
+        sp.wait_metric("shipper_kube_lists_total", 2, {"resource": "pods", "result": "ok"})
+        wait_gauge(sp, "shipper_pod_source_stale", 0)
         assert sp.metric("shipper_pod_tombstones") >= 2  # the old pod's v4 and v6
         lab.connect(2, "tcp", 4, 8080)
         rec = sp.wait_records(lambda r: is_new(r) and from_ip(lab.pod_ip(2, 4))(r), n=3)[-1]
@@ -440,18 +433,20 @@ class TestStartupSync:
         self, lab: Lab, api: FakeKubeApi, shipper: Factory
     ) -> None:
         """If the API stays down past sync_timeout_s the shipper starts anyway: records are
-        shipped flagged unresolved and counted; once the API answers, new flows are attributed."""
+        held, then (past enrich.stale_hold_s) shipped flagged stale and counted - not
+        "unresolved": nothing is known yet; once the API answers, new flows are attributed."""
         put_lab_pods(api, lab)
         lab.start_server("tcp", 8080, 4)
         lab.connect(0, "tcp", 4, 8080, hold_s=HOLD_S)
         api.stop()
-        sp = shipper({"kubernetes.sync_timeout_s": 1.0})
+        sp = shipper({"kubernetes.sync_timeout_s": 1.0, "enrich.stale_hold_s": 1.0})
         sp.wait_ready()
         assert "not listed within" in sp.stderr()
         snap = sp.wait_records(lambda r: get(r, "event.action") == "snapshot")[0]
-        assert get(snap, "flowlog.attribution") == "unresolved"
+        assert get(snap, "flowlog.attribution") == "stale"
         assert "kubernetes" not in snap
-        sp.wait_metric("shipper_records_unresolved_total", 1)
+        sp.wait_metric("shipper_records_stale_total", 1, {"reason": "age"})
+        assert sp.metric("shipper_records_unresolved_total") == 0
         assert metric_now(sp, "shipper_kube_cache_stale", {"resource": "pods"}) == 1
 
         api.start()
@@ -500,7 +495,8 @@ class TestStartupSync:
         self, lab: Lab, api: FakeKubeApi, shipper: Factory
     ) -> None:
         """Events the kernel queued on the socket while the shipper waited for the API are
-        read and shipped (unresolved: no pod is known yet) on SIGTERM, not dropped unseen."""
+        read and shipped on SIGTERM, not dropped unseen: flagged stale (the pods were never
+        listed, so "unresolved" would claim more than is known) and naming no pod."""
         api.stop()
         sp = shipper({"kubernetes.sync_timeout_s": 60.0})
         poll(sp.stderr, lambda s: "listening for conntrack events" in s, "subscribed")
@@ -512,5 +508,187 @@ class TestStartupSync:
         assert sorted(get(r, "source.port") for r in news) == ports
         for r in news:
             assert get(r, "kubernetes.pod.name") is None
-            assert get(r, "flowlog.attribution") == "unresolved"
+            assert get(r, "flowlog.attribution") == "stale"
         assert "events queued at stop were read and shipped" in sp.stderr()
+
+# ---- issue 11: never a wrong name when pod metadata lags ------------------------------
+
+
+def sport_of(r: Record) -> int:
+    return int(get(r, "source.port"))
+
+
+class TestHoldDuringOutage:
+    """While the pod watch is down, records wait for the re-list instead of naming the
+    cached (possibly former) owner."""
+
+    @pytest.mark.parametrize("family", [4, 6])
+    def test_ip_reuse_during_outage_names_every_flow_right(
+        self, lab: Lab, api: FakeKubeApi, shipper: Factory, family: int
+    ) -> None:
+        """The API refuses connections and the open watch is cut; meanwhile pod A (which
+        also connects during the outage) is deleted, pod B gets A's v4 and v6 addresses and
+        makes 6 connections. After recovery every record of B's flows names B, every record
+        of A's flows names A: zero wrong names, zero stale (the outage is far shorter than
+        stale_hold_s), and every held record was released."""
+        put_lab_pods(api, lab)
+        sp = shipper()
+        sp.wait_ready()
+        wait_gauge(sp, "shipper_pod_source_stale", 0)
+        ip = lab.pod_ip(0, family)
+        lab.start_server("tcp", 8080, family)
+        pod_a = lab.identities[0]
+        expected: dict[int, str] = {}  # source port -> pod uid (what the lab did)
+        expected[lab.connect(0, "tcp", family, 8080, hold_s=HOLD_S)] = pod_a.uid
+        sp.wait_records(lambda r: is_new(r) and from_ip(ip)(r))
+
+        api.stop()  # refuses connections, cuts the open watches
+        wait_gauge(sp, "shipper_pod_source_stale", 1)
+        expected[lab.connect(0, "tcp", family, 8080, hold_s=HOLD_S)] = pod_a.uid
+        api.delete(PODS, pod_key(lab, 0))
+        next_second()
+        lab.reassign_ip(0)
+        pod_b = lab.identities[0]
+        put_lab_pods(api, lab, only=[0])
+        # A pod starts running at least a second after its (second-resolution) creation
+        # time: sandbox, CNI, container start. The index cuts a missed deletion there.
+        next_second()
+        for _ in range(6):
+            expected[lab.connect(0, "tcp", family, 8080)] = pod_b.uid
+        sp.wait_metric("shipper_records_held_total", 7)
+        # Held, not shipped: only the NEW from before the outage is out.
+        assert len([r for r in sp.records() if is_new(r) and from_ip(ip)(r)]) == 1
+
+        api.start()
+        wait_gauge(sp, "shipper_pod_source_stale", 0)
+        news = sp.wait_records(lambda r: is_new(r) and from_ip(ip)(r), n=len(expected))
+        mine = [r for r in sp.records() if from_ip(ip)(r)]
+        assert {sport_of(r) for r in news} == set(expected)
+        wrong = [r for r in mine if get(r, "kubernetes.pod.uid") != expected[sport_of(r)]]
+        assert wrong == []
+        assert all(get(r, "flowlog.attribution") == "resolved" for r in mine), mine
+        assert sum(1 for r in news if get(r, "kubernetes.pod.name") == pod_b.name) == 6
+        sp.wait_metric("shipper_records_released_total", 7)
+        assert sp.metric("shipper_records_stale_total") == 0
+        assert sp.metric("shipper_records_held_total") == sp.metric(
+            "shipper_records_released_total")
+
+    def test_outage_longer_than_the_bound_ships_stale_and_loses_nothing(
+        self, lab: Lab, api: FakeKubeApi, shipper: Factory
+    ) -> None:
+        """Past enrich.stale_hold_s, held records ship flagged stale naming the last known
+        owner and are counted; every connection still has its record; after recovery new
+        flows are resolved again."""
+        put_lab_pods(api, lab)
+        sp = shipper({"enrich.stale_hold_s": 1.5})
+        sp.wait_ready()
+        wait_gauge(sp, "shipper_pod_source_stale", 0)
+        lab.start_server("tcp", 8080, 4)
+        api.stop()
+        wait_gauge(sp, "shipper_pod_source_stale", 1)
+        ports = [lab.connect(1, "tcp", 4, 8080) for _ in range(3)]
+        news = sp.wait_records(lambda r: is_new(r) and sport_of(r) in ports, n=3)
+        for r in news:
+            assert_names(r, lab, 1, attribution="stale")
+        sp.wait_metric("shipper_records_stale_total", 3, {"reason": "age"})
+        api.start()
+        wait_gauge(sp, "shipper_pod_source_stale", 0)
+        port = lab.connect(1, "tcp", 4, 8080)
+        assert_names(sp.wait_records(lambda r: is_new(r) and sport_of(r) == port)[0], lab, 1)
+        assert len([r for r in sp.records() if is_new(r) and from_ip(lab.pod_ip(1))(r)]) == 4
+
+
+class TestResolveWait:
+    """A pod's first connections can beat its watch event: its NEW waits for it."""
+
+    def test_new_pod_with_a_late_added_event_is_named(
+        self, lab: Lab, api: FakeKubeApi, shipper: Factory
+    ) -> None:
+        """The fake API delays the new pod's ADDED event by 1 s while the pod already
+        connects: its NEW record names it (resolve_wait_s 2 s), it is counted as resolved
+        after a wait, and a flow of another pod made meanwhile is not delayed behind it."""
+        put_lab_pods(api, lab, only=[0, 1])
+        sp = shipper()
+        sp.wait_ready()
+        wait_gauge(sp, "shipper_pods_live", 2)
+        lab.start_server("tcp", 8080, 4)
+        api.delay_events(1.0)
+        put_lab_pods(api, lab, only=[2])
+        t0 = time.monotonic()
+        port = lab.connect(2, "tcp", 4, 8080)
+        other = lab.connect(0, "tcp", 4, 8080)
+        first_other = sp.wait_records(lambda r: is_new(r) and sport_of(r) == other)[0]
+        assert_names(first_other, lab, 0)
+        if time.monotonic() - t0 < 0.9:  # seen before the ADDED event could have arrived
+            assert not [r for r in sp.records() if sport_of(r) == port]
+        rec = sp.wait_records(lambda r: is_new(r) and sport_of(r) == port)[0]
+        assert_names(rec, lab, 2)
+        sp.wait_metric("shipper_records_waited_total", 1, {"result": "resolved"})
+        assert sp.metric("shipper_records_unresolved_total") == 0
+        assert sp.metric("shipper_records_uncertain_total") == 0
+
+
+class TestKubeOvnAnnotations:
+    """Kube-OVN's allocation annotations give ownership before status.podIPs exists."""
+
+    def test_allocated_pod_without_pod_ips_owns_its_flows(
+        self, lab: Lab, api: FakeKubeApi, shipper: Factory
+    ) -> None:
+        """A pod with `ovn.kubernetes.io/ip_address: "v4,v6"` and `allocated: "true"` but no
+        status.podIPs yet owns its v4 and v6 flows; records say the address came from
+        Kube-OVN (kubernetes.pod.ip_source)."""
+        items = lab.pod_list()["items"]
+        for i, item in enumerate(items):
+            if i == 2:
+                ann = item["metadata"]["annotations"]
+                ann["ovn.kubernetes.io/ip_address"] = f"{lab.pod_ip(2, 4)},{lab.pod_ip(2, 6)}"
+                ann["ovn.kubernetes.io/allocated"] = "true"
+                item["status"] = {"phase": "Pending"}
+            api.put(PODS, item)
+        sp = shipper()
+        sp.wait_ready()
+        for family in (4, 6):
+            lab.start_server("tcp", 8080, family)
+            port = lab.connect(2, "tcp", family, 8080)
+            rec = sp.wait_records(lambda r, p=port: is_new(r) and sport_of(r) == p)[0]
+            assert_names(rec, lab, 2)
+            assert get(rec, "kubernetes.pod.ip") == lab.pod_ip(2, family)
+            assert get(rec, "kubernetes.pod.ip_source") == "kube-ovn"
+
+
+class TestStalePodsFile:
+    """The pods file source: unreadable or unparsable holds records like an API outage."""
+
+    @pytest.mark.parametrize("breakage", ["unparsable", "unreadable"])
+    def test_broken_pods_file_holds_records_until_it_loads(
+        self, lab: Lab, tmp_path: Path, breakage: str
+    ) -> None:
+        """While the pods file cannot be parsed (or read), records are held, not shipped with
+        the old view; once a good version is in place they ship resolved."""
+        sp = ShipperProcess(lab, tmp_path, config={"enrich.stale_hold_s": 60.0})
+        try:
+            sp.wait_ready()
+            wait_gauge(sp, "shipper_pod_source_stale", 0)
+            good = sp.pods_file.read_bytes()
+            if breakage == "unparsable":
+                tmp = sp.pods_file.with_name("pods.json.tmp")
+                tmp.write_bytes(b'{"kind": "List", "items": [')
+                tmp.replace(sp.pods_file)
+            else:
+                sp.pods_file.unlink()
+                sp.pods_file.mkdir()  # exists, but read() fails (EISDIR)
+            wait_gauge(sp, "shipper_pod_source_stale", 1)
+            lab.start_server("tcp", 8080, 4)
+            port = lab.connect(0, "tcp", 4, 8080)
+            sp.wait_metric("shipper_records_held_total", 1)
+            assert [r for r in sp.records() if sport_of(r) == port] == []
+            if breakage == "unreadable":
+                sp.pods_file.rmdir()
+            tmp = sp.pods_file.with_name("pods.json.tmp")
+            tmp.write_bytes(good)
+            tmp.replace(sp.pods_file)
+            rec = sp.wait_records(lambda r: is_new(r) and sport_of(r) == port)[0]
+            assert_names(rec, lab, 0)
+            sp.wait_metric("shipper_records_released_total", 1)
+        finally:
+            sp.stop()

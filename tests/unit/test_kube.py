@@ -198,12 +198,13 @@ class TestPodWatch:
     def test_resume_from_last_resource_version(
         self, api: FakeKubeApi, make: Callable[..., Harness]
     ) -> None:
-        """A dropped watch resumes from the last seen resourceVersion, without re-listing."""
+        """A watch that ends (server-side timeout) resumes from the last seen resourceVersion,
+        without re-listing, and the pod view never counts as stale."""
         with make() as h:
             assert h.source.wait_synced(WAIT_S)
             stored = api.put(PODS, pod("a", "10.16.0.5"))
             wait_for(lambda: owner(h.index, "10.16.0.5") == "a")
-            api.drop_connections()
+            api.end_watches(PODS)
             wait_for(lambda: len(api.watch_requests(PODS)) >= 2)
             resumed = api.watch_requests(PODS)[-1]
             assert resumed["resourceVersion"] == stored["metadata"]["resourceVersion"]
@@ -211,6 +212,32 @@ class TestPodWatch:
             api.put(PODS, pod("b", "10.16.0.6"))
             wait_for(lambda: owner(h.index, "10.16.0.6") == "b")
             assert h.metrics.value("shipper_kube_lists_total", "pods", "ok") == 1
+            assert h.source.pods_state.stale is False
+            assert h.source.pods_state.recoveries == 1  # the first list only
+
+    def test_cut_pods_watch_is_stale_until_relisted(
+        self, api: FakeKubeApi, make: Callable[..., Harness]
+    ) -> None:
+        """A cut pods watch makes the pod view stale (with the time it began) and is followed
+        by a re-list, not a resume: the view is fresh again only once the list is reconciled,
+        so a deletion missed meanwhile is known from that moment."""
+        api.put(PODS, pod("a", "10.16.0.5"))
+        with make() as h:
+            assert h.source.wait_synced(WAIT_S)
+            state = h.source.pods_state
+            assert state.stale is False and state.recoveries == 1
+            wait_for(lambda: api.open_watches(PODS) == 1)
+            api.stop()  # refuses connections and cuts the open watch
+            t_cut = time.time_ns()
+            wait_for(lambda: state.stale)
+            assert state.stale_since_ns is not None and state.stale_since_ns <= time.time_ns()
+            assert state.reason
+            api.delete_quietly(PODS, "default/a")  # missed: no event will ever say so
+            api.start()
+            wait_for(lambda: not state.stale)
+            assert h.metrics.value("shipper_kube_lists_total", "pods", "ok") == 2
+            assert state.recovered_ns is not None and state.recovered_ns >= t_cut
+            assert owner(h.index, "10.16.0.5") is None
 
     def test_bookmark_advances_resume_point(
         self, api: FakeKubeApi, make: Callable[..., Harness]
@@ -242,9 +269,13 @@ class TestPodWatch:
             # The 410 must reach an open watch (the watch opens just after the list).
             wait_for(lambda: fake.open_watches(PODS) == 1)
             t_alive = time.time_ns()
+            if as_http:
+                # An event first, so the watch counts as healthy when it ends normally.
+                fake.put(PODS, pod("other", "10.16.0.9"))
+                wait_for(lambda: owner(h.index, "10.16.0.9") == "other")
             fake.delete_quietly(PODS, "default/ghost")
             if as_http:
-                fake.drop_connections()  # the resumed watch then gets HTTP 410
+                fake.end_watches(PODS)  # its resume then gets HTTP 410
             else:
                 fake.gone(PODS)
             wait_for(lambda: h.metrics.value("shipper_kube_lists_total", "pods", "ok") >= 2)

@@ -56,7 +56,9 @@ def records(p: Pipeline) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("ndjson", [True, False])
 def test_each_status_reaches_record_and_metrics(ndjson: bool) -> None:
     """resolved, uncertain and unresolved come out in flowlog.attribution and are counted."""
-    cfg = Config(filter={"pod_cidrs": ["10.16.0.0/16"]}, enrich={"clock_skew_s": 5})
+    # resolve_wait_s 0: ship at once (waiting is tested in test_pipeline_hold.py).
+    cfg = Config(filter={"pod_cidrs": ["10.16.0.0/16"]},
+                 enrich={"clock_skew_s": 5, "resolve_wait_s": 0})
     m = Metrics()
     p = Pipeline(cfg, m, sink=RecordingSink(ndjson))
     a = PodMeta(namespace="ns", name="a", uid="ua", ips=((4, POD),), phase="Running",

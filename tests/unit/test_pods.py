@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
 from typing import Any
 
 import orjson
@@ -191,13 +192,14 @@ class TestPodFromDict:
         for part in ("labels", "node", "owner", "ovn"):
             assert ka[part] is kb[part]
         assert ka["pod"] == {"name": "web-7d4b9c8f5-x2x9q",
-                             "uid": "11111111-2222-3333-4444-555555555555", "ip": "10.16.0.5"}
+                             "uid": "11111111-2222-3333-4444-555555555555", "ip": "10.16.0.5",
+                             "ip_source": "status"}
         assert kb["pod"] == {"name": "web-7d4b9c8f5-zzzzz", "uid": "other-uid",
-                             "ip": "10.16.0.5"}
+                             "ip": "10.16.0.5", "ip_source": "status"}
         assert orjson.dumps(ka) == orjson.dumps({
             "namespace": "shop",
             "pod": {"name": "web-7d4b9c8f5-x2x9q", "uid": "11111111-2222-3333-4444-555555555555",
-                    "ip": "10.16.0.5"},
+                    "ip": "10.16.0.5", "ip_source": "status"},
             "labels": {"app": "web", "pod-template-hash": "7d4b9c8f5"},
             "node": {"name": "node-1"},
             "owner": {"kind": "Deployment", "name": "web"},
@@ -376,3 +378,91 @@ class TestPodsFromList:
         """A document without an items list is rejected as a whole."""
         with pytest.raises(EnrichError):
             pods_from_list(doc)
+
+
+def kube_ovn_pod(annotations: dict[str, str], pod_ips: list[str] | None) -> dict[str, Any]:
+    """A pod as Kube-OVN's controller leaves it: allocation annotations, status maybe unset."""
+    pod = make_pod(metadata__annotations=annotations)
+    if pod_ips is None:
+        pod["status"] = {"phase": "Pending"}
+    else:
+        pod["status"]["podIPs"] = [{"ip": ip} for ip in pod_ips]
+        pod["status"]["podIP"] = pod_ips[0]
+    return pod
+
+
+def addrs(meta: Any) -> list[tuple[str, str]]:
+    """(address text, source) of every address the pod owns."""
+    out = []
+    for (_fam, ip), src in zip(meta.ips, meta.ip_sources, strict=True):
+        out.append((str(ipaddress.ip_address(ip)), src))
+    return out
+
+
+class TestKubeOvnAllocation:
+    """Kube-OVN's allocation annotations as ownership (pkg/util/const.go, pkg/controller/pod.go)."""
+
+    def test_allocated_dual_stack_without_status_owns_both(self) -> None:
+        """`ovn.kubernetes.io/ip_address: "v4,v6"` with `allocated: "true"` and no
+        status.podIPs yet: the pod owns both addresses, learnt from Kube-OVN."""
+        meta = pod_from_dict(kube_ovn_pod({
+            "ovn.kubernetes.io/allocated": "true",
+            "ovn.kubernetes.io/ip_address": "10.16.0.9,fd00:10:16::9",
+        }, None))
+        assert addrs(meta) == [("10.16.0.9", "kube-ovn"), ("fd00:10:16::9", "kube-ovn")]
+        k = meta.kubernetes_by_ip[ip_key(*parse_ip("fd00:10:16::9"))]
+        assert k["pod"]["ip"] == "fd00:10:16::9" and k["pod"]["ip_source"] == "kube-ovn"
+
+    def test_ip_address_without_allocated_is_only_a_request(self) -> None:
+        """A user's static-IP request (ip_address without allocated: "true") owns nothing."""
+        for allocated in (None, "false", "True", ""):
+            ann = {"ovn.kubernetes.io/ip_address": "10.16.0.9"}
+            if allocated is not None:
+                ann["ovn.kubernetes.io/allocated"] = allocated
+            meta = pod_from_dict(kube_ovn_pod(ann, None))
+            assert meta.ips == (), allocated
+
+    def test_agreeing_annotation_and_status(self) -> None:
+        """When status.podIPs names the same addresses, each is marked as learnt from both."""
+        meta = pod_from_dict(kube_ovn_pod({
+            "ovn.kubernetes.io/allocated": "true",
+            "ovn.kubernetes.io/ip_address": "10.16.0.9,fd00:10:16::9",
+        }, ["10.16.0.9", "fd00:10:16::9"]))
+        assert addrs(meta) == [("10.16.0.9", "kube-ovn+status"),
+                               ("fd00:10:16::9", "kube-ovn+status")]
+
+    def test_disagreement_status_wins_and_is_reported(self) -> None:
+        """Annotation and status.podIPs naming different addresses of one family: the pod
+        owns only the status address (never both), and the conflict is reported."""
+        problems: list[str] = []
+        meta = pod_from_dict(kube_ovn_pod({
+            "ovn.kubernetes.io/allocated": "true",
+            "ovn.kubernetes.io/ip_address": "10.16.0.77,fd00:10:16::9",
+        }, ["10.16.0.9"]), problems=problems)
+        assert addrs(meta) == [("10.16.0.9", "status"), ("fd00:10:16::9", "kube-ovn")]
+        assert len(problems) == 1 and "10.16.0.77" in problems[0] and "shop/web" in problems[0]
+
+    def test_attachment_provider_addresses_are_owned(self) -> None:
+        """`<provider>.kubernetes.io/...` of an attachment network (never in status.podIPs)
+        adds its allocated address; an unallocated provider adds nothing."""
+        meta = pod_from_dict(kube_ovn_pod({
+            "ovn.kubernetes.io/allocated": "true",
+            "ovn.kubernetes.io/ip_address": "10.16.0.9",
+            "attachnet.default.ovn.kubernetes.io/allocated": "true",
+            "attachnet.default.ovn.kubernetes.io/ip_address": "172.17.0.4",
+            "other.default.ovn.kubernetes.io/ip_address": "172.18.0.4",
+        }, ["10.16.0.9"]))
+        assert addrs(meta) == [("10.16.0.9", "kube-ovn+status"), ("172.17.0.4", "kube-ovn")]
+
+    def test_bad_allocated_address_rejects_the_pod(self) -> None:
+        """An allocated annotation that is not an address list is an error naming it."""
+        with pytest.raises(EnrichError, match=r"ovn.kubernetes.io/ip_address.*'10.16.0.x'"):
+            pod_from_dict(kube_ovn_pod({
+                "ovn.kubernetes.io/allocated": "true",
+                "ovn.kubernetes.io/ip_address": "10.16.0.x",
+            }, None))
+
+    def test_status_only_pod_marks_status(self) -> None:
+        """Without Kube-OVN annotations every address comes from status.podIPs."""
+        meta = pod_from_dict(make_pod(metadata__annotations={}))
+        assert addrs(meta) == [("10.16.0.5", "status"), ("fd00:10:16::5", "status")]
