@@ -507,11 +507,13 @@ class Pipeline:
             if stop is not None and stop.is_set():
                 return
             if not synced:
-                log.warning("Kubernetes initial sync not finished; shipping anyway, "
-                            "unresolved records are flagged",
+                log.warning("Kubernetes initial sync not finished; reading events anyway: "
+                            "records are held until the pods are listed (at most "
+                            "enrich.stale_hold_s, then shipped flagged stale)",
                             extra={"fields": {"waited_s": timeout}})
                 self.health.set_ready("pod_sync", True, f"timed out after {timeout:g} s "
-                                      "(kubernetes.sync_timeout_s); unresolved records flagged")
+                                      "(kubernetes.sync_timeout_s); records held, then "
+                                      "flagged stale")
             else:
                 self.health.set_ready("pod_sync", True, "pods listed")
         else:

@@ -934,8 +934,8 @@ class KubeSource:
                 if time.monotonic() < deadline:
                     continue
                 log.warning(
-                    "kube: %s not listed within %.1fs; starting anyway, unresolved records "
-                    "are flagged", r.resource, timeout,
+                    "kube: %s not listed within %.1fs; starting anyway, records are held "
+                    "(then flagged stale)", r.resource, timeout,
                 )
                 return False
         return True
