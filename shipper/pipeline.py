@@ -716,6 +716,8 @@ class Pipeline:
                     except Exception as exc:
                         self._on_handle_error(exc)
                 off += (mlen + 3) & ~3
+        # Nothing more will come: records waiting for an owner or held leave now.
+        self._flush_waiting()
         if events:
             log.info("events queued at stop were read and shipped",
                      extra={"fields": {"events": events}})
