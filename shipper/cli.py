@@ -4,7 +4,9 @@ Exit codes: 0 success; 1 stopped with undelivered records (counted as
 dropped); 2 bad configuration or usage, or a configured feature whose Python
 package cannot be imported (e.g. Kubernetes without its client); 3 the conntrack source failed (no
 permission, no such namespace, netlink unavailable); 4 the sink could not be
-set up. ``lookup`` has its own codes (see ``shipper.lookup``): 0 one answer,
+set up. ``demo`` (see ``shipper.lab.demo``): 0 every connection attributed right,
+1 one was not, 2 it could not run (not root, a host command missing: named with
+how to install it). ``lookup`` has its own codes (see ``shipper.lookup``): 0 one answer,
 1 no flow found, 3 ambiguous, 2 bad input.
 """
 
@@ -204,9 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``flowlog-shipper`` console script."""
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from shipper import demo
+        # The lab is not part of the runtime: imported only here, its errors mapped here.
+        from shipper.lab import LabError, demo
 
-        return int(demo.main(args))
+        try:
+            return int(demo.main(args))
+        except LabError as exc:
+            print(f"flowlog-shipper demo: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
     if args.command == "lookup":
         from shipper import lookup
 

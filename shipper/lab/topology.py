@@ -1,10 +1,26 @@
 """A throwaway Kube-OVN-gateway-like lab built from network namespaces.
 
 Used by the ``demo`` subcommand, the integration tests and the benchmark.
-Needs root, iproute2, iptables/ip6tables and a kernel with netfilter NAT.
-Nothing is ever configured in the caller's (root) namespace: every link is
-created with ``ip -n NS ... peer name X netns OTHER`` and every sysctl is set
-inside a lab namespace.
+Needs root, ``iptables``/``ip6tables`` (see :mod:`shipper.lab.host`) and a kernel
+with netfilter NAT; it works from an installed package (no checkout assumed).
+Nothing is ever configured in the caller's (root) namespace: every link is created
+through a netlink socket opened inside a lab namespace (pyroute2, its veth peer
+moved straight into the other lab namespace) and every sysctl is written inside a
+lab namespace.
+
+How each part is done, and why:
+
+* namespaces, links, addresses, routes: pyroute2 (``pyroute2.netns`` and
+  ``IPRoute(netns=...)``), netlink requests whose errors come back as exceptions,
+  instead of one ``ip`` process per step;
+* sysctls: written to ``/proc/sys`` by a short-lived thread that has entered the
+  namespace (``setns`` changes only the calling thread), instead of ``sysctl``;
+* processes in a namespace (agents, ``iptables``, a test's own commands): started as
+  ``python -m shipper.lab.agents --netns PATH ...``, which enters the namespace itself
+  (and execs the command for :meth:`Lab.run`/:meth:`Lab.popen`), instead of
+  ``ip netns exec``;
+* NAT rules: ``iptables``/``ip6tables`` commands, as a node's own tooling writes them
+  (nftables through netlink would need a library of its own and not read the same).
 
 Topology (``P`` is the prefix, unique per lab)::
 
@@ -42,32 +58,38 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from shipper.errors import ShipperError
+from pyroute2 import IPRoute
+from pyroute2 import netns as pyroute2_netns
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
+
+from shipper.lab.agents import enter_netns
+from shipper.lab.errors import LabError
+from shipper.lab.host import missing_tools, missing_tools_message
 
 _NETNS_DIR = Path("/run/netns")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
-_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+_AGENTS = (sys.executable, "-m", "shipper.lab.agents")
 _counter = itertools.count()
 _counter_lock = threading.Lock()
 
 #: Hard lifetime of every agent process (seconds); a safety net, not a schedule.
 AGENT_MAX_SECONDS = 1800.0
-
-
-class LabError(ShipperError):
-    """The lab could not be built or an operation in it failed."""
+#: Bound on one netlink or sysctl step inside a namespace (seconds).
+_STEP_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +227,9 @@ class Lab:
             raise LabError(f"pods must be 1..{self.MAX_PODS}, got {pods}")
         if os.geteuid() != 0:
             raise LabError("the lab needs root (network namespaces, iptables)")
+        missing = missing_tools(ipv6)
+        if missing:
+            raise LabError(missing_tools_message(missing))
         self.prefix = self._choose_prefix(prefix)
         self.ipv6 = ipv6
         self.gw = f"{self.prefix}-gw"
@@ -247,33 +272,51 @@ class Lab:
                 return candidate
 
     def _add_netns(self, name: str) -> None:
-        self._sh("ip", "netns", "add", name)
+        # Tracked before it exists: a creation failing halfway is still cleaned up.
         self._namespaces.append(name)
+        try:
+            pyroute2_netns.create(name)
+        except OSError as exc:
+            raise LabError(f"cannot create network namespace {name}: {exc}") from exc
         # Set before any link arrives: new and moved links copy `default`.
         self.set_sysctl(name, "net.ipv6.conf.default.accept_dad", "0")
         self.set_sysctl(name, "net.ipv6.conf.all.accept_dad", "0")
-        self.run(name, "ip", "link", "set", "lo", "up")
+        with self._rtnl(name) as ipr:
+            ipr.link("set", index=_index(ipr, "lo"), state="up")
+
+    @contextlib.contextmanager
+    def _rtnl(self, ns: str) -> Iterator[IPRoute]:
+        """An rtnetlink socket inside lab namespace ``ns``; netlink errors become LabError."""
+        self._check_ns(ns)
+        try:
+            # flags=0: never create a namespace here; groups=0: no event subscription.
+            with IPRoute(netns=ns, flags=0, groups=0) as ipr:
+                yield ipr
+        except (NetlinkError, OSError) as exc:
+            raise LabError(f"netlink in {ns}: {exc}") from exc
 
     def _build(self, pods: int) -> None:
         self._add_netns(self.gw)
         self._add_netns(self.ext)
         gw = self.gw
-        self._ip(gw, "link", "add", self.bridge, "type", "bridge", "forward_delay", "0",
-                 "stp_state", "0")
-        self._ip(gw, "addr", "add", f"{self.gw_ip4}/24", "dev", self.bridge)
-        if self.ipv6:
-            self._ip(gw, "addr", "add", f"{self.gw_ip6}/64", "dev", self.bridge, "nodad")
-        self._ip(gw, "link", "set", self.bridge, "up")
-        # gw <-> ext
-        self._ip(gw, "link", "add", self.ext_link, "type", "veth", "peer", "name", "eth0",
-                 "netns", self.ext)
-        self._ip(gw, "addr", "add", f"{self.node_ip4}/24", "dev", self.ext_link)
-        self._ip(self.ext, "addr", "add", f"{self.ext_ip4}/24", "dev", "eth0")
-        if self.ipv6:
-            self._ip(gw, "addr", "add", f"{self.node_ip6}/64", "dev", self.ext_link, "nodad")
-            self._ip(self.ext, "addr", "add", f"{self.ext_ip6}/64", "dev", "eth0", "nodad")
-        self._ip(gw, "link", "set", self.ext_link, "up")
-        self._ip(self.ext, "link", "set", "eth0", "up")
+        with self._rtnl(gw) as ipr:
+            ipr.link("add", ifname=self.bridge, kind="bridge", br_forward_delay=0,
+                     br_stp_state=0)
+            br = _index(ipr, self.bridge)
+            _add_addrs(ipr, br, [(self.gw_ip4, 24)] + ([(self.gw_ip6, 64)] if self.ipv6 else []))
+            ipr.link("set", index=br, state="up")
+            # gw <-> ext: the peer is created straight inside the ext namespace.
+            ipr.link("add", ifname=self.ext_link, kind="veth",
+                     peer={"ifname": "eth0", "net_ns_fd": self.ext})
+            link = _index(ipr, self.ext_link)
+            _add_addrs(ipr, link, [(self.node_ip4, 24)]
+                       + ([(self.node_ip6, 64)] if self.ipv6 else []))
+            ipr.link("set", index=link, state="up")
+        with self._rtnl(self.ext) as ipr:
+            eth0 = _index(ipr, "eth0")
+            _add_addrs(ipr, eth0, [(self.ext_ip4, 24)]
+                       + ([(self.ext_ip6, 64)] if self.ipv6 else []))
+            ipr.link("set", index=eth0, state="up")
         self.set_sysctl(gw, "net.ipv4.ip_forward", "1")
         if self.ipv6:
             self.set_sysctl(gw, "net.ipv6.conf.all.forwarding", "1")
@@ -302,17 +345,18 @@ class Lab:
     def _add_pod_ns(self, i: int, ns: str) -> None:
         self._add_netns(ns)
         veth = f"vp{i}g{next(self._veth_gen)}"
-        self._ip(self.gw, "link", "add", veth, "type", "veth", "peer", "name", "eth0",
-                 "netns", ns)
-        self._ip(self.gw, "link", "set", veth, "master", self.bridge)
-        self._ip(self.gw, "link", "set", veth, "up")
-        self._ip(ns, "addr", "add", f"{self.pod_ip(i, 4)}/24", "dev", "eth0")
-        if self.ipv6:
-            self._ip(ns, "addr", "add", f"{self.pod_ip(i, 6)}/64", "dev", "eth0", "nodad")
-        self._ip(ns, "link", "set", "eth0", "up")
-        self._ip(ns, "route", "add", "default", "via", self.gw_ip4)
-        if self.ipv6:
-            self._ip(ns, "-6", "route", "add", "default", "via", self.gw_ip6)
+        with self._rtnl(self.gw) as ipr:
+            ipr.link("add", ifname=veth, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
+            ipr.link("set", index=_index(ipr, veth), master=_index(ipr, self.bridge),
+                     state="up")
+        with self._rtnl(ns) as ipr:
+            eth0 = _index(ipr, "eth0")
+            _add_addrs(ipr, eth0, [(self.pod_ip(i, 4), 24)]
+                       + ([(self.pod_ip(i, 6), 64)] if self.ipv6 else []))
+            ipr.link("set", index=eth0, state="up")
+            ipr.route("add", dst="0.0.0.0/0", gateway=self.gw_ip4)
+            if self.ipv6:
+                ipr.route("add", dst="::/0", gateway=self.gw_ip6, family=socket.AF_INET6)
 
     def reassign_ip(self, pod: int) -> str:
         """Give pod ``pod``'s addresses to a brand-new pod namespace (pod IP reuse).
@@ -399,23 +443,6 @@ class Lab:
         return target
 
     # ------------------------------------------------------------ commands
-    def _sh(self, *argv: str, timeout: float = 30, check: bool = True,
-            ) -> subprocess.CompletedProcess[str]:
-        try:
-            res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                                 check=False, stdin=subprocess.DEVNULL, env=_child_env())
-        except subprocess.TimeoutExpired as exc:
-            raise LabError(f"timed out after {timeout}s: {' '.join(argv)}") from exc
-        except OSError as exc:
-            raise LabError(f"cannot run {argv[0]}: {exc}") from exc
-        if check and res.returncode != 0:
-            raise LabError(f"{' '.join(argv)} failed ({res.returncode}): "
-                           f"{(res.stderr or res.stdout).strip()[-500:]}")
-        return res
-
-    def _ip(self, ns: str, *argv: str) -> None:
-        self._sh("ip", "-n", ns, *argv)
-
     def _check_ns(self, ns: str) -> None:
         if ns not in self._namespaces:
             raise LabError(f"{ns!r} is not a namespace of this lab")
@@ -424,41 +451,81 @@ class Lab:
             ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` inside lab namespace ``ns`` (text output captured).
 
-        ``PYTHONPATH`` starts with this checkout, so ``python3 -m shipper...`` works.
-
-        Raises :class:`LabError` on timeout, and on a non-zero exit when ``check``.
+        The environment is the caller's, unchanged. Raises :class:`LabError` on
+        timeout, and on a non-zero exit when ``check`` (127: ``argv[0]`` not found).
         """
         self._check_ns(ns)
-        return self._sh("ip", "netns", "exec", ns, *argv, timeout=timeout, check=check)
+        cmd = [*_AGENTS, "--netns", str(_NETNS_DIR / ns), "exec", *argv]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                 check=False, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as exc:
+            raise LabError(f"timed out after {timeout}s in {ns}: {' '.join(argv)}") from exc
+        except OSError as exc:
+            raise LabError(f"cannot run {sys.executable}: {exc}") from exc
+        if check and res.returncode != 0:
+            raise LabError(f"{' '.join(argv)} in {ns} failed ({res.returncode}): "
+                           f"{(res.stderr or res.stdout).strip()[-500:]}")
+        return res
 
     def popen(self, ns: str, *argv: str, **kw: Any) -> subprocess.Popen[bytes]:
         """Start ``argv`` inside lab namespace ``ns``; the process is killed on :meth:`close`.
 
         The child gets its own session (so its whole process group can be
-        signalled) and, unless ``env`` is given, ``PYTHONPATH`` pointing at
-        this checkout so ``python3 -m shipper...`` works inside the namespace.
-        Keyword arguments go to :class:`subprocess.Popen`.
+        signalled) and the caller's environment. Keyword arguments go to
+        :class:`subprocess.Popen`.
         """
+        return self._spawn(ns, "exec", *argv, **kw)
+
+    def _spawn(self, ns: str, *agent_argv: str, **kw: Any) -> subprocess.Popen[bytes]:
+        """Start ``python -m shipper.lab.agents --netns NS AGENT_ARGV...``, tracked for close."""
         self._check_ns(ns)
         if self._closed:
             raise LabError("lab is closed")
         kw.setdefault("start_new_session", True)
         kw.setdefault("stdin", subprocess.DEVNULL)
-        kw.setdefault("env", _child_env())
-        proc: subprocess.Popen[bytes] = subprocess.Popen(
-            ["ip", "netns", "exec", ns, *argv], **kw)
+        try:
+            proc: subprocess.Popen[bytes] = subprocess.Popen(
+                [*_AGENTS, "--netns", str(_NETNS_DIR / ns), *agent_argv], **kw)
+        except OSError as exc:
+            raise LabError(f"cannot run {sys.executable}: {exc}") from exc
         with self._lock:
             self._procs.append(proc)
         return proc
 
     def _agent(self, ns: str, *argv: str, **kw: Any) -> subprocess.Popen[bytes]:
-        return self.popen(ns, sys.executable, "-m", "shipper.lab_agents",
-                          "--parent-pid", str(os.getpid()),
-                          "--max-seconds", str(AGENT_MAX_SECONDS), *argv, **kw)
+        return self._spawn(ns, "--parent-pid", str(os.getpid()),
+                           "--max-seconds", str(AGENT_MAX_SECONDS), *argv, **kw)
 
     def set_sysctl(self, ns: str, key: str, value: str | int) -> None:
-        """Set sysctl ``key`` inside lab namespace ``ns`` (never in the caller's namespace)."""
-        self.run(ns, "sysctl", "-q", "-w", f"{key}={value}")
+        """Set sysctl ``key`` (dotted, as ``sysctl -w``) inside lab namespace ``ns``.
+
+        Written to ``/proc/sys`` by a thread inside ``ns``, never in the caller's
+        namespace. Raises :class:`LabError` naming the key when it cannot be set.
+        """
+        path = Path("/proc/sys", *key.split("."))
+        self._in_netns(ns, lambda: path.write_text(f"{value}\n", encoding="ascii"),
+                       f"sysctl {key}={value}")
+
+    def _in_netns(self, ns: str, fn: Callable[[], object], what: str) -> None:
+        """Run ``fn`` in a new thread that entered lab namespace ``ns`` (bounded)."""
+        self._check_ns(ns)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                enter_netns(str(_NETNS_DIR / ns))  # only this thread, which then ends
+                fn()
+            except BaseException as exc:  # reported by the caller
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, name=f"lab-netns-{ns}", daemon=True)
+        thread.start()
+        thread.join(_STEP_TIMEOUT_S)
+        if thread.is_alive():
+            raise LabError(f"{what} in {ns}: no answer within {_STEP_TIMEOUT_S:.0f}s")
+        if errors:
+            raise LabError(f"{what} in {ns}: {errors[0]}") from errors[0]
 
     def conntrack_stats(self) -> dict[str, int]:
         """Return the gw's ``conntrack -S`` counters summed over CPUs.
@@ -600,9 +667,9 @@ class Lab:
 
     def ping(self, pod: int, family: int = 4, count: int = 1) -> None:
         """Ping the ext host from pod ``pod`` (bounded); raise :class:`LabError` on loss."""
-        self.run(self.pod_ns[pod], sys.executable, "-m", "shipper.lab_agents", "--parent-pid",
-                 "0", "--max-seconds", str(10 + 3 * count), "ping", "--family", str(family),
-                 "--dst", self.ext_ip(family), "--count", str(count), "--wait", "2",
+        self.run(self.pod_ns[pod], *_AGENTS, "--parent-pid", "0", "--max-seconds",
+                 str(10 + 3 * count), "ping", "--family", str(family), "--dst",
+                 self.ext_ip(family), "--count", str(count), "--wait", "2",
                  timeout=10 + 3 * count)
 
     def start_udp_flood(self, pod: int, rate: float, duration: float, family: int = 4,
@@ -643,12 +710,14 @@ class Lab:
                     stream.close()
 
     def _delete_ns(self, ns: str) -> None:
-        """Kill what still runs in ``ns`` (all of it was started through this lab), delete it."""
-        res = self._sh("ip", "netns", "pids", ns, check=False, timeout=10)
-        for pid in res.stdout.split():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), signal.SIGKILL)
-        self._sh("ip", "netns", "del", ns, check=False, timeout=10)
+        """Kill what still runs in ``ns`` (all of it was started through this lab), delete it.
+
+        Deleting the namespace deletes its links; a veth pair goes with either end.
+        """
+        for pid in pyroute2_netns.ns_pids(str(_NETNS_DIR)).get(ns, []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pyroute2_netns.remove(ns)
 
     def close(self) -> None:
         """Stop every process, delete every namespace and the work dir. Idempotent, never raises."""
@@ -680,11 +749,19 @@ class Lab:
         self.close()
 
 
-def _child_env() -> dict[str, str]:
-    """Our environment with this checkout first on ``PYTHONPATH`` (for ``-m shipper...``)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
-    return env
+def _index(ipr: IPRoute, ifname: str) -> int:
+    """The interface index of ``ifname`` in ``ipr``'s namespace (LabError if absent)."""
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise LabError(f"no link {ifname!r} in {ipr.status.get('netns')}")
+    return int(found[0])
+
+
+def _add_addrs(ipr: IPRoute, index: int, addrs: list[tuple[str, int]]) -> None:
+    """Add ``(address, prefix length)``s to link ``index``; IPv6 without DAD (``nodad``)."""
+    for address, prefixlen in addrs:
+        flags = IFA_F_NODAD if ":" in address else 0
+        ipr.addr("add", index=index, address=address, prefixlen=prefixlen, flags=flags)
 
 
 def _iter_netns() -> list[Path]:

@@ -1,6 +1,7 @@
 """``flowlog-shipper demo``: prove attribution end to end in a throwaway lab.
 
-As root on any Linux box with netfilter:
+As root on any Linux host with netfilter and ``iptables``/``ip6tables`` (checked up
+front: a missing command is named with how to install it, exit status 2):
 
 1. build a :class:`shipper.lab.Lab` (gateway namespace with MASQUERADE, N pod
    namespaces, an external host) and write a pods inventory file for it;
@@ -18,7 +19,8 @@ As root on any Linux box with netfilter:
    shipper) and ✔/✘.
 
 Exit status: 0 only if every connection was attributed to the right pod; 1 if
-any was not; 2 if the demo could not run (not root, no netfilter, timeout).
+any was not; 2 if the demo could not run (not root, a host command missing, no
+netfilter, timeout).
 Everything is removed afterwards, also on failure, Ctrl-C or SIGTERM.
 """
 
@@ -42,9 +44,11 @@ from typing import Any
 
 import orjson
 
-from shipper.lab import Lab, LabError, Server
+from shipper.lab.errors import LabError
+from shipper.lab.host import missing_tools, missing_tools_message
+from shipper.lab.topology import Lab, Server
 
-log = logging.getLogger("shipper.demo")
+log = logging.getLogger("shipper.lab.demo")
 
 #: Bounded waits (seconds).
 READY_TIMEOUT_S = 20.0
@@ -365,13 +369,23 @@ def _print_table(rows: list[Observed], out: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Body of ``flowlog-shipper demo``; ``args.pods`` and ``args.keep_output`` are read."""
+    """Body of ``flowlog-shipper demo``; ``args.pods`` and ``args.keep_output`` are read.
+
+    Every precondition (root, the host commands, ``--pods``) is checked before anything
+    is built, and all unmet ones are reported at once (exit status 2).
+    """
+    problems = []
     if os.geteuid() != 0:
-        print("demo: needs root (network namespaces, iptables)", file=sys.stderr)
-        return 2
+        problems.append("needs root (network namespaces, iptables)")
+    missing = missing_tools(ipv6=True)
+    if missing:
+        problems.append(missing_tools_message(missing))
     pods = int(getattr(args, "pods", 4) or 4)
     if not 2 <= pods <= 20:
-        print("demo: --pods must be 2..20", file=sys.stderr)
+        problems.append("--pods must be 2..20")
+    if problems:
+        for problem in problems:
+            print(f"demo: {problem}", file=sys.stderr)
         return 2
     with _sigterm_as_interrupt():
         return run_demo(pods, getattr(args, "keep_output", None))
