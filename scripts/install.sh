@@ -10,7 +10,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 # iptables/ip6tables (MASQUERADE in the lab), conntrack (the comparison in the benchmark and
-# the tests), iproute2 (network namespaces, veth, bridges), ping, procps (sysctl), openssl
+# the tests), iproute2 (ip netns in the tests), ping, procps (sysctl), openssl
 # (test certificates), kmod (modprobe).
 retry() {  # a passing network hiccup should not fail a whole install
   local n

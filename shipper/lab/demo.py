@@ -157,9 +157,14 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         return
 
     fired = False
+    owner = os.getpid()
 
     def handler(signum: int, frame: FrameType | None) -> None:
         nonlocal fired
+        if os.getpid() != owner:
+            # A forked helper (pyroute2 forks some) inherits this handler; it must die
+            # as SIGTERM says, quietly, not unwind and run this process's cleanup.
+            os._exit(128 + signum)
         if not fired:  # only once: a second SIGTERM must not interrupt the cleanup
             fired = True
             raise KeyboardInterrupt

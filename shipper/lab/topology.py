@@ -242,6 +242,10 @@ class Lab:
         self._lock = threading.Lock()
         self._closed = False
         self._veth_gen = itertools.count()
+        # pyroute2 forks helper processes (netns creation, netlink sockets in a namespace);
+        # a fork that runs Python's exit handlers (e.g. SIGTERM turned into an exception by
+        # the demo) inherits this hook: only the process that built the lab may tear it down.
+        self._owner_pid = os.getpid()
         atexit.register(self.close)
         try:
             self.workdir.mkdir(mode=0o700)
@@ -720,7 +724,12 @@ class Lab:
         pyroute2_netns.remove(ns)
 
     def close(self) -> None:
-        """Stop every process, delete every namespace and the work dir. Idempotent, never raises."""
+        """Stop every process, delete every namespace and the work dir. Idempotent, never raises.
+
+        A no-op in any process but the one that built the lab (a forked child).
+        """
+        if os.getpid() != self._owner_pid:
+            return
         with self._lock:
             if self._closed:
                 return

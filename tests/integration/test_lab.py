@@ -140,6 +140,18 @@ class TestTeardown:
             lab.set_sysctl(lab.gw, "net.no.such.key", 1)
         assert _ns_of(prefix) == set()
 
+    def test_close_in_a_forked_child_leaves_the_lab_intact(self, lab: Lab) -> None:
+        """close() (or the exit hook) in a forked child, as pyroute2 forks, removes nothing."""
+        pid = os.fork()
+        if pid == 0:  # the child: never return into pytest
+            try:
+                lab.close()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert _ns_of(lab.prefix) == {lab.gw, lab.ext, *lab.pod_ns}
+        lab.ping(0)
+
     def test_prefix_in_use_is_refused(self, lab: Lab) -> None:
         """A second lab with a prefix already in use is refused, the first left intact."""
         with pytest.raises(LabError, match="already exist"):
