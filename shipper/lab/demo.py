@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,8 +247,11 @@ def run_demo(pods: int, keep_output: str | None, out: Any = sys.stdout) -> int:
         probe_ok = _probe(lab, flows, worker)
         if not probe_ok:
             return 2
-        _make_connections(lab, servers, pods)
-        expected = _collect_truth(lab, servers)
+        steps = _make_connections(lab, servers, pods)
+        made = Counter({(proto, family): 0 for proto, family in servers})
+        for _, proto, family, _ in steps:
+            made[(proto, family)] += pods
+        expected = _collect_truth(lab, servers, made)
         _wait_for(lambda: _all_shipped(flows, expected), RECORDS_TIMEOUT_S,
                   "the records of every connection", worker)
     except LabError as exc:
@@ -312,15 +316,22 @@ class _Truth:
     sport: int | None
 
 
-def _collect_truth(lab: Lab, servers: dict[tuple[str, int], Server]) -> list[_Truth]:
-    """What every server saw, each peer with the pod its payload names (bounded wait)."""
+def _collect_truth(lab: Lab, servers: dict[tuple[str, int], Server],
+                   made: Counter[tuple[str, int]]) -> list[_Truth]:
+    """What every server saw, each peer with the pod its payload names (bounded wait).
+
+    Waits until each server logged as many peers as connections were made to it (a
+    client reports ``connected`` a moment before the server's accept is logged) and
+    the first data of each, for at most 5 s per server.
+    """
     truths = []
     for (proto, family), server in servers.items():
         deadline = time.monotonic() + 5
         while True:
             seen = server.seen()
             pays = server.payloads()
-            if all(p in pays for p in seen) or time.monotonic() > deadline:
+            if (len(dict.fromkeys(seen)) >= made[(proto, family)]
+                    and all(p in pays for p in seen)) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         for ip, port in dict.fromkeys(seen):
