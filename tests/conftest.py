@@ -7,6 +7,7 @@
   test, removed afterwards also when the test fails. Its arguments come from the
   closest ``@pytest.mark.lab(...)`` (default ``Lab(pods=3)``). A module that needs more
   set-up overrides ``lab`` with a fixture of the same name that takes this one.
+- ``no_ambient_kube``: no Kubernetes or proxy settings inherited from the environment.
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         reason = reason.removeprefix("Skipped: ")
         report.outcome = "failed"
         report.longrepr = f"kernel test skipped in CI (CI=true), a failure there: {reason}"
+
+
+@pytest.fixture
+def no_ambient_kube(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Kubernetes config from the environment (a shipper child inherits it: no real
+    cluster, no in-cluster detection) and no proxy for loopback API servers. Use with
+    ``pytest.mark.usefixtures("no_ambient_kube")``."""
+    for var in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "HTTP_PROXY", "HTTPS_PROXY",
+                "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture

@@ -41,7 +41,8 @@ from tests.fakes.kube_api import (
 )
 from tests.integration.harness import Record, ShipperProcess, ct_delete, get
 
-pytestmark = pytest.mark.kernel  # root only; in CI a skip fails (tests/conftest.py)
+# Root only (in CI a skip fails); no ambient Kubernetes config: tests/conftest.py.
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("no_ambient_kube")]
 
 Factory = Callable[..., ShipperProcess]
 T = TypeVar("T")
@@ -136,14 +137,6 @@ def assert_names(r: Record, lab: Lab, i: int, attribution: str = "resolved") -> 
 
 
 # ---- fixtures ---------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _no_ambient_kube(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The shipper child inherits our environment: no real cluster, no proxy for loopback."""
-    for var in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "HTTP_PROXY", "HTTPS_PROXY",
-                "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture

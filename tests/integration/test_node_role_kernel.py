@@ -36,12 +36,11 @@ from tests.integration.test_kube_attribution import (
 )
 
 # The fake API and shipper fixtures of the attribution tests, shared as they are
-# (``lab`` comes from tests/conftest.py).
-_no_ambient_kube = kube_it._no_ambient_kube
+# (``lab`` and ``no_ambient_kube`` come from tests/conftest.py).
 api = kube_it.api
 shipper = kube_it.shipper
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("no_ambient_kube")]
 
 OTHER = "other-node"
 SUBNET_CONFIG = {"filter.pod_cidrs": [], "filter.cluster_cidrs": [],

@@ -21,7 +21,6 @@ only deliberate pause waits for the next wall-clock second so that B's
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,10 +32,10 @@ from shipper.lab import Lab
 from tests.fakes.kube_api import NODES, PODS, FakeKubeApi, node, write_kubeconfig
 from tests.integration.harness import Record, ShipperProcess, ct_delete, get
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-]
+# Root only (in CI a skip fails); the shared lab; no ambient Kubernetes config:
+# tests/conftest.py.
+pytestmark = [pytest.mark.kernel, pytest.mark.lab(pods=2),
+              pytest.mark.usefixtures("no_ambient_kube")]
 
 #: Long enough to outlive the test; the lab kills held clients on close.
 HOLD_S = 120.0
@@ -61,25 +60,17 @@ def names(r: Record) -> tuple[str | None, str | None, str | None]:
             get(r, "kubernetes.pod.uid"))
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_kube(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The shipper child inherits our environment: no real cluster, no proxy for loopback."""
-    for var in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "HTTP_PROXY", "HTTPS_PROXY",
-                "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-
-
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab(pods=2) as built:
-        # Keep A's entries in the table for the whole test, whatever state killing
-        # its clients leaves them in (only this lab's gateway namespace is touched).
-        for key, value in (("udp_timeout", 600), ("udp_timeout_stream", 600),
-                           ("tcp_timeout_close", 600), ("tcp_timeout_time_wait", 600),
-                           ("tcp_timeout_fin_wait", 600), ("tcp_timeout_close_wait", 600),
-                           ("tcp_timeout_last_ack", 600)):
-            built.set_sysctl(built.gw, f"net.netfilter.nf_conntrack_{key}", value)
-        yield built
+def lab(lab: Lab) -> Lab:
+    """The shared lab (tests/conftest.py) with long conntrack timeouts in its gateway."""
+    # Keep A's entries in the table for the whole test, whatever state killing
+    # its clients leaves them in (only this lab's gateway namespace is touched).
+    for key, value in (("udp_timeout", 600), ("udp_timeout_stream", 600),
+                       ("tcp_timeout_close", 600), ("tcp_timeout_time_wait", 600),
+                       ("tcp_timeout_fin_wait", 600), ("tcp_timeout_close_wait", 600),
+                       ("tcp_timeout_last_ack", 600)):
+        lab.set_sysctl(lab.gw, f"net.netfilter.nf_conntrack_{key}", value)
+    return lab
 
 
 class Source:

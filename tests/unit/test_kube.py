@@ -27,6 +27,9 @@ from tests.fakes.kube_api import (
     write_kubeconfig,
 )
 
+# No Kubernetes or proxy settings from the environment (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("no_ambient_kube")
+
 WAIT_S = 10.0
 
 
@@ -43,14 +46,6 @@ def owner(index: PodIndex, ip: str, t_ns: int | None = None) -> str | None:
     fam, val = parse_ip(ip)
     meta = index.lookup(fam, val, time.time_ns() if t_ns is None else t_ns)
     return None if meta is None else meta.name
-
-
-@pytest.fixture(autouse=True)
-def _no_ambient_kube(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("KUBECONFIG", raising=False)
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
-        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture
