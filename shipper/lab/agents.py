@@ -1,10 +1,9 @@
 """Tiny traffic agents the :mod:`shipper.lab` runs inside its network namespaces.
 
-Run as ``python -m shipper.lab.agents --netns PATH <agent> ...``: the agent first
-moves itself into the network namespace at ``PATH`` (``setns(2)``), so no
-``ip netns exec`` and no checkout are needed, only this installed package. Only the
-standard library is used, so an agent starts in a few tens of milliseconds and
-works in any namespace.
+Run as ``python -m shipper.lab.agents <agent> ...``; the lab starts them already
+inside a namespace (forked from a thread that entered it), from the installed
+package, no checkout needed. Only the standard library is used, so an agent
+starts in a few tens of milliseconds and works in any namespace.
 
 Agents and their stdout protocol (one line each, flushed):
 
@@ -27,13 +26,9 @@ Agents and their stdout protocol (one line each, flushed):
     Sends one UDP datagram per new destination port at ``--rate`` packets/s
     for ``--duration`` seconds (at most ``--max-count`` datagrams), cycling
     through ``--sockets`` source sockets, and prints ``sent <n> <seconds>``.
-``exec``
-    Replaces itself with the command after it (``exec ARGV...``), which then runs
-    in the namespace: how the lab runs ``iptables``, ``conntrack`` or a test's
-    own program there. Exit status 127 when the command cannot be started.
 
-Every agent but ``exec`` has a hard lifetime (``--max-seconds``) and exits when
-the process that started it (``--parent-pid``) is gone, so a crashed lab never
+Every agent has a hard lifetime (``--max-seconds``) and exits when the
+process that started it (``--parent-pid``) is gone, so a crashed lab never
 leaves traffic running.
 """
 
@@ -41,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import selectors
 import socket
@@ -52,25 +46,6 @@ import time
 from collections.abc import Sequence
 
 _SOCKET_TIMEOUT_S = 5.0
-_CLONE_NEWNET = 0x40000000
-
-
-def enter_netns(path: str) -> None:
-    """Move the calling *thread* into the network namespace bound at ``path``.
-
-    ``setns(2)`` with ``CLONE_NEWNET`` changes only the calling thread; threads it
-    starts afterwards inherit the namespace. Python 3.11 has no ``os.setns``, hence
-    libc through ctypes (the standard library, so agents stay dependency-free).
-    Raises OSError naming ``path`` when it cannot be opened or entered.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into {path}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 def _family(value: int) -> socket.AddressFamily:
@@ -302,7 +277,6 @@ def _ping(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser of the agents (one subcommand per agent)."""
     p = argparse.ArgumentParser(prog="python -m shipper.lab.agents")
-    p.add_argument("--netns", metavar="PATH", help="enter this network namespace first")
     p.add_argument("--parent-pid", type=int, default=0, help="exit when this parent is gone")
     p.add_argument("--max-seconds", type=float, default=600.0, help="hard lifetime")
     sub = p.add_subparsers(dest="agent", required=True)
@@ -338,36 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dst", required=True)
     g.add_argument("--count", type=int, default=1)
     g.add_argument("--wait", type=float, default=2.0)
-
-    e = sub.add_parser("exec", help="replace this process with a command (in the namespace)")
-    e.add_argument("argv", nargs=argparse.REMAINDER, help="the command and its arguments")
     return p
-
-
-def _exec(args: argparse.Namespace) -> int:
-    """Replace this process with ``args.argv``; return 127 (stderr says why) if that fails."""
-    if not args.argv:
-        sys.stderr.write("exec: no command given\n")
-        return 127
-    sys.stdout.flush()
-    try:
-        os.execvp(args.argv[0], args.argv)
-    except OSError as exc:
-        sys.stderr.write(f"exec: cannot run {args.argv[0]}: {exc.strerror or exc}\n")
-    return 127
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one agent; the exit status is 0 on success."""
     args = build_parser().parse_args(argv)
-    if args.netns:
-        try:
-            enter_netns(args.netns)
-        except OSError as exc:
-            sys.stderr.write(f"{args.agent}: {exc}\n")
-            return 127 if args.agent == "exec" else 1
-    if args.agent == "exec":
-        return _exec(args)
     _watchdog(args.parent_pid, args.max_seconds)
     agents = {"server": _serve, "client": _client, "flood": _flood, "ping": _ping}
     try:

@@ -1,9 +1,9 @@
 """The host commands the lab runs, and a check that they are installed.
 
 Namespaces, links, addresses and routes are made through netlink (pyroute2), sysctls
-are written to ``/proc/sys`` from inside the namespace, and processes enter their
-namespace by themselves (:mod:`shipper.lab.agents`), so the only commands the lab
-needs from the host are the ones that write the NAT rules. The container image does
+are written to ``/proc/sys`` from inside the namespace, and processes are forked
+from a thread inside the namespace, so the only commands the lab needs from the
+host are the ones that write the NAT rules. The container image does
 not ship them (it runs the shipper, not the lab).
 """
 

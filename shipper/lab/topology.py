@@ -15,10 +15,9 @@ How each part is done, and why:
   instead of one ``ip`` process per step;
 * sysctls: written to ``/proc/sys`` by a short-lived thread that has entered the
   namespace (``setns`` changes only the calling thread), instead of ``sysctl``;
-* processes in a namespace (agents, ``iptables``, a test's own commands): started as
-  ``python -m shipper.lab.agents --netns PATH ...``, which enters the namespace itself
-  (and execs the command for :meth:`Lab.run`/:meth:`Lab.popen`), instead of
-  ``ip netns exec``;
+* processes in a namespace (agents, ``iptables``, a test's own commands): forked by
+  a short-lived thread that entered the namespace (a child inherits the forking
+  thread's namespace), instead of ``ip netns exec``;
 * NAT rules: ``iptables``/``ip6tables`` commands, as a node's own tooling writes them
   (nftables through netlink would need a library of its own and not read the same).
 
@@ -69,20 +68,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
-from shipper.lab.agents import enter_netns
 from shipper.lab.errors import LabError
 from shipper.lab.host import missing_tools, missing_tools_message
 
 _NETNS_DIR = Path("/run/netns")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
 _AGENTS = (sys.executable, "-m", "shipper.lab.agents")
+T = TypeVar("T")
 _counter = itertools.count()
 _counter_lock = threading.Lock()
 
@@ -242,6 +241,7 @@ class Lab:
         self._lock = threading.Lock()
         self._closed = False
         self._veth_gen = itertools.count()
+        self._iprs: dict[str, IPRoute] = {}  # open during a set-up step, see _rtnl
         # pyroute2 forks helper processes (netns creation, netlink sockets in a namespace);
         # a fork that runs Python's exit handlers (e.g. SIGTERM turned into an exception by
         # the demo) inherits this hook: only the process that built the lab may tear it down.
@@ -249,7 +249,10 @@ class Lab:
         atexit.register(self.close)
         try:
             self.workdir.mkdir(mode=0o700)
-            self._build(pods)
+            try:
+                self._build(pods)
+            finally:
+                self._close_rtnl()
         except BaseException as exc:
             self.close()
             if isinstance(exc, LabError | KeyboardInterrupt | SystemExit):
@@ -290,14 +293,27 @@ class Lab:
 
     @contextlib.contextmanager
     def _rtnl(self, ns: str) -> Iterator[IPRoute]:
-        """An rtnetlink socket inside lab namespace ``ns``; netlink errors become LabError."""
+        """An rtnetlink socket inside lab namespace ``ns``; netlink errors become LabError.
+
+        Opening one forks a pyroute2 helper, so a socket is kept for the rest of the
+        set-up step (:meth:`_close_rtnl`), e.g. the gw's across all pods.
+        """
         self._check_ns(ns)
         try:
-            # flags=0: never create a namespace here; groups=0: no event subscription.
-            with IPRoute(netns=ns, flags=0, groups=0) as ipr:
-                yield ipr
+            ipr = self._iprs.get(ns)
+            if ipr is None:
+                # flags=0: never create a namespace here; groups=0: no event subscription.
+                ipr = self._iprs[ns] = IPRoute(netns=ns, flags=0, groups=0)
+            yield ipr
         except (NetlinkError, OSError) as exc:
             raise LabError(f"netlink in {ns}: {exc}") from exc
+
+    def _close_rtnl(self) -> None:
+        """Close the set-up step's rtnetlink sockets (never raises)."""
+        iprs, self._iprs = self._iprs, {}
+        for ipr in iprs.values():
+            with contextlib.suppress(Exception):  # a socket that fails to close is gone anyway
+                ipr.close()
 
     def _build(self, pods: int) -> None:
         self._add_netns(self.gw)
@@ -376,7 +392,10 @@ class Lab:
         new = f"{self.prefix}-p{pod}r{gen + 1}"
         self.pod_ns[pod] = new
         self.identities[pod] = self._new_identity(pod, new)
-        self._add_pod_ns(pod, new)
+        try:
+            self._add_pod_ns(pod, new)
+        finally:
+            self._close_rtnl()
         return new
 
     # ------------------------------------------------------------ accessors
@@ -455,18 +474,20 @@ class Lab:
             ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` inside lab namespace ``ns`` (text output captured).
 
-        The environment is the caller's, unchanged. Raises :class:`LabError` on
-        timeout, and on a non-zero exit when ``check`` (127: ``argv[0]`` not found).
+        The environment is the caller's, unchanged. Raises :class:`LabError` when
+        ``argv[0]`` cannot be started, on timeout, and on a non-zero exit when ``check``.
         """
-        self._check_ns(ns)
-        cmd = [*_AGENTS, "--netns", str(_NETNS_DIR / ns), "exec", *argv]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                 check=False, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired as exc:
-            raise LabError(f"timed out after {timeout}s in {ns}: {' '.join(argv)}") from exc
-        except OSError as exc:
-            raise LabError(f"cannot run {sys.executable}: {exc}") from exc
+        proc = self._start(ns, list(argv), dict(stdin=subprocess.DEVNULL,
+                                                stdout=subprocess.PIPE,
+                                                stderr=subprocess.PIPE, text=True))
+        with proc:
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired as exc:
+                proc.kill()
+                proc.communicate()
+                raise LabError(f"timed out after {timeout}s in {ns}: {' '.join(argv)}") from exc
+        res = subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
         if check and res.returncode != 0:
             raise LabError(f"{' '.join(argv)} in {ns} failed ({res.returncode}): "
                            f"{(res.stderr or res.stdout).strip()[-500:]}")
@@ -477,29 +498,29 @@ class Lab:
 
         The child gets its own session (so its whole process group can be
         signalled) and the caller's environment. Keyword arguments go to
-        :class:`subprocess.Popen`.
+        :class:`subprocess.Popen`. Raises :class:`LabError` when ``argv[0]`` cannot be
+        started.
         """
-        return self._spawn(ns, "exec", *argv, **kw)
-
-    def _spawn(self, ns: str, *agent_argv: str, **kw: Any) -> subprocess.Popen[bytes]:
-        """Start ``python -m shipper.lab.agents --netns NS AGENT_ARGV...``, tracked for close."""
-        self._check_ns(ns)
         if self._closed:
             raise LabError("lab is closed")
         kw.setdefault("start_new_session", True)
         kw.setdefault("stdin", subprocess.DEVNULL)
-        try:
-            proc: subprocess.Popen[bytes] = subprocess.Popen(
-                [*_AGENTS, "--netns", str(_NETNS_DIR / ns), *agent_argv], **kw)
-        except OSError as exc:
-            raise LabError(f"cannot run {sys.executable}: {exc}") from exc
+        proc = self._start(ns, list(argv), kw)
         with self._lock:
             self._procs.append(proc)
         return proc
 
+    def _start(self, ns: str, argv: list[str], kw: dict[str, Any]) -> subprocess.Popen[Any]:
+        """Start ``argv`` in lab namespace ``ns``: forked from a thread inside ``ns``.
+
+        A child inherits the network namespace of the thread that forks it, so no
+        ``ip netns exec`` and no extra process is needed.
+        """
+        return self._in_netns(ns, lambda: subprocess.Popen(argv, **kw), f"starting {argv[0]}")
+
     def _agent(self, ns: str, *argv: str, **kw: Any) -> subprocess.Popen[bytes]:
-        return self._spawn(ns, "--parent-pid", str(os.getpid()),
-                           "--max-seconds", str(AGENT_MAX_SECONDS), *argv, **kw)
+        return self.popen(ns, *_AGENTS, "--parent-pid", str(os.getpid()),
+                          "--max-seconds", str(AGENT_MAX_SECONDS), *argv, **kw)
 
     def set_sysctl(self, ns: str, key: str, value: str | int) -> None:
         """Set sysctl ``key`` (dotted, as ``sysctl -w``) inside lab namespace ``ns``.
@@ -511,15 +532,20 @@ class Lab:
         self._in_netns(ns, lambda: path.write_text(f"{value}\n", encoding="ascii"),
                        f"sysctl {key}={value}")
 
-    def _in_netns(self, ns: str, fn: Callable[[], object], what: str) -> None:
-        """Run ``fn`` in a new thread that entered lab namespace ``ns`` (bounded)."""
+    def _in_netns(self, ns: str, fn: Callable[[], T], what: str) -> T:
+        """Return ``fn()`` run in a new thread that entered lab namespace ``ns`` (bounded).
+
+        ``setns`` changes only the calling thread, and this thread ends afterwards, so
+        nothing else in the process ever leaves the caller's namespace.
+        """
         self._check_ns(ns)
         errors: list[BaseException] = []
+        results: list[T] = []
 
         def run() -> None:
             try:
-                enter_netns(str(_NETNS_DIR / ns))  # only this thread, which then ends
-                fn()
+                pyroute2_netns.setns(str(_NETNS_DIR / ns), flags=0)  # flags=0: never create
+                results.append(fn())
             except BaseException as exc:  # reported by the caller
                 errors.append(exc)
 
@@ -530,6 +556,7 @@ class Lab:
             raise LabError(f"{what} in {ns}: no answer within {_STEP_TIMEOUT_S:.0f}s")
         if errors:
             raise LabError(f"{what} in {ns}: {errors[0]}") from errors[0]
+        return results[0]
 
     def conntrack_stats(self) -> dict[str, int]:
         """Return the gw's ``conntrack -S`` counters summed over CPUs.

@@ -1,4 +1,4 @@
-"""Tests for the lab's edges that need no root: host commands, agents' exec, errors, demo checks.
+"""Tests for the lab's edges that need no root: host commands, agents, errors, demo checks.
 
 The lab itself (namespaces, NAT, traffic) is tested on the real kernel in
 ``tests/integration/test_lab.py``.
@@ -96,31 +96,7 @@ class TestLabError:
         assert not issubclass(LabError, ShipperError)
 
 
-class TestAgentsExec:
-    def _agents(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "shipper.lab.agents", *argv],
-                              capture_output=True, text=True, timeout=60, check=False)
-
-    def test_exec_runs_the_command_with_its_own_options(self) -> None:
-        """`exec` replaces the agent with the command; options after it are the command's."""
-        res = self._agents("exec", sys.executable, "-c", "import sys; print(sys.argv[1:])",
-                           "-h", "--netns", "x")
-        assert res.returncode == 0, res.stderr
-        assert res.stdout == "['-h', '--netns', 'x']\n"
-
-    def test_exec_of_a_missing_command_is_127_naming_it(self) -> None:
-        """A command that does not exist gives exit 127 and names the command."""
-        res = self._agents("exec", "no-such-command-flowlog")
-        assert res.returncode == 127
-        assert "cannot run no-such-command-flowlog" in res.stderr
-
-    def test_missing_namespace_is_127_naming_its_path(self, tmp_path: Path) -> None:
-        """--netns naming no namespace fails before running anything (127, path named)."""
-        path = tmp_path / "no-such-netns"
-        res = self._agents("--netns", str(path), "exec", "true")
-        assert res.returncode == 127
-        assert str(path) in res.stderr
-
+class TestAgents:
     def test_agents_do_not_import_pyroute2(self) -> None:
         """Starting an agent loads no pyroute2 (the lab package's names load lazily)."""
         code = ("import sys, shipper.lab.agents, shipper.lab; "
