@@ -149,6 +149,23 @@ class FrameReader:
         del buf[:start + datalen + 1]
         return Frame(int(txnr_b), command, data)
 
+    def take_oks(self, txnrs: deque[int]) -> int:
+        """Fast path for the usual answer: consume ``TXNR rsp 6 200 OK\\n`` frames for the
+        oldest outstanding ``txnrs``, in order, removing them; returns how many (0: the next
+        frame is something else, or incomplete: use :meth:`next`)."""
+        buf = self._buf
+        pos = n = 0
+        while txnrs:
+            expected = b"%d rsp 6 200 OK\n" % txnrs[0]
+            if not buf.startswith(expected, pos):
+                break
+            pos += len(expected)
+            txnrs.popleft()
+            n += 1
+        if pos:
+            del buf[:pos]
+        return n
+
     def _check_incomplete(self, needed: int) -> None:
         """More bytes may complete the header, unless we already have enough to know better."""
         if len(self._buf) >= needed:
@@ -208,14 +225,12 @@ class RelpSession:
                         chunk.append(build_frame(txnr, b"syslog", m))
                     sent += len(chunk)
                     self._send(b"".join(chunk), send_timeout)
-                deadline = time.monotonic() + ack_timeout
-                frame = self._read(deadline, "an ack")
-                while True:
-                    acked += self._on_response(frame, outstanding)
-                    nxt = self._reader.next()
-                    if nxt is None:
-                        break
-                    frame = nxt
+                k = self._reader.take_oks(outstanding)
+                if k:
+                    acked += k
+                    continue
+                frame = self._read(time.monotonic() + ack_timeout, "an ack")
+                acked += self._on_response(frame, outstanding)
         except RelpError as exc:
             exc.acked = acked
             raise

@@ -83,6 +83,22 @@ class TestFraming:
             r.next()
         assert ei.value.kind == "protocol"
 
+    def test_fast_ack_path_stops_at_anything_else(self) -> None:
+        """take_oks consumes in-order ``200 OK`` answers for the outstanding txnrs and leaves
+        a different answer (here a 500) and everything after it to the full parser."""
+        from collections import deque
+
+        r = FrameReader()
+        r.feed(b"5 rsp 6 200 OK\n6 rsp 6 200 OK\n7 rsp 20 500 command disabled\n8 rsp 6 200")
+        pending = deque([5, 6, 7, 8])
+        assert r.take_oks(pending) == 2
+        assert list(pending) == [7, 8]
+        assert r.next() == Frame(7, b"rsp", b"500 command disabled")
+        assert r.take_oks(deque([9])) == 0  # not the expected txnr
+        assert r.take_oks(deque([8])) == 0  # incomplete
+        r.feed(b" OK\n")
+        assert r.take_oks(deque([8])) == 1
+
     def test_oversized_frame_is_refused(self) -> None:
         """A DATALEN beyond the reader's limit is an error, not a buffer."""
         r = FrameReader(max_data=10)
