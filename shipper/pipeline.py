@@ -187,6 +187,7 @@ class Pipeline:
         e = cfg.enrich
         self.hold = StaleHold(int(e.stale_hold_s * 1e9), e.stale_hold_records, cfg.queue.overflow)
         self.waiting = ResolveWait(int(e.resolve_wait_s * 1e9), e.resolve_wait_max_flows)
+        self._waiting_flows = self.waiting.flows  # read on the event path: a plain dict
         self._pod_states: list[SourceState] = []
         # The one check on the event path: True while records must go to the hold
         # (a pod source is stale, or held records are still being released).
@@ -249,10 +250,13 @@ class Pipeline:
             self._hold_add((ev, remembered, t_attr))
             return
         pod, attribution = self.index.attribute(ev.family, src, t_attr)
-        waiting = self.waiting
-        if waiting and waiting.follow(key, (ev, remembered, t_attr)):
-            return  # this flow's NEW waits for its owner: stay behind it
+        waiting_flows = self._waiting_flows
+        if waiting_flows and key in waiting_flows:
+            # This flow's NEW waits for its owner: stay behind it.
+            waiting_flows[key].append((ev, remembered, t_attr))
+            return
         if attribution != ATTR_RESOLVED:
+            waiting = self.waiting
             if action in (ACTION_NEW, ACTION_SNAPSHOT) and waiting.wait_ns:
                 if waiting.start(key, (ev, remembered, t_attr), ev.received_ns):
                     return

@@ -153,16 +153,19 @@ class ResolveWait:
         self.max_flows = max_flows
         # flow key -> [deadline, items...]; insertion order is deadline order
         # (every flow waits the same time), so the first entry expires first.
-        self._flows: dict[int, list[Any]] = {}
+        # Public so that the event path can test "anything waiting?" and "is this
+        # flow waiting?" with plain dict operations (no method call per event).
+        # Never rebound: callers may keep a reference.
+        self.flows: dict[int, list[Any]] = {}
 
     def __len__(self) -> int:
-        return len(self._flows)
+        return len(self.flows)
 
     def __bool__(self) -> bool:
-        return bool(self._flows)
+        return bool(self.flows)
 
     def __contains__(self, key: int) -> bool:
-        return key in self._flows
+        return key in self.flows
 
     def start(self, key: int, item: Any, now_ns: int) -> bool:
         """Let ``item`` (a NEW/snapshot of flow ``key``) wait; False if it cannot (ship it now).
@@ -171,14 +174,14 @@ class ResolveWait:
         snapshot: the caller queues it with :meth:`follow`), or ``max_flows``
         flows already wait.
         """
-        if not self.wait_ns or key in self._flows or len(self._flows) >= self.max_flows:
+        if not self.wait_ns or key in self.flows or len(self.flows) >= self.max_flows:
             return False
-        self._flows[key] = [now_ns + self.wait_ns, item]
+        self.flows[key] = [now_ns + self.wait_ns, item]
         return True
 
     def follow(self, key: int, item: Any) -> bool:
         """Queue ``item`` behind flow ``key``'s records; False if that flow is not waiting."""
-        entry = self._flows.get(key)
+        entry = self.flows.get(key)
         if entry is None:
             return False
         entry.append(item)
@@ -186,16 +189,16 @@ class ResolveWait:
 
     def first(self) -> Iterator[tuple[int, Any]]:
         """``(key, first item)`` of every waiting flow, oldest first (a snapshot: safe to pop)."""
-        return iter([(k, v[1]) for k, v in self._flows.items()])
+        return iter([(k, v[1]) for k, v in self.flows.items()])
 
     def pop(self, key: int) -> list[Any]:
         """Stop waiting for flow ``key``; return its items in arrival order."""
-        entry = self._flows.pop(key)
+        entry = self.flows.pop(key)
         return entry[1:]
 
     def due(self, now_ns: int) -> Iterator[tuple[int, list[Any]]]:
         """Remove and yield ``(key, items)`` of the flows whose wait is over, oldest first."""
-        flows = self._flows
+        flows = self.flows
         while flows:
             key = next(iter(flows))
             entry = flows[key]
@@ -206,12 +209,13 @@ class ResolveWait:
 
     def next_deadline(self) -> int | None:
         """When the oldest wait ends (None if nothing waits)."""
-        for entry in self._flows.values():
+        for entry in self.flows.values():
             return int(entry[0])
         return None
 
     def drain(self) -> Iterator[tuple[int, list[Any]]]:
         """Remove and yield every waiting flow (at shutdown)."""
-        flows, self._flows = self._flows, {}
-        for key, entry in flows.items():
-            yield key, entry[1:]
+        flows = self.flows
+        while flows:
+            key = next(iter(flows))
+            yield key, flows.pop(key)[1:]

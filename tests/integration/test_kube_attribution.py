@@ -511,6 +511,17 @@ def sport_of(r: Record) -> int:
     return int(get(r, "source.port"))
 
 
+def readyz(sp: ShipperProcess) -> dict[str, Any]:
+    """The body of the shipper's /readyz (200 or 503)."""
+    url = f"http://127.0.0.1:{sp.metrics_port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            body: dict[str, Any] = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        body = json.loads(exc.read())
+    return body
+
+
 class TestHoldDuringOutage:
     """While the pod watch is down, records wait for the re-list instead of naming the
     cached (possibly former) owner."""
@@ -570,8 +581,8 @@ class TestHoldDuringOutage:
         self, lab: Lab, api: FakeKubeApi, shipper: Factory
     ) -> None:
         """Past enrich.stale_hold_s, held records ship flagged stale naming the last known
-        owner and are counted; every connection still has its record; after recovery new
-        flows are resolved again."""
+        owner and are counted; /readyz shows the stale state (still ready); every connection
+        still has its record; after recovery new flows are resolved again."""
         put_lab_pods(api, lab)
         sp = shipper({"enrich.stale_hold_s": 1.5})
         sp.wait_ready()
@@ -579,6 +590,13 @@ class TestHoldDuringOutage:
         lab.start_server("tcp", 8080, 4)
         api.stop()
         wait_gauge(sp, "shipper_pod_source_stale", 1)
+        ready = readyz(sp)
+        assert ready["status"] == "ready", ready
+        pods_info = ready["info"]["pods"]
+        assert pods_info["stale"] is True, ready
+        assert pods_info["sources"]["pods"]["stale"] is True
+        assert pods_info["sources"]["pods"]["reason"]
+        assert pods_info["sources"]["pods"]["stale_since_ns"] <= time.time_ns()
         ports = [lab.connect(1, "tcp", 4, 8080) for _ in range(3)]
         news = sp.wait_records(lambda r: is_new(r) and sport_of(r) in ports, n=3)
         for r in news:
