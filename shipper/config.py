@@ -77,7 +77,9 @@ class ConntrackConfig(_Closed):
         True,
         description="Attach an in-kernel BPF filter to the event socket that drops events whose "
         "original source is not in the pod CIDRs before they are queued (no CPU spent on them, "
-        "no overruns caused by them; such events are then not counted as filtered).",
+        "no overruns caused by them; such events are then not counted as filtered). Table dumps "
+        "ask the kernel to skip entries that are not source-NATed (with filter.only_snat) or "
+        "not of the pod CIDRs' family.",
     )
     resync_on_overrun: bool = Field(
         True, description="After events were lost (ENOBUFS), dump the table to resync."

@@ -26,6 +26,7 @@ import contextlib
 import errno
 import logging
 import select
+import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -465,6 +466,29 @@ class Pipeline:
                 beat()  # a long dump is progress, not a stall
         return n
 
+    def _dump(self) -> Iterable[FlowEvent]:
+        """The conntrack table as snapshot events, filtered in the kernel where it can be.
+
+        With ``conntrack.kernel_filter`` the kernel skips, before building a
+        message, entries the CIDR filter would drop anyway: not source-NATed
+        (with ``filter.only_snat``) and, when every pod CIDR is of one family, of
+        the other family. The kernel cannot match address ranges in a dump
+        (CTA_FILTER compares exact addresses), so the pod-CIDR match stays in
+        userspace.
+        """
+        family = socket.AF_UNSPEC
+        snat_only = False
+        if self.cfg.conntrack.kernel_filter:
+            snat_only = self.filter.only_snat
+            fams = {":" in c for c in self.filter.pod_cidrs}
+            if fams == {False}:
+                family = socket.AF_INET
+            elif fams == {True}:
+                family = socket.AF_INET6
+        return conntrack.dump_table(self.cfg.conntrack.netns, self.decoder,
+                                    on_decode_error=self._on_decode_error,
+                                    family=family, snat_only=snat_only)
+
     # ---- start-up -----------------------------------------------------------
 
     def _sysctls(self) -> None:
@@ -599,8 +623,7 @@ class Pipeline:
         self._resync_at = None
         self._last_resync = time.monotonic()
         try:
-            n = self.handle_all(conntrack.dump_table(
-                self.cfg.conntrack.netns, self.decoder, on_decode_error=self._on_decode_error))
+            n = self.handle_all(self._dump())
         except SourceError as exc:
             self.metrics.inc("shipper_errors_total", "source", type(exc).__name__)
             log.error("resync dump failed", extra={"fields": {"error": str(exc)}})
@@ -654,8 +677,7 @@ class Pipeline:
             self._start_enrichment(stop)
             self._tick_hold(time.time_ns(), time.monotonic())
             if cfg.conntrack.dump_at_start and not stop.is_set():
-                n = self.handle_all(conntrack.dump_table(
-                    cfg.conntrack.netns, self.decoder, on_decode_error=self._on_decode_error))
+                n = self.handle_all(self._dump())
                 log.info("initial table dump", extra={"fields": {"entries": n}})
                 self.health.set_ready("initial_dump", True, f"{n} entries")
             elif not cfg.conntrack.dump_at_start:
@@ -843,11 +865,13 @@ class Pipeline:
         if self.state is not None:
             self.state.load(self.index)  # read only: the running daemon owns the file
         self.delivery.start()
+        # One shot: no later event of these flows will come to use a remembered start,
+        # so filling the start cache would only cost time and memory.
+        self._max_starts = 0
         try:
             self._start_enrichment()
             self._tick_hold(time.time_ns(), time.monotonic())
-            n = self.handle_all(conntrack.dump_table(
-                self.cfg.conntrack.netns, self.decoder, on_decode_error=self._on_decode_error))
+            n = self.handle_all(self._dump())
             log.info("table dumped", extra={"fields": {"entries": n}})
         finally:
             clean = self._shutdown()

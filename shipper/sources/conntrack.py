@@ -28,24 +28,36 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
+import fcntl
 import os
 import select
 import socket
+import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from pyroute2.netlink import NETLINK_NETFILTER, NLM_F_DUMP, NLM_F_REQUEST
-from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
-from pyroute2.netlink.nfnetlink.nfctsocket import IPCTNL_MSG_CT_GET
-
 from shipper.errors import DecodeError, SourceError
 from shipper.record import FlowEvent
-from shipper.sources.decode import NLMSG_DONE, NLMSG_ERROR, LayoutDecoder
+from shipper.sources.decode import (
+    CTA_STATUS,
+    IPCTNL_MSG_CT_GET,
+    NFNL_SUBSYS_CTNETLINK,
+    LayoutDecoder,
+)
 
+# Protocol constants (linux/netlink.h, linux/netfilter/nfnetlink_conntrack.h). Written
+# out rather than imported from pyroute2: importing pyroute2 took 0.3-1 s of every
+# start-up here (most of a one-shot `dump`), for six numbers.
+NETLINK_NETFILTER = 12
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+CTA_STATUS_MASK = 26
+IPS_SRC_NAT = 0x10
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 NETLINK_BROADCAST_ERROR = 4
@@ -315,64 +327,136 @@ def _drops_of(netns: str | None, sock: socket.socket) -> int | None:
 
 _seq = 0
 
+# The dump reader: a tiny separate interpreter (stdlib only, no site) that does the
+# receive syscalls of a dump and copies the messages, unchanged, to its stdout.
+# Why: the kernel builds dump messages inside our recv calls (about a quarter of a
+# dump's CPU here); in a second process that work runs on another core while this
+# one decodes and encodes. A thread could not do it: after each recv the thread
+# waits up to sys.getswitchinterval() (5 ms) for the GIL held by the busy decoder,
+# which throttles it to a few hundred 32 KB reads per second.
+_READER = r"""
+import os, socket, struct, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+s.settimeout(float(sys.argv[2]))
+buf = bytearray(1 << 16)
+mv = memoryview(buf)
+hdr = struct.Struct("=IH").unpack_from
+while True:
+    try:
+        n = s.recv_into(buf)
+    except TimeoutError:
+        sys.stderr.write("no data for %s s" % sys.argv[2])
+        os._exit(3)
+    except OSError as e:
+        sys.stderr.write(e.strerror or str(e))
+        os._exit(4)
+    end = False
+    off = 0
+    while off + 16 <= n:
+        ln, t = hdr(buf, off)
+        if t == 3 or (t == 2 and buf[off + 16:off + 20] != b"\0\0\0\0"):
+            end = True
+        if ln < 16:
+            break
+        off += (ln + 3) & ~3
+    w = 0
+    while w < n:
+        w += os.write(1, mv[w:n])
+    if end:
+        os._exit(0)
+"""
+F_SETPIPE_SZ = 1031
+DUMP_TIMEOUT_S = 30.0
+
+
+def _dump_request(seq: int, family: int, snat_only: bool) -> bytes:
+    """IPCTNL_MSG_CT_GET with NLM_F_DUMP; with ``snat_only`` the kernel keeps only entries
+    whose status has IPS_SRC_NAT (CTA_STATUS + CTA_STATUS_MASK, Linux 5.19+)."""
+    attrs = b""
+    if snat_only:
+        for atype in (CTA_STATUS, CTA_STATUS_MASK):
+            attrs += struct.pack("=HH", 8, atype) + struct.pack(">I", IPS_SRC_NAT)
+    msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
+    return struct.pack("=IHHII", 20 + len(attrs), msg_type, NLM_F_REQUEST | NLM_F_DUMP,
+                       seq, 0) + bytes([family, 0, 0, 0]) + attrs
+
 
 def dump_table(
     netns: str | None,
     decoder: LayoutDecoder,
     rcvbuf: int = 16 * 1024 * 1024,
     on_decode_error: Callable[[DecodeError], None] | None = None,
+    *,
+    family: int = socket.AF_UNSPEC,
+    snat_only: bool = False,
 ) -> Iterator[FlowEvent]:
     """Yield every conntrack entry (IPv4 and IPv6) as a ``snapshot`` event.
 
     Dumps are flow-controlled by the kernel (it waits for us), so nothing is
     lost however large the table. Malformed entries are passed to
-    ``on_decode_error`` and skipped.
+    ``on_decode_error`` and skipped. ``family`` (AF_INET / AF_INET6) and
+    ``snat_only`` (only entries the kernel source-NATed) make the kernel skip
+    the other entries before it builds messages for them.
+
+    The receive syscalls run in a helper process (``_READER``): see there why.
+    Raises SourceError if the dump cannot be made, is refused, or stalls.
     """
     global _seq
     _seq += 1
     seq = _seq
     sock = in_netns(netns, lambda: _netlink_socket(rcvbuf))
+    proc: subprocess.Popen[bytes] | None = None
     try:
-        msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
-        req = (20).to_bytes(4, "little") + msg_type.to_bytes(2, "little")
-        req += (NLM_F_REQUEST | NLM_F_DUMP).to_bytes(2, "little")
-        req += seq.to_bytes(4, "little") + (0).to_bytes(4, "little")
-        req += bytes([socket.AF_UNSPEC, 0, 0, 0])
-        sock.sendto(req, (0, 0))
-        buf = bytearray(1 << 20)
-        sock.settimeout(30.0)
+        try:
+            sock.sendto(_dump_request(seq, family, snat_only), (0, 0))
+        except OSError as exc:
+            raise SourceError(f"conntrack dump request failed: {exc.strerror}") from exc
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _READER, str(sock.fileno()),
+                 str(DUMP_TIMEOUT_S)],
+                pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as exc:
+            raise SourceError(f"cannot start the dump reader: {exc.strerror}") from exc
+        sock.close()  # the reader owns it now; closing ours ends nothing
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)  # fewer, larger reads
+        pending = b""
+        events: list[FlowEvent] = []
+        decode_dump = decoder.decode_dump
         while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                proc.wait(5)
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                if proc.returncode == 3:
+                    raise SourceError(f"conntrack dump timed out ({err})")
+                if "No buffer space" in err:
+                    raise SourceError("conntrack dump overran its buffer")
+                raise SourceError(f"conntrack dump failed: the reader ended before the "
+                                  f"dump did ({proc.returncode}: {err or 'no message'})")
+            data = pending + chunk if pending else chunk
             try:
-                n = sock.recv_into(buf)
-            except TimeoutError as exc:
-                raise SourceError("conntrack dump timed out after 30 s") from exc
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    raise SourceError("conntrack dump overran its buffer") from exc
-                raise SourceError(f"conntrack dump failed: {exc.strerror}") from exc
-            now = time.time_ns()
-            off = 0
-            while off + 16 <= n:
-                msg_len = int.from_bytes(buf[off:off + 4], "little")
-                mtype = int.from_bytes(buf[off + 4:off + 6], "little")
-                if msg_len < 16 or off + msg_len > n:
-                    raise SourceError(f"conntrack dump: bad message length {msg_len}")
-                if mtype == NLMSG_DONE:
-                    return
-                if mtype == NLMSG_ERROR:
-                    code = -int.from_bytes(buf[off + 16:off + 20], "little", signed=True)
-                    if code == 0:
-                        off += (msg_len + 3) & ~3
-                        continue
-                    raise SourceError(f"conntrack dump refused: {os.strerror(code)}")
-                try:
-                    ev, _ = decoder.decode(buf, off, now)
-                except DecodeError as exc:
-                    if on_decode_error is not None:
-                        on_decode_error(exc)
-                    ev = None
-                if ev is not None:
-                    yield ev
-                off += (msg_len + 3) & ~3
+                off, end = decode_dump(data, len(data), time.time_ns(), events,
+                                       on_decode_error)
+            except DecodeError as exc:
+                raise SourceError(f"conntrack dump: {exc}") from exc
+            yield from events
+            events.clear()
+            if end is not None:
+                if end:
+                    raise SourceError(f"conntrack dump refused: {os.strerror(end)}")
+                return
+            pending = data[off:]
     finally:
         sock.close()
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(5)
+            for f in (proc.stdout, proc.stderr):
+                if f is not None:
+                    f.close()

@@ -366,6 +366,68 @@ class LayoutDecoder:
         """Number of compiled layouts cached."""
         return self._count
 
+    def decode_dump(
+        self,
+        buf: bytes | bytearray | memoryview,
+        n: int,
+        received_ns: int,
+        out: list[FlowEvent],
+        on_error: Callable[[DecodeError], None] | None = None,
+    ) -> tuple[int, int | None]:
+        """Decode the complete messages of a dump stream in ``buf[:n]`` into ``out``.
+
+        Returns ``(offset, end)``: ``offset`` is where the first incomplete
+        message starts (the caller keeps ``buf[offset:n]`` for the next read),
+        ``end`` is None while the dump goes on, 0 after NLMSG_DONE, or the
+        (positive) errno of an NLMSG_ERROR that ended it. Malformed entries
+        are passed to ``on_error`` and skipped. Same results as :meth:`decode`
+        per message; faster because a dump is one long run of messages of a
+        few layouts (the per-call checks and lookups are done once per run).
+        """
+        off = 0
+        unpack_hdr = _NLH.unpack_from
+        layouts = self._layouts
+        append = out.append
+        last_key: tuple[int, int, int, int] | None = None
+        last_fn: _LayoutFn | None = None
+        while off + 16 <= n:
+            msg_len, msg_type, flags = unpack_hdr(buf, off)
+            if msg_len < 16:
+                raise DecodeError(f"netlink message length {msg_len} at offset {off} is invalid")
+            if off + msg_len > n:
+                break
+            if msg_type == NLMSG_DONE:
+                return off + msg_len, 0
+            if msg_type == NLMSG_ERROR:
+                code = -int.from_bytes(buf[off + 16:off + 20], "little", signed=True)
+                if code != 0:
+                    return off + msg_len, code
+            else:
+                key = (msg_len, msg_type, flags, buf[off + 16] if msg_len > 16 else 0)
+                ev = None
+                if key == last_key and last_fn is not None:
+                    ev = last_fn(buf, off, received_ns)
+                if ev is None:
+                    cands = layouts.get(key)
+                    if cands is not None:
+                        for fn in cands:
+                            ev = fn(buf, off, received_ns)
+                            if ev is not None:
+                                last_key, last_fn = key, fn
+                                break
+                if ev is None:
+                    try:
+                        ev, _ = self.decode(buf, off, received_ns)
+                    except DecodeError as exc:
+                        if on_error is not None:
+                            on_error(exc)
+                        ev = None
+                    last_key = None
+                if ev is not None:
+                    append(ev)
+            off += (msg_len + 3) & ~3
+        return off, None
+
 
 def decode_generic(buf: bytes | bytearray | memoryview, off: int, received_ns: int) -> FlowEvent:
     """Decode one flow message by a plain attribute walk (the slow, obviously-correct path)."""

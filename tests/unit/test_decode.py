@@ -219,3 +219,61 @@ class TestActions:
         buf = a + b"\0" * (((len(a) + 3) & ~3) - len(a)) + b
         offs = [o for o, _, _ in iter_messages(buf, len(buf))]
         assert offs == [0, (len(a) + 3) & ~3]
+
+
+def _stream(raws: list[bytes]) -> bytes:
+    """Messages back to back, each padded to 4 bytes, as a dump delivers them."""
+    return b"".join(r + b"\0" * (((len(r) + 3) & ~3) - len(r)) for r in raws)
+
+
+class TestDecodeDump:
+    """``decode_dump`` reads a dump stream: same events as ``decode``, split anywhere."""
+
+    RAWS = [bytes.fromhex(m["hex"]) for m in MESSAGES] * 3
+    DONE = struct.pack("=IHHII", 20, 3, NLM_F_MULTI, 1, 0) + b"\0" * 4
+
+    def test_same_events_as_decode_per_message(self) -> None:
+        """Over the whole corpus (three times, so cached layouts are hit) it yields what
+        ``decode`` yields message by message, and reports the end at NLMSG_DONE."""
+        stream = _stream(self.RAWS) + self.DONE
+        out: list[FlowEvent] = []
+        off, end = LayoutDecoder().decode_dump(stream, len(stream), 5, out)
+        ref = [LayoutDecoder().decode(r, 0, 5)[0] for r in self.RAWS]
+        assert out == ref
+        assert (off, end) == (len(stream), 0)
+
+    def test_split_stream_resumes_at_the_incomplete_message(self) -> None:
+        """Cut at every 97th byte, feeding back the unread tail each time, the events come
+        out complete and in order."""
+        stream = _stream(self.RAWS) + self.DONE
+        dec = LayoutDecoder()
+        out: list[FlowEvent] = []
+        pending = b""
+        end = None
+        for i in range(0, len(stream), 97):
+            data = pending + stream[i:i + 97]
+            off, end = dec.decode_dump(data, len(data), 5, out)
+            pending = data[off:]
+            if end is not None:
+                break
+        assert end == 0
+        assert out == [LayoutDecoder().decode(r, 0, 5)[0] for r in self.RAWS]
+
+    def test_error_message_ends_the_dump_with_its_errno(self) -> None:
+        """An NLMSG_ERROR with a non-zero code ends the dump and reports the errno."""
+        err = struct.pack("=IHHIIi", 36, 2, 0, 1, 0, -1) + b"\0" * 16
+        stream = _stream(self.RAWS[:2]) + err
+        out: list[FlowEvent] = []
+        _off, end = LayoutDecoder().decode_dump(stream, len(stream), 0, out)
+        assert end == 1 and len(out) == 2
+
+    def test_malformed_entry_is_reported_and_skipped(self) -> None:
+        """A flow message whose attributes overrun it goes to on_error; the rest decode."""
+        good = self.RAWS[0]
+        bad = bytearray(good)
+        bad[20:22] = (len(good)).to_bytes(2, "little")  # first attribute claims everything
+        stream = _stream([good, bytes(bad), good]) + self.DONE
+        errors: list[DecodeError] = []
+        out: list[FlowEvent] = []
+        _off, end = LayoutDecoder().decode_dump(stream, len(stream), 0, out, errors.append)
+        assert end == 0 and len(out) == 2 and len(errors) == 1
