@@ -12,6 +12,11 @@ shipper sets them), then runs the two listers **one after the other**,
   file sink and the lab's pods file (so every record carries the full pod
   metadata, as in production), output to a file.
 
+With ``--not-nated N`` the gateway also sends N flows of its own (not NATed,
+not from a pod) and a third lister runs, the shipper with
+``conntrack.kernel_filter: false``: that shows what the kernel-side dump filter
+(only source-NATed entries) saves.
+
 For each run: wall time (from fork to exit, interpreter start-up included),
 user+system CPU and peak RSS of the process (``wait4`` rusage), lines written.
 Prints the runs, the medians and the shipper/conntrack ratio of each pair.
@@ -20,6 +25,7 @@ Run as root from the repository root (iproute2, iptables, conntrack-tools)::
 
     python3 bench/bench_dump.py --entries 250000 --repeat 3
     python3 bench/bench_dump.py --entries 250000 --repeat 5 --json
+    python3 bench/bench_dump.py --entries 100000 --not-nated 150000   # filtered dump
 
 This is a script, never a unit test: times depend on the machine and on
 whatever else runs on it.
@@ -44,7 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from shipper.lab import Lab, LabError  # noqa: E402 - after the sys.path fix
+from shipper.lab import Flood, Lab, LabError  # noqa: E402 - after the sys.path fix
 
 
 @dataclass
@@ -115,7 +121,18 @@ def fill(lab: Lab, entries: int, senders: int, rate: float) -> int:
     return size
 
 
-def dump_config(lab: Lab, tmp: Path, extra: Sequence[str]) -> Path:
+def fill_not_nated(lab: Lab, entries: int, rate: float) -> None:
+    """Add about ``entries`` UDP flows sent by the gateway itself (its own address: not
+    source-NATed, not from a pod), the kind of entry a filtered dump skips in the kernel."""
+    proc = lab.popen(lab.gw, sys.executable, "-m", "shipper.lab_agents", "--parent-pid",
+                     str(os.getpid()), "--max-seconds", "600", "flood", "--dst",
+                     lab.ext_ip(4), "--rate", str(rate), "--duration",
+                     str(entries / rate * 3 + 5), "--max-count", str(entries), "--sockets", "64",
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    Flood(proc, entries / rate * 3 + 35).wait()
+
+
+def dump_config(lab: Lab, tmp: Path, extra: Sequence[str], name: str = "dump.yaml") -> Path:
     """The shipper's config for the dump (file sink, pods file, no rotation)."""
     pods = lab.write_pod_list(tmp / "pods.json")
     lines = [
@@ -132,7 +149,7 @@ def dump_config(lab: Lab, tmp: Path, extra: Sequence[str]) -> Path:
         "    max_bytes: 100000000000",
         *extra,
     ]
-    path = tmp / "dump.yaml"
+    path = tmp / name
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -147,7 +164,15 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                                ("udp_timeout", 3600)):
                 lab.set_sysctl(lab.gw, f"net.netfilter.nf_conntrack_{key}", value)
             size = fill(lab, args.entries, args.senders, args.rate)
+            if args.not_nated:
+                fill_not_nated(lab, args.not_nated, args.rate)
+                size = int(lab.run(lab.gw, "conntrack", "-C").stdout.strip())
             config = dump_config(lab, tmp, args.config_line)
+            unfiltered = None
+            if args.not_nated:
+                unfiltered = dump_config(lab, tmp, [*args.config_line, "conntrack:",
+                                                    "  kernel_filter: false"],
+                                         name="dump-unfiltered.yaml")
             env = dict(os.environ, PYTHONPATH=str(REPO))
             ct_out = tmp / "conntrack-L.txt"
             flows = tmp / "flows.json"
@@ -158,6 +183,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 runs.append(_timed([sys.executable, "-m", "shipper", "dump", "--netns", lab.gw,
                                     "--config", str(config)], tmp / "shipper.out", env,
                                    "flowlog-shipper dump", [flows], args.timeout))
+                if unfiltered is not None:
+                    runs.append(_timed([sys.executable, "-m", "shipper", "dump", "--netns",
+                                        lab.gw, "--config", str(unfiltered)],
+                                       tmp / "shipper.out", env,
+                                       "dump, kernel_filter off", [flows], args.timeout))
             end_size = int(lab.run(lab.gw, "conntrack", "-C").stdout.strip())
     finally:
         for f in tmp.iterdir():
@@ -165,15 +195,18 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         tmp.rmdir()
     ct = [r for r in runs if r.tool.startswith("conntrack")]
     sh = [r for r in runs if r.tool.startswith("flowlog")]
+    un = [r for r in runs if r.tool.startswith("dump, kernel_filter off")]
+    tools = [("conntrack", ct), ("shipper", sh)] + ([("shipper_unfiltered", un)] if un else [])
     return {
         "entries_at_start": size,
         "entries_at_end": end_size,
         "runs": [asdict(r) for r in runs],
         "ratios_wall": [s.wall_s / c.wall_s for c, s in zip(ct, sh, strict=True)],
+        "ratios_cpu": [s.cpu_s / c.cpu_s for c, s in zip(ct, sh, strict=True)],
         "median": {
             tool: {k: statistics.median(getattr(r, k) for r in rs)
                    for k in ("wall_s", "cpu_s", "maxrss_mib", "lines")}
-            for tool, rs in (("conntrack", ct), ("shipper", sh))
+            for tool, rs in tools
         },
         "self_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -192,6 +225,11 @@ def print_report(res: dict[str, object]) -> None:
           f"shipper dump: {sh['wall_s']:.2f} s, {sh['maxrss_mib']:.1f} MiB; "
           f"ratio of medians {sh['wall_s'] / ct['wall_s']:.2f}")
     print("pairwise wall ratios: " + ", ".join(f"{x:.2f}" for x in res["ratios_wall"]))  # type: ignore[attr-defined]
+    print("pairwise CPU ratios: " + ", ".join(f"{x:.2f}" for x in res["ratios_cpu"]))  # type: ignore[attr-defined]
+    if "shipper_unfiltered" in med:  # type: ignore[operator]
+        un = med["shipper_unfiltered"]  # type: ignore[index]
+        print(f"median shipper dump with kernel_filter off: {un['wall_s']:.2f} s, "
+              f"{un['cpu_s']:.2f} s CPU, {un['maxrss_mib']:.1f} MiB")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3, help="runs of each lister (alternating)")
     p.add_argument("--senders", type=int, default=2, help="pods generating the flows")
     p.add_argument("--rate", type=float, default=60_000, help="flows/s while filling")
+    p.add_argument("--not-nated", type=int, default=0,
+                   help="also add this many flows sent by the gateway itself (not NATed) and "
+                        "time the shipper with conntrack.kernel_filter off as well")
     p.add_argument("--timeout", type=float, default=300.0, help="limit per run, seconds")
     p.add_argument("--config-line", action="append", default=[],
                    help="extra YAML line appended to the shipper's config (repeatable)")

@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
+import errno
 import os
 import select
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -327,45 +325,6 @@ def _drops_of(netns: str | None, sock: socket.socket) -> int | None:
 
 _seq = 0
 
-# The dump reader: a tiny separate interpreter (stdlib only, no site) that does the
-# receive syscalls of a dump and copies the messages, unchanged, to its stdout.
-# Why: the kernel builds dump messages inside our recv calls (about a quarter of a
-# dump's CPU here); in a second process that work runs on another core while this
-# one decodes and encodes. A thread could not do it: after each recv the thread
-# waits up to sys.getswitchinterval() (5 ms) for the GIL held by the busy decoder,
-# which throttles it to a few hundred 32 KB reads per second.
-_READER = r"""
-import os, socket, struct, sys
-s = socket.socket(fileno=int(sys.argv[1]))
-s.settimeout(float(sys.argv[2]))
-buf = bytearray(1 << 16)
-mv = memoryview(buf)
-hdr = struct.Struct("=IH").unpack_from
-while True:
-    try:
-        n = s.recv_into(buf)
-    except TimeoutError:
-        sys.stderr.write("no data for %s s" % sys.argv[2])
-        os._exit(3)
-    except OSError as e:
-        sys.stderr.write(e.strerror or str(e))
-        os._exit(4)
-    end = False
-    off = 0
-    while off + 16 <= n:
-        ln, t = hdr(buf, off)
-        if t == 3 or (t == 2 and buf[off + 16:off + 20] != b"\0\0\0\0"):
-            end = True
-        if ln < 16:
-            break
-        off += (ln + 3) & ~3
-    w = 0
-    while w < n:
-        w += os.write(1, mv[w:n])
-    if end:
-        os._exit(0)
-"""
-F_SETPIPE_SZ = 1031
 DUMP_TIMEOUT_S = 30.0
 
 
@@ -398,50 +357,40 @@ def dump_table(
     ``snat_only`` (only entries the kernel source-NATed) make the kernel skip
     the other entries before it builds messages for them.
 
-    The receive syscalls run in a helper process (``_READER``): see there why.
     Raises SourceError if the dump cannot be made, is refused, or stalls.
     """
     global _seq
     _seq += 1
     seq = _seq
     sock = in_netns(netns, lambda: _netlink_socket(rcvbuf))
-    proc: subprocess.Popen[bytes] | None = None
     try:
         try:
             sock.sendto(_dump_request(seq, family, snat_only), (0, 0))
         except OSError as exc:
             raise SourceError(f"conntrack dump request failed: {exc.strerror}") from exc
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _READER, str(sock.fileno()),
-                 str(DUMP_TIMEOUT_S)],
-                pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        except OSError as exc:
-            raise SourceError(f"cannot start the dump reader: {exc.strerror}") from exc
-        sock.close()  # the reader owns it now; closing ours ends nothing
-        assert proc.stdout is not None
-        fd = proc.stdout.fileno()
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)  # fewer, larger reads
-        pending = b""
+        # The kernel fills at most 32 KB per read; the room left over keeps a message
+        # cut at a read boundary (never, in practice: the kernel sends whole messages).
+        buf = bytearray(1 << 17)
+        view = memoryview(buf)
+        sock.settimeout(DUMP_TIMEOUT_S)
         events: list[FlowEvent] = []
         decode_dump = decoder.decode_dump
+        have = 0
         while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                proc.wait(5)
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                if proc.returncode == 3:
-                    raise SourceError(f"conntrack dump timed out ({err})")
-                if "No buffer space" in err:
-                    raise SourceError("conntrack dump overran its buffer")
-                raise SourceError(f"conntrack dump failed: the reader ended before the "
-                                  f"dump did ({proc.returncode}: {err or 'no message'})")
-            data = pending + chunk if pending else chunk
             try:
-                off, end = decode_dump(data, len(data), time.time_ns(), events,
-                                       on_decode_error)
+                n = sock.recv_into(view[have:])
+            except TimeoutError as exc:
+                raise SourceError(f"conntrack dump timed out after {DUMP_TIMEOUT_S:g} s"
+                                  ) from exc
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    raise SourceError("conntrack dump overran its buffer") from exc
+                raise SourceError(f"conntrack dump failed: {exc.strerror}") from exc
+            if n == 0:
+                raise SourceError("conntrack dump: the socket closed before the end")
+            have += n
+            try:
+                off, end = decode_dump(buf, have, time.time_ns(), events, on_decode_error)
             except DecodeError as exc:
                 raise SourceError(f"conntrack dump: {exc}") from exc
             yield from events
@@ -450,13 +399,11 @@ def dump_table(
                 if end:
                     raise SourceError(f"conntrack dump refused: {os.strerror(end)}")
                 return
-            pending = data[off:]
+            off = min(off, have)
+            if off:
+                buf[:have - off] = buf[off:have]
+                have -= off
+            if len(buf) - have < 1 << 16:
+                raise SourceError("conntrack dump: a message larger than 64 KB")
     finally:
         sock.close()
-        if proc is not None:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(5)
-            for f in (proc.stdout, proc.stderr):
-                if f is not None:
-                    f.close()
