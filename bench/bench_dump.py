@@ -124,7 +124,7 @@ def fill(lab: Lab, entries: int, senders: int, rate: float) -> int:
 def fill_not_nated(lab: Lab, entries: int, rate: float) -> None:
     """Add about ``entries`` UDP flows sent by the gateway itself (its own address: not
     source-NATed, not from a pod), the kind of entry a filtered dump skips in the kernel."""
-    proc = lab.popen(lab.gw, sys.executable, "-m", "shipper.lab_agents", "--parent-pid",
+    proc = lab.popen(lab.gw, sys.executable, "-m", "shipper.lab.agents", "--parent-pid",
                      str(os.getpid()), "--max-seconds", "600", "flood", "--dst",
                      lab.ext_ip(4), "--rate", str(rate), "--duration",
                      str(entries / rate * 3 + 5), "--max-count", str(entries), "--sockets", "64",
