@@ -18,7 +18,7 @@ not from a pod) and a third lister runs, the shipper with
 (only source-NATed entries) saves.
 
 For each run: wall time (from fork to exit, interpreter start-up included),
-user+system CPU and peak RSS of the process (``wait4`` rusage), lines written.
+user+system CPU and peak RSS of the command (GNU time), lines written.
 Prints the runs, the medians and the shipper/conntrack ratio of each pair.
 
 Run as root from the repository root (iproute2, iptables, conntrack-tools)::
@@ -52,6 +52,8 @@ sys.path.insert(0, str(REPO))
 
 from shipper.lab import Flood, Lab, LabError  # noqa: E402 - after the sys.path fix
 
+GNU_TIME = "/usr/bin/time"
+
 
 @dataclass
 class Run:
@@ -80,6 +82,10 @@ def _timed(argv: list[str], out: Path, env: dict[str, str] | None, tool: str,
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
     err = out.with_suffix(".err")
+    usage = out.with_suffix(".usage")
+    # GNU time measures the command itself: the rusage of a child forked from this
+    # (large) Python process would count our pages as its peak RSS until it execs.
+    argv = [GNU_TIME, "-f", "%M %U %S", "-o", str(usage), *argv]
     with out.open("wb") as fh, err.open("wb") as eh:
         t0 = time.monotonic()
         proc = subprocess.Popen(argv, stdout=fh, stderr=eh,
@@ -99,9 +105,13 @@ def _timed(argv: list[str], out: Path, env: dict[str, str] | None, tool: str,
     if proc.returncode != 0:
         print(f"{tool} failed ({proc.returncode}): "
               f"{err.read_text(errors='replace')[-1500:]}", file=sys.stderr)
-    return Run(tool=tool, wall_s=wall, cpu_s=ru.ru_utime + ru.ru_stime,
-               maxrss_mib=ru.ru_maxrss / 1024, lines=_lines([p for p in outputs if p.exists()]),
-               rc=proc.returncode)
+    try:
+        rss_kb, utime, stime = usage.read_text().split()[-3:]
+        cpu, rss = float(utime) + float(stime), int(rss_kb) / 1024
+    except (OSError, ValueError):
+        cpu, rss = ru.ru_utime + ru.ru_stime, float("nan")
+    return Run(tool=tool, wall_s=wall, cpu_s=cpu, maxrss_mib=rss,
+               lines=_lines([p for p in outputs if p.exists()]), rc=proc.returncode)
 
 
 def fill(lab: Lab, entries: int, senders: int, rate: float) -> int:
@@ -254,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if os.geteuid() != 0:
         print("bench_dump: needs root (network namespaces)", file=sys.stderr)
+        return 2
+    if not os.access(GNU_TIME, os.X_OK):
+        print(f"bench_dump: needs GNU time at {GNU_TIME} (Debian package 'time')",
+              file=sys.stderr)
         return 2
     try:
         res = run(args)

@@ -39,6 +39,8 @@ if [ "${1:-}" = "--test" ]; then
   # the gtls and ossl drivers, imrelp.
   retry apt-get install -y -qq --no-install-recommends \
     rsyslog rsyslog-gnutls rsyslog-openssl rsyslog-relp >/dev/null
+  # GNU time: peak RSS of the commands the benchmarks compare (bench/bench_dump.py).
+  retry apt-get install -y -qq --no-install-recommends time >/dev/null
   retry .venv/bin/python -m pip install -q -e ".[test]"
 else
   retry .venv/bin/python -m pip install -q -e .
