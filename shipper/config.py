@@ -107,7 +107,7 @@ class ConntrackConfig(_Closed):
         False,
         description="Read DESTROY on a second socket with NETLINK_BROADCAST_ERROR and "
         "NETLINK_NO_ENOBUFS: when it is full the kernel keeps the dead entry and retries the "
-        "DESTROY (about every 100 ms) instead of dropping it. Price: while the shipper does not "
+        "DESTROY until it fits instead of dropping it. Price: while the shipper does not "
         "read, dead entries stay allocated and count against nf_conntrack_max, so a stalled "
         "shipper can fill the table; pair it with the /healthz stall check (health.stall_s). "
         "Needs 'destroy' in events.",

@@ -159,8 +159,9 @@ class ReliableEventSocket:
     stays an exact count of lost events (gap records). ``destroy`` carries
     DESTROY only, with NETLINK_BROADCAST_ERROR and NETLINK_NO_ENOBUFS (what
     conntrackd sets for its reliable event mode): when it is full, the kernel
-    keeps the dead entry and retries the DESTROY (measured on 6.18: about every
-    100 ms, without giving up) until it fits. Its drop counter therefore counts
+    keeps the dead entry and retries the DESTROY (measured on 6.18: about 50
+    failed attempts a second while we did not read, for 30 s without giving up)
+    until it fits. Its drop counter therefore counts
     failed *attempts*, not losses; keeping it off ``main`` is what keeps the gap
     accounting exact (see docs/ARCHITECTURE.md, "Reliable DESTROY").
 
