@@ -332,13 +332,10 @@ class Delivery:
         clean = not self._thread.is_alive()
         if not clean:
             self._abort.set()
-            abort = getattr(self.sink, "abort", None)
-            if callable(abort):  # optional: interrupts a deliver blocked on the network
-                try:
-                    abort()
-                except Exception:
-                    log.exception("aborting sink failed",
-                                  extra={"fields": {"sink": self.sink.name}})
+            try:  # interrupts a deliver blocked on the network
+                self.sink.abort()
+            except Exception:
+                log.exception("aborting sink failed", extra={"fields": {"sink": self.sink.name}})
             self._thread.join(5.0)
         else:
             with self._cond:  # worker never started

@@ -142,7 +142,8 @@ class Pipeline:
         self.sink = sink if sink is not None else build_sink(cfg, metrics)
         self.encode = self.sink.encode
         # NDJSON sinks get the fused encoder (same lines, half the CPU).
-        self._lines = JsonLineEncoder(self.host) if getattr(self.sink, "ndjson", False) else None
+        ndjson = self.sink.entry_format == "ndjson"
+        self._lines = JsonLineEncoder(self.host) if ndjson else None
         self.batcher = Batcher(
             max_records=cfg.batch.max_records,
             max_bytes=cfg.batch.max_bytes,

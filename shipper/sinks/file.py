@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 
 from shipper.errors import SinkError
-from shipper.sinks.base import Batch
+from shipper.sinks.base import Batch, EntryFormat
 from shipper.sinks.stdout import encode_json
 
 
@@ -25,7 +25,9 @@ class FileSink:
     encode = staticmethod(encode_json)
     #: Entries are NDJSON lines: the pipeline may use the fused event encoder
     #: (``shipper.ecs_json``), which yields the same lines as ``encode``.
-    ndjson = True
+    entry_format: EntryFormat = "ndjson"
+    #: Done when the write returned (and fsync, if configured): nobody confirms reading it.
+    acknowledged = False
 
     def __init__(self, path: Path, *, max_bytes: int, keep: int, fsync: bool) -> None:
         self.path = Path(path)
@@ -115,6 +117,9 @@ class FileSink:
             self._size = size
         except OSError:
             self._torn = True
+
+    def abort(self) -> None:
+        """Nothing to interrupt: a local write or fsync waits on no peer."""
 
     def close(self) -> None:
         """fsync and close the file."""

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from shipper.errors import SinkError
-from shipper.sinks.base import Batch
+from shipper.sinks.base import Batch, EntryFormat
 from shipper.sinks.forward_format import (
     build_message,
     build_ping,
@@ -144,6 +144,7 @@ class ForwardSink:
 
     name = "forward"
     encode = staticmethod(encode_entry)
+    entry_format: EntryFormat = "msgpack"
 
     def __init__(
         self,
@@ -154,6 +155,8 @@ class ForwardSink:
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
+        #: With ``ack`` on, ``deliver`` returns only after the receiver's ``{"ack": chunk}``.
+        self.acknowledged = cfg.ack
         self._clock = clock
         self._endpoints: list[_Endpoint] = []
         for a in cfg.addresses:

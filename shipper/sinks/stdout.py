@@ -10,7 +10,7 @@ from typing import IO, Any
 import orjson
 
 from shipper.errors import SinkError
-from shipper.sinks.base import Batch
+from shipper.sinks.base import Batch, EntryFormat
 
 _OPTS = orjson.OPT_APPEND_NEWLINE
 
@@ -27,7 +27,9 @@ class StdoutSink:
     encode = staticmethod(encode_json)
     #: Entries are NDJSON lines: the pipeline may use the fused event encoder
     #: (``shipper.ecs_json``), which yields the same lines as ``encode``.
-    ndjson = True
+    entry_format: EntryFormat = "ndjson"
+    #: Done when the write returned (and fsync, if configured): nobody confirms reading it.
+    acknowledged = False
 
     def __init__(self, stream: IO[bytes] | None = None) -> None:
         self._out = stream if stream is not None else sys.stdout.buffer
@@ -44,6 +46,9 @@ class StdoutSink:
         except OSError as exc:
             raise SinkError(f"stdout write failed: {os.strerror(exc.errno or 0)}",
                             retriable=True) from exc
+
+    def abort(self) -> None:
+        """Nothing to interrupt: a write to stdout waits on no peer the shipper could cut."""
 
     def close(self) -> None:
         """Flush; stdout itself stays open."""

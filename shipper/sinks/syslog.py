@@ -73,7 +73,7 @@ import orjson
 from shipper import __version__
 from shipper.ecs import rfc3339
 from shipper.errors import SinkError
-from shipper.sinks.base import Batch
+from shipper.sinks.base import Batch, EntryFormat
 from shipper.sinks.forward import parse_address
 from shipper.sinks.relp import RelpError, RelpSession
 
@@ -155,6 +155,7 @@ class SyslogSink:
     """RFC 5424 over tcp / tls / relp, with failover; see the module docstring."""
 
     name = "syslog"
+    entry_format: EntryFormat = "rfc5424"
 
     def __init__(self, cfg: SyslogSinkConfig, metrics: Metrics, *, clock: Any = time.monotonic
                  ) -> None:
@@ -162,6 +163,9 @@ class SyslogSink:
 
         self.cfg = cfg
         self.metrics = metrics
+        #: RELP: ``deliver`` returns only after ``rsp 200 OK`` for every message; tcp/tls
+        #: have no acknowledgement (see the module docstring for what that can lose).
+        self.acknowledged = cfg.protocol == "relp"
         self._clock = clock
         self._endpoints: list[_Endpoint] = []
         for a in cfg.addresses:

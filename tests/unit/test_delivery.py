@@ -24,6 +24,8 @@ class FakeSink:
     ``gate`` (when cleared) makes deliver wait, like a slow receiver."""
 
     name = "fake"
+    entry_format = "ndjson"
+    acknowledged = True
 
     def __init__(self) -> None:
         self.delivered: list[Batch] = []

@@ -25,15 +25,19 @@ class RecordingSink:
     """A sink that keeps what it is given; ``ndjson`` selects the fused line encoder."""
 
     name = "recording"
+    acknowledged = False
 
     def __init__(self, ndjson: bool) -> None:
-        self.ndjson = ndjson
+        self.entry_format = "ndjson" if ndjson else "msgpack"
 
     def encode(self, record: dict[str, Any], time_ns: int) -> bytes:
         return orjson.dumps(record)
 
     def deliver(self, batch: Batch) -> None:  # pragma: no cover - never called here
         raise AssertionError("not used")
+
+    def abort(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

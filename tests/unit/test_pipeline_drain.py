@@ -24,13 +24,17 @@ class KeepSink:
     """A sink whose records the test reads back from the batcher; never delivers."""
 
     name = "keep"
-    ndjson = False
+    entry_format = "msgpack"
+    acknowledged = False
 
     def encode(self, record: dict[str, Any], time_ns: int) -> bytes:
         return orjson.dumps(record)
 
     def deliver(self, batch: Batch) -> None:  # pragma: no cover - never called here
         raise AssertionError("not used")
+
+    def abort(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

@@ -31,13 +31,17 @@ class RecordingSink:
     """A sink whose records are read back from the batcher (never delivered)."""
 
     name = "recording"
-    ndjson = True
+    entry_format = "ndjson"
+    acknowledged = False
 
     def encode(self, record: dict[str, Any], time_ns: int) -> bytes:
         return orjson.dumps(record)
 
     def deliver(self, batch: Batch) -> None:  # pragma: no cover - never called here
         raise AssertionError("not used")
+
+    def abort(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
