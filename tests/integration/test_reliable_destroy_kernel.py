@@ -235,3 +235,26 @@ class TestShipper:
         assert news < FLOWS
         # The gw's IGMP join (the one non-UDP entry) may add one lost NEW.
         assert FLOWS <= news + lost <= FLOWS + _table_size(lab), (news, lost)
+
+    def test_stop_during_redelivery_ships_every_destroy(
+            self, lab: Lab, shipper: ShipperProcess) -> None:
+        """SIGTERM right after a stall, while the kernel still holds most DESTROYs for
+        redelivery: the stop drain keeps reading them until the socket stays quiet, so
+        every flow's DESTROY is shipped before the shipper exits (closing the socket would
+        make the kernel free them unshipped and uncounted)."""
+        shipper.wait_ready()
+        os.kill(shipper.proc.pid, signal.SIGSTOP)
+        try:
+            _make_flows(lab)
+            ct_delete(lab, "-p", "udp")
+            time.sleep(PAUSE_S)
+            held = _table_size(lab)
+            assert held >= FLOWS - 10
+        finally:
+            os.kill(shipper.proc.pid, signal.SIGCONT)
+        os.kill(shipper.proc.pid, signal.SIGTERM)
+        assert shipper.stop() == 0
+        destroys = [r for r in shipper.records() if get(r, "event.action") == "destroy"
+                    and get(r, "network.transport") == "udp"]
+        assert len({get(r, "destination.port") for r in destroys}) == FLOWS
+        assert _table_size(lab) < 5  # nothing left held for a closed socket
