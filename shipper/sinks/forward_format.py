@@ -11,15 +11,19 @@ Wire shapes (Fluentd "Forward Protocol Specification v1"):
 
 EventTime is msgpack ext type 0 holding big-endian uint32 seconds and uint32
 nanoseconds: byte-for-byte what fluent-logger's ``EventTime`` packs to (a test
-checks it), built here with one precompiled ``struct`` so the event path does
-not allocate an ``ExtType`` per record.
+checks it; fluent-logger is a test dependency only, the reference for these
+bytes), built here with one precompiled ``struct`` so the event path does not
+allocate an ``ExtType`` per record.
 
 Every message shape is built from the already-encoded entries of a batch by
 concatenating bytes; records are never re-encoded on the delivery path.
 
 The record serialiser is ormsgpack (Rust, about 3x faster than msgpack's C
-packer on a 50-key nested record) when it is installed, else msgpack; both
-produce identical bytes for the JSON-like types a record holds (tested).
+packer on a 50-key nested record); it produces msgpack's exact bytes for the
+JSON-like types a record holds (tested). msgpack builds the message framing here,
+and its streaming ``Unpacker`` reads the receiver's replies (``forward.py``) and
+decodes messages for the fake receiver and the tests: ormsgpack has no streaming
+unpacker.
 """
 
 from __future__ import annotations
@@ -33,25 +37,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgpack
-from fluent.sender import EventTime
-
-try:  # the fast path; see the module docstring
-    import ormsgpack
-
-    def _default(obj: Any) -> Any:
-        return _fallback(obj)
-
-    def _pack_record(record: dict[str, Any]) -> bytes:
-        return ormsgpack.packb(record, default=_default)
-
-    PACKER = "ormsgpack"
-except ImportError:  # pragma: no cover - exercised only without ormsgpack
-    _packb_msgpack = msgpack.packb
-
-    def _pack_record(record: dict[str, Any]) -> bytes:
-        return _packb_msgpack(record, default=_fallback)
-
-    PACKER = "msgpack"
+import ormsgpack
 
 MODES = ("forward", "packed_forward", "compressed_packed_forward", "message")
 
@@ -71,15 +57,14 @@ def _fallback(obj: Any) -> Any:
     return str(obj)
 
 
+def _pack_record(record: dict[str, Any]) -> bytes:
+    return ormsgpack.packb(record, default=_fallback)
+
+
 def encode_entry(record: dict[str, Any], time_ns: int) -> bytes:
     """``[EventTime(time_ns), record]`` as msgpack (pure; the event-path encoder)."""
     s, ns = divmod(time_ns, _NS)
     return _ENTRY_HEAD.pack(0x92, 0xD7, 0, s, ns) + _pack_record(record)
-
-
-def event_time(time_ns: int) -> EventTime:
-    """fluent-logger's EventTime for ``time_ns`` (for callers that pack objects)."""
-    return EventTime.from_unix_nano(time_ns)
 
 
 def pack_str(text: str) -> bytes:
@@ -212,13 +197,6 @@ def pong_digest(salt: str, server_hostname: bytes, nonce: bytes, shared_key: byt
 # --- decoding (used by the fake receiver and by tests) -----------------------------------
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code == 0 and len(data) == 8:
-        s, ns = struct.unpack(">II", data)
-        return EventTime(s, ns)
-    return msgpack.ExtType(code, data)
-
-
 def time_to_ns(t: Any) -> int:
     """EventTime / int / float seconds -> ns."""
     if isinstance(t, msgpack.ExtType) and t.code == 0:
@@ -232,10 +210,10 @@ def time_to_ns(t: Any) -> int:
 
 
 def unpacker(max_buffer_size: int = 64 * 1024 * 1024) -> msgpack.Unpacker:
-    """A streaming Unpacker that decodes EventTime and keeps str as str."""
+    """A streaming Unpacker that keeps str as str; an EventTime comes out as
+    ``msgpack.ExtType(0, ...)`` (:func:`time_to_ns` reads it)."""
     return msgpack.Unpacker(
         raw=False,
-        ext_hook=_ext_hook,
         max_buffer_size=max_buffer_size,
         strict_map_key=False,
     )

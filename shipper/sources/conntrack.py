@@ -20,8 +20,8 @@ namespace (setns affects only the calling thread), so the rest of the process
 stays where it is. The same trick reads per-namespace ``/proc`` files.
 
 The hot path (receive, decode) uses a plain ``socket.socket`` and
-:mod:`shipper.sources.decode`; pyroute2 supplies the protocol constants and is
-the reference decoder in the tests.
+:mod:`shipper.sources.decode`; the protocol constants are written out below;
+pyroute2 is the reference decoder in the tests only.
 """
 
 from __future__ import annotations

@@ -64,3 +64,43 @@ class TestReliableEventSocket:
         assert rs.main.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == \
             rs.destroy.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         assert rs.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 65536
+
+
+class TestProtocolConstants:
+    def test_written_out_constants_match_pyroute2(self) -> None:
+        """The netlink numbers the source writes out (so the shipper need not import
+        pyroute2) equal pyroute2's, the independent reference."""
+        import pyroute2.netlink as nl
+        from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
+        from pyroute2.netlink.nfnetlink import nfctsocket as ct
+
+        from shipper.sources import conntrack, decode
+
+        ours = {
+            "NETLINK_NETFILTER": conntrack.NETLINK_NETFILTER,
+            "NLM_F_REQUEST": conntrack.NLM_F_REQUEST,
+            "NLM_F_DUMP": conntrack.NLM_F_DUMP,
+            "SOL_NETLINK": conntrack.SOL_NETLINK,
+            "NETLINK_ADD_MEMBERSHIP": conntrack.NETLINK_ADD_MEMBERSHIP,
+            "NETLINK_BROADCAST_ERROR": conntrack.NETLINK_BROADCAST_ERROR,
+            "NETLINK_NO_ENOBUFS": conntrack.NETLINK_NO_ENOBUFS,
+            "IPS_SRC_NAT": conntrack.IPS_SRC_NAT,
+            "CTA_STATUS_MASK": conntrack.CTA_STATUS_MASK,
+            "NFNL_SUBSYS_CTNETLINK": decode.NFNL_SUBSYS_CTNETLINK,
+            "IPCTNL_MSG_CT_GET": decode.IPCTNL_MSG_CT_GET,
+        }
+        attrs = [name for name, _ in ct.nfct_msg.nla_map]
+        reference = {
+            "NETLINK_NETFILTER": nl.NETLINK_NETFILTER,
+            "NLM_F_REQUEST": nl.NLM_F_REQUEST,
+            "NLM_F_DUMP": nl.NLM_F_DUMP,
+            "SOL_NETLINK": nl.SOL_NETLINK,
+            "NETLINK_ADD_MEMBERSHIP": nl.NETLINK_ADD_MEMBERSHIP,
+            "NETLINK_BROADCAST_ERROR": nl.NETLINK_BROADCAST_ERROR,
+            "NETLINK_NO_ENOBUFS": nl.NETLINK_NO_ENOBUFS,
+            "IPS_SRC_NAT": ct.IPS_SRC_NAT,
+            "CTA_STATUS_MASK": attrs.index("CTA_STATUS_MASK"),
+            "NFNL_SUBSYS_CTNETLINK": NFNL_SUBSYS_CTNETLINK,
+            "IPCTNL_MSG_CT_GET": ct.IPCTNL_MSG_CT_GET,
+        }
+        assert ours == reference

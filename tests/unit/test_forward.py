@@ -81,7 +81,7 @@ class TestEncode:
         assert t == T0 and rec == {"a": 1}
 
     def test_fast_packer_matches_msgpack(self) -> None:
-        """The record serialiser (ormsgpack when installed) produces msgpack's exact bytes."""
+        """The record serialiser (ormsgpack) produces msgpack's exact bytes."""
         for rec in (RECORD, {}, {"a": [1, 2, {"b": None}]}, {"s": "x" * 70000}):
             assert ff._pack_record(rec) == msgpack.packb(rec)
 
