@@ -72,6 +72,12 @@ class Delivery:
         """
         self.buffer.recover()
         self._thread.start()
+        spool = self.buffer.spool
+        # What "shipped" will mean here: confirmed by the receiver, or handed to the OS.
+        log.info("delivery started", extra={"fields": {
+            "sink": self.sink.name, "acknowledged": self.sink.acknowledged,
+            "spool": str(spool.dir) if spool is not None else None,
+            "queue_max_batches": self.buffer.max_batches, "overflow": self.buffer.overflow}})
 
     def pending_records(self) -> int:
         """Records queued (not counting the batch being delivered)."""

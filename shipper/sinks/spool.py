@@ -1,6 +1,7 @@
 """The disk spool: a write-ahead log of closed batches in front of a sink.
 
-When the spool is enabled, :class:`~shipper.delivery.Delivery` appends every
+When the spool is enabled, the delivery buffer
+(:class:`~shipper.delivery.buffer.DeliveryBuffer`) appends every
 closed batch here (written and fsynced) *before* queueing it, and commits it
 only after the sink confirmed it (or it was dropped and counted). Whatever is
 not committed when the process stops - cleanly, by SIGKILL or by a crash - is

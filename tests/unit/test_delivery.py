@@ -376,3 +376,19 @@ class TestSpooled:
         with pytest.raises(SinkError, match="cannot open the spool") as ei:
             d.start()
         assert not ei.value.retriable
+
+
+class TestStartLog:
+    def test_start_log_says_whether_shipped_means_acknowledged(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Starting delivery logs the sink and its declared acknowledged capability."""
+        sink, m = FakeSink(), Metrics()
+        d = _delivery(sink, m)
+        with caplog.at_level("INFO", logger="shipper.delivery"):
+            d.start()
+        assert d.close(5)
+        (rec,) = [r for r in caplog.records if r.getMessage() == "delivery started"]
+        fields = rec.fields  # type: ignore[attr-defined]
+        assert fields["sink"] == "fake" and fields["acknowledged"] is True
+        assert fields["spool"] is None
