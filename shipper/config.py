@@ -8,7 +8,9 @@ and the file. :func:`load` reports every problem at once as one
 
 pydantic does the parsing and validation (closed models with
 ``extra="forbid"``, every error collected with its location); CIDRs are
-validated with netaddr.
+parsed by :mod:`shipper.cidrs` into :class:`~shipper.cidrs.Cidr` values (the
+normal text, carrying the typed network) that the filter, subnet discovery and
+the in-kernel filter take as they are.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-import netaddr
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shipper.cidrs import to_cidrs
 from shipper.errors import ConfigError
 
 
@@ -30,18 +32,8 @@ class _Closed(BaseModel):
 
 
 def _check_cidrs(values: list[str]) -> list[str]:
-    out = []
-    problems = []
-    for v in values:
-        try:
-            net = netaddr.IPNetwork(str(v).strip())
-        except (netaddr.AddrFormatError, ValueError, TypeError) as exc:
-            problems.append(f"{v!r} is not a CIDR ({exc})")
-            continue
-        out.append(str(net.cidr))
-    if problems:
-        raise ValueError("; ".join(problems))
-    return out
+    """Every value as a :class:`Cidr` (a ``str``); one ValueError naming every bad value."""
+    return list(to_cidrs(values))  # CidrError is a ValueError: pydantic reports it per key
 
 
 Event = Literal["new", "update", "destroy"]

@@ -22,7 +22,6 @@ known) the event path pays one attribute check for this.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import select
@@ -63,8 +62,6 @@ from shipper.sources import bpf, conntrack
 from shipper.sources.decode import LayoutDecoder
 
 log = logging.getLogger("shipper.pipeline")
-
-REASON_NAT_POLICY_FORWARD = "nat_policy_forward"
 
 HOUSEKEEPING_S = 1.0
 DROPS_CHECK_S = 5.0
@@ -207,7 +204,6 @@ class Pipeline:
         self._n_stale: dict[str, int] = {}
         self._n_waited: dict[str, int] = {}
         self._log_limit = _LogLimit(per_s=60.0)
-        self._bpf_lock = threading.Lock()
         self.health = Health(cfg.health.stall_s)
         for name, reason in (
             ("subscribed", "conntrack event socket not subscribed yet"),
@@ -224,12 +220,6 @@ class Pipeline:
         action = ev.action
         self._n_events[action] = self._n_events.get(action, 0) + 1
         reason = self.filter.reason(ev)
-        if reason is None and self.kube is not None:
-            policy = self.kube.nat_policy
-            if policy and policy.forwards(ev.family, ev.orig_src, ev.orig_dst):
-                # Kube-OVN forwards this flow without SNAT (natOutgoingPolicyRules):
-                # nobody outside sees the node address, there is nothing to join.
-                reason = REASON_NAT_POLICY_FORWARD
         if reason is not None:
             self._n_filtered[reason] = self._n_filtered.get(reason, 0) + 1
             if action == ACTION_DESTROY:
@@ -559,30 +549,6 @@ class Pipeline:
         if self.kube is not None:
             self.kube.stop()
 
-    def _attach_kernel_filter(self, cidr_filter: CidrFilter) -> None:
-        """(Re)attach the in-kernel filter for the current pod CIDRs; on failure, fail open.
-
-        Called at start and, from the Kubernetes thread, whenever the pod CIDRs
-        change. SO_ATTACH_FILTER replaces the old program atomically. If the
-        new program cannot be built or attached, the filter is removed rather
-        than left stale: a stale program would drop a new subnet's events
-        unseen, while no program only costs CPU (userspace still filters).
-        """
-        cidrs = list(cidr_filter.pod_cidrs)
-        with self._bpf_lock:
-            try:
-                program = bpf.build_program(cidrs)
-                bpf.attach(self._sock, program)
-            except (ValueError, SourceError, OSError) as exc:
-                self.metrics.inc("shipper_errors_total", "kernel_filter", type(exc).__name__)
-                log.error("in-kernel filter not attached; every event is read and filtered "
-                          "in userspace", extra={"fields": {"error": str(exc)}})
-                with contextlib.suppress(OSError, SourceError):
-                    bpf.detach(self._sock)
-                return
-        log.info("in-kernel filter attached", extra={"fields": {
-            "pod_cidrs": cidrs, "instructions": len(program)}})
-
     # ---- overruns -----------------------------------------------------------
 
     def _on_overrun(self) -> None:
@@ -661,8 +627,8 @@ class Pipeline:
                 reliable_destroy=cfg.conntrack.reliable_destroy,
             )
             if cfg.conntrack.kernel_filter:
-                self._attach_kernel_filter(self.filter)
-                self.filter.add_listener(self._attach_kernel_filter)
+                # The source's kernel filter follows the pod CIDRs in force.
+                self.filter.subscribe(bpf.KernelFilter(self._sock, self.metrics).apply)
         except BaseException:
             if self._sock is not None:
                 self._sock.close()

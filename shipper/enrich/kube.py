@@ -521,7 +521,7 @@ class HealthLike(Protocol):
 
 
 class CidrConsumer:
-    """Subnets and Nodes -> node role -> :meth:`CidrFilter.set_cidrs` (after every change).
+    """Subnets and Nodes -> node role -> CIDRs and NAT policy -> :meth:`CidrFilter.set_cidrs`.
 
     Two reflectors (subnets, nodes) share one instance; :meth:`for_kind` gives
     each its view. The lock serialises their recomputations. The node role
@@ -562,6 +562,7 @@ class CidrConsumer:
         self._report_lock = threading.Lock()
         self._reported: subnet_rules.NodeRole | None = None
         self._last: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        self._last_policy: subnet_rules.NatPolicy | None = None
 
     def for_kind(self, kind: str) -> Consumer[Any]:
         """The consumer for ``"subnets"`` or ``"nodes"``."""
@@ -596,9 +597,11 @@ class CidrConsumer:
             known = self._listed >= {"subnets", "nodes"}
             pair = (result.pod_cidrs, result.cluster_cidrs)
             changed = pair != self._last
-            if changed:
-                self.cidr_filter.set_cidrs(*pair)
+            if changed or result.nat_policy != self._last_policy:
+                # The filter decides with both, so both are published together.
+                self.cidr_filter.set_cidrs(*pair, result.nat_policy)
                 self._last = pair
+                self._last_policy = result.nat_policy
         if changed:
             self.metrics.set("shipper_kube_cidrs", len(pair[0]), "pod")
             self.metrics.set("shipper_kube_cidrs", len(pair[1]), "cluster")
@@ -965,11 +968,11 @@ class KubeSource:
 
     @property
     def nat_policy(self) -> subnet_rules.NatPolicy:
-        """The natOutgoingPolicyRules in force: ``nat_policy.forwards(family, src, dst)``.
+        """The natOutgoingPolicyRules last computed: ``nat_policy.forwards(family, src, dst)``.
 
         Falsy when no pod Subnet has rules. Sources forwarded for every
-        destination are already removed from the pod CIDRs; the event path
-        may call :meth:`~shipper.enrich.subnets.NatPolicy.forwards` to honour
-        destination-dependent rules too.
+        destination are already removed from the pod CIDRs; the policy is
+        published with the CIDRs to the CIDR filter, whose ``reason`` applies
+        destination-dependent rules too (``nat_policy_forward``).
         """
         return self._cidrs.nat_policy

@@ -2,8 +2,10 @@
 
 No I/O. :mod:`shipper.enrich.kube` feeds the objects it watches through
 :func:`subnet_from_dict` / :func:`node_from_dict` and calls :func:`compute`
-after every change; the result goes to
-:meth:`shipper.filters.cidr.CidrFilter.set_cidrs`.
+after every change; the result (CIDRs and NAT policy) goes to
+:meth:`shipper.filters.cidr.CidrFilter.set_cidrs`. Every CIDR text is parsed
+by :mod:`shipper.cidrs` (the one CIDR type); the NAT rules are evaluated by
+:mod:`shipper.filters.nat_policy`.
 
 Rules (kubeovn.io/v1 ``Subnet.spec``):
 
@@ -45,20 +47,22 @@ Rules (kubeovn.io/v1 ``Subnet.spec``):
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import netaddr
-
+from shipper.cidrs import Cidr, CidrError, host_cidr, merge, split_cidrs, subtract, to_cidrs
 from shipper.errors import EnrichError
+from shipper.filters.nat_policy import Action, NatPolicy, NatRule
 
-Action = Literal["nat", "forward"]
+__all__ = [
+    "Action", "CidrSets", "LabelSelector", "NatPolicy", "NatRule", "NodeRole", "RoleEntry",
+    "SubnetInfo", "compute", "compute_role", "node_from_dict", "node_labels",
+    "parse_gateway_node", "subnet_from_dict",
+]
+
 GatewayType = Literal["distributed", "centralized"]
 PodScope = Literal["node", "cluster"]
-
-_Ranges = tuple[tuple[int, ...], tuple[int, ...]]  # sorted starts, inclusive ends
 
 
 def _name(obj: Mapping[str, Any], kind: str) -> str:
@@ -69,47 +73,13 @@ def _name(obj: Mapping[str, Any], kind: str) -> str:
     return name
 
 
-def _parse_nets(text: Any, where: str) -> tuple[netaddr.IPNetwork, ...]:
-    """Comma-separated IPs/CIDRs -> networks; raises EnrichError naming ``where``."""
-    if text is None or text == "":
-        return ()
-    if not isinstance(text, str):
-        raise EnrichError(f"{where} is not a string")
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            out.append(netaddr.IPNetwork(part).cidr)
-        except (netaddr.AddrFormatError, ValueError, TypeError) as exc:
-            raise EnrichError(f"{where}: {part!r} is not an IP or CIDR") from exc
-    return tuple(out)
-
-
-def _ranges(nets: Iterable[netaddr.IPNetwork]) -> tuple[_Ranges, _Ranges]:
-    """(v4 ranges, v6 ranges) of ``nets``, merged and sorted for bisect."""
-    out = []
-    nets = list(nets)
-    for version in (4, 6):
-        merged = netaddr.cidr_merge([n for n in nets if n.version == version])
-        pairs = sorted((int(n.first), int(n.last)) for n in merged)
-        out.append((tuple(a for a, _ in pairs), tuple(b for _, b in pairs)))
-    return out[0], out[1]
-
-
-def _contains(r: _Ranges, ip: int) -> bool:
-    i = bisect_right(r[0], ip) - 1
-    return i >= 0 and ip <= r[1][i]
-
-
-@dataclass(frozen=True)
-class NatRule:
-    """One natOutgoingPolicyRule; empty ``src``/``dst`` match any address."""
-
-    action: Action
-    src: tuple[netaddr.IPNetwork, ...]
-    dst: tuple[netaddr.IPNetwork, ...]
+def _parse_nets(text: Any, where: str) -> tuple[Cidr, ...]:
+    """Comma-separated IPs/CIDRs -> CIDRs; raises EnrichError naming ``where``."""
+    try:
+        return split_cidrs(text)
+    except CidrError as exc:
+        raise EnrichError(f"{where}: {exc.values[0]!r} is not an IP or CIDR "
+                          f"({exc.problems[0]})") from exc
 
 
 _SELECTOR_OPS = ("In", "NotIn", "Exists", "DoesNotExist")
@@ -200,7 +170,7 @@ class SubnetInfo:
     """What the shipper needs from one Subnet."""
 
     name: str
-    cidrs: tuple[netaddr.IPNetwork, ...]
+    cidrs: tuple[Cidr, ...]
     nat_outgoing: bool
     vpc: str | None
     rules: tuple[NatRule, ...] = ()
@@ -317,7 +287,7 @@ def node_labels(obj: Mapping[str, Any]) -> dict[str, str]:
     return dict(labels)
 
 
-def node_from_dict(obj: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+def node_from_dict(obj: Mapping[str, Any]) -> tuple[str, tuple[Cidr, ...]]:
     """``(name, InternalIPs as host CIDRs)`` of one v1 Node; raises EnrichError if malformed."""
     if not isinstance(obj, Mapping):
         raise EnrichError(f"node object is not a JSON object ({type(obj).__name__})")
@@ -328,78 +298,34 @@ def node_from_dict(obj: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
         return name, ()
     if not isinstance(addresses, list):
         raise EnrichError(f"node {name}: status.addresses is not a list")
-    out: list[str] = []
+    out: list[Cidr] = []
     for i, entry in enumerate(addresses):
         if not isinstance(entry, Mapping) or entry.get("type") != "InternalIP":
             continue
         try:
-            ip = netaddr.IPAddress(str(entry.get("address", "")).strip())
-        except (netaddr.AddrFormatError, ValueError) as exc:
+            cidr = host_cidr(str(entry.get("address", "")))
+        except ValueError as exc:
             raise EnrichError(
                 f"node {name}: status.addresses[{i}].address {entry.get('address')!r} "
                 "is not an IP"
             ) from exc
-        cidr = f"{ip}/{32 if ip.version == 4 else 128}"
         if cidr not in out:
             out.append(cidr)
     return name, tuple(out)
-
-
-class NatPolicy:
-    """Evaluates the natOutgoingPolicyRules of the selected pod Subnets on a flow.
-
-    Immutable once built. :meth:`forwards` answers "would Kube-OVN send this
-    flow out without SNAT?" for a flow from a pod CIDR: True only when the
-    flow's source lies in a Subnet with rules and the first rule matching
-    (source, destination) says ``forward``.
-    """
-
-    def __init__(self, subnets: Iterable[SubnetInfo]) -> None:
-        """Compile the rules of ``subnets`` (those without rules cost nothing)."""
-        entries = []
-        for s in subnets:
-            if not s.rules:
-                continue
-            compiled = tuple(
-                (r.action == "forward", _ranges(r.src) if r.src else None,
-                 _ranges(r.dst) if r.dst else None)
-                for r in s.rules
-            )
-            entries.append((_ranges(s.cidrs), compiled))
-        self._entries = tuple(entries)
-
-    def __bool__(self) -> bool:
-        """False when no Subnet has rules (the caller can skip evaluation)."""
-        return bool(self._entries)
-
-    def forwards(self, family: int, src: int, dst: int) -> bool:
-        """True if the flow ``src -> dst`` leaves without SNAT according to its Subnet's rules."""
-        fi = 0 if family == 4 else 1
-        for subnet, rules in self._entries:
-            if not _contains(subnet[fi], src):
-                continue
-            for forward, src_r, dst_r in rules:
-                if src_r is not None and not _contains(src_r[fi], src):
-                    continue
-                if dst_r is not None and not _contains(dst_r[fi], dst):
-                    continue
-                return forward
-            return False
-        return False
 
 
 @dataclass(frozen=True)
 class CidrSets:
     """The outcome of :func:`compute`: what the CIDR filter should use."""
 
-    pod_cidrs: tuple[str, ...]
-    cluster_cidrs: tuple[str, ...]
+    pod_cidrs: tuple[Cidr, ...]
+    cluster_cidrs: tuple[Cidr, ...]
     nat_policy: NatPolicy
 
 
-def _forwarded_sources(s: SubnetInfo) -> list[netaddr.IPNetwork]:
+def _forwarded_sources(s: SubnetInfo) -> list[Cidr]:
     """Sources that a leading run of destination-independent forward rules always forwards."""
-    out: list[netaddr.IPNetwork] = []
+    out: list[Cidr] = []
     for rule in s.rules:
         if rule.action != "forward" or rule.dst:
             break
@@ -426,7 +352,7 @@ class RoleEntry:
 
     subnet: str
     mode: GatewayType  # distributed: this node's pods; centralized: every node's pods
-    cidrs: tuple[str, ...]
+    cidrs: tuple[Cidr, ...]
     # centralized only: True with ECMP or when this node is status.activateGateway,
     # False when another gateway is the active one, None when the status names none.
     active: bool | None = None
@@ -508,7 +434,7 @@ def compute_role(
     for s in sorted(subnets, key=lambda x: x.name):
         if not _selected(s, selection, vpc_set, join_subnet):
             continue
-        cidrs = tuple(str(c) for c in s.cidrs)
+        cidrs = s.cidrs
         if s.gateway_type == "distributed":
             entries.append(RoleEntry(s.name, "distributed", cidrs))
             continue
@@ -535,7 +461,7 @@ def compute(
     static_cluster_cidrs: Iterable[str] = (),
     role: NodeRole | None = None,
 ) -> CidrSets:
-    """Pod and cluster CIDRs (sorted, merged, as strings) plus the NAT policy of the pod Subnets.
+    """Pod and cluster CIDRs (sorted, merged) plus the NAT policy of the pod Subnets.
 
     Static cluster CIDRs are always included. Static pod CIDRs, when given,
     are the pod CIDRs (the operator's word wins over discovery). With a
@@ -543,14 +469,11 @@ def compute(
     every VPC.
     """
     vpc_set = set(vpcs)
-    static_pod = [netaddr.IPNetwork(c).cidr for c in static_pod_cidrs]
-    pod: list[netaddr.IPNetwork] = []
-    cluster: list[netaddr.IPNetwork] = [
-        netaddr.IPNetwork(c).cidr
-        for c in (*static_cluster_cidrs, *service_cidrs, *node_cidrs)
-    ]
+    static_pod = to_cidrs(static_pod_cidrs)
+    pod: list[Cidr] = []
+    cluster: list[Cidr] = list(to_cidrs((*static_cluster_cidrs, *service_cidrs, *node_cidrs)))
     in_role = role.subnets if role is not None else None
-    removed = netaddr.IPSet()
+    removed: list[Cidr] = []
     chosen: list[SubnetInfo] = []
     for s in sorted(subnets, key=lambda x: x.name):
         cluster.extend(s.cidrs)
@@ -561,13 +484,8 @@ def compute(
         chosen.append(s)
         pod.extend(s.cidrs)
         if honour_rules and s.nat_outgoing:
-            for net in _forwarded_sources(s):
-                removed.add(net)
+            removed.extend(_forwarded_sources(s))
     # Static pod CIDRs are the operator's word: they replace discovery, never shrink.
-    pod_set = netaddr.IPSet(static_pod) if static_pod else netaddr.IPSet(pod) - removed
+    pod_set = merge(static_pod) if static_pod else subtract(pod, removed)
     policy = NatPolicy(s for s in chosen if s.nat_outgoing) if honour_rules else NatPolicy(())
-    return CidrSets(
-        tuple(str(n) for n in pod_set.iter_cidrs()),
-        tuple(str(n) for n in netaddr.cidr_merge(cluster)),
-        policy,
-    )
+    return CidrSets(pod_set, merge(cluster), policy)

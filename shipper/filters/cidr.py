@@ -1,23 +1,33 @@
 """Filter: keep flows from pod CIDRs to destinations outside the cluster.
 
-Pure. CIDRs are validated and merged with netaddr once, when they are set;
-the event path then tests membership against sorted, merged integer ranges
-with ``bisect`` (well under a microsecond, versus 40-55 us for a netaddr
-``IPSet`` lookup measured here). The CIDR lists can be swapped at runtime
-(Kube-OVN Subnet changes) with :meth:`CidrFilter.set_cidrs`: the new ranges are
-built aside and installed with one attribute assignment, so the event path
-never sees a half-built table.
+Pure. The one place that decides whether a flow event becomes a record, and
+why not (:meth:`CidrFilter.reason`): source not in a pod CIDR, destination in
+the cluster, not source-NATed, or forwarded without SNAT by a Kube-OVN
+``natOutgoingPolicyRule`` (:mod:`shipper.filters.nat_policy`).
+
+CIDRs arrive as :class:`~shipper.cidrs.Cidr` values (config validation and
+subnet discovery produce them; text is parsed by :func:`shipper.cidrs.to_cidrs`)
+and are merged once, when they are set, into sorted integer ranges; the
+event path then tests membership with ``bisect`` (well under a microsecond,
+versus 40-55 us for a netaddr ``IPSet`` lookup measured here). CIDRs and NAT
+policy can be swapped at runtime (Kube-OVN Subnet changes) with
+:meth:`CidrFilter.set_cidrs`: the new tables are built aside and installed
+with one attribute assignment, so the event path never sees a half-built
+table. Whoever needs the pod CIDRs in force (the in-kernel pre-filter of the
+conntrack source) gets them by :meth:`CidrFilter.subscribe`; the filter does
+not know who listens.
 """
 
 from __future__ import annotations
 
+import threading
 from bisect import bisect_right
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-import netaddr
-
+from shipper.cidrs import Cidr, CidrError, Ranges, in_ranges, ranges, to_cidrs
 from shipper.errors import ConfigError
+from shipper.filters.nat_policy import REASON_NAT_POLICY_FORWARD, NatPolicy
 from shipper.record import FlowEvent
 
 # Filter verdicts (also the `reason` label of shipper_events_filtered_total).
@@ -27,90 +37,92 @@ REASON_NOT_SNAT = "not_snat"
 
 IPS_SRC_NAT = 1 << 4
 
-
-class _Ranges(NamedTuple):
-    starts: list[int]
-    ends: list[int]  # inclusive
+PodCidrsListener = Callable[[tuple[Cidr, ...]], None]
 
 
 class _Tables(NamedTuple):
-    pod4: _Ranges
-    pod6: _Ranges
-    cluster4: _Ranges
-    cluster6: _Ranges
-    pod_cidrs: tuple[str, ...]
-    cluster_cidrs: tuple[str, ...]
+    pod4: Ranges
+    pod6: Ranges
+    cluster4: Ranges
+    cluster6: Ranges
+    pod_cidrs: tuple[Cidr, ...]
+    cluster_cidrs: tuple[Cidr, ...]
+    nat_policy: NatPolicy | None  # None when no rule can forward (nothing to evaluate)
 
 
-def _ranges(nets: list[netaddr.IPNetwork], version: int) -> _Ranges:
-    merged = netaddr.cidr_merge([n for n in nets if n.version == version])
-    pairs = sorted((int(n.first), int(n.last)) for n in merged)
-    return _Ranges([a for a, _ in pairs], [b for _, b in pairs])
-
-
-def _parse(cidrs: Iterable[str], what: str) -> list[netaddr.IPNetwork]:
-    nets, problems = [], []
-    for c in cidrs:
-        try:
-            nets.append(netaddr.IPNetwork(str(c).strip()).cidr)
-        except (netaddr.AddrFormatError, ValueError, TypeError) as exc:
-            problems.append(f"{what}: {c!r} is not a CIDR ({exc})")
-    if problems:
-        raise ConfigError(problems, what)
-    return nets
-
-
-def in_ranges(r: _Ranges, ip: int) -> bool:
-    """True if ``ip`` lies in one of the ranges."""
-    i = bisect_right(r.starts, ip) - 1
-    return i >= 0 and ip <= r.ends[i]
+def _parse(values: Iterable[Any], what: str) -> tuple[Cidr, ...]:
+    try:
+        return to_cidrs(values)
+    except CidrError as exc:
+        raise ConfigError([f"{what}: {p}" for p in exc.problems], what) from exc
 
 
 class CidrFilter:
     """Decides whether a flow event becomes a record."""
 
     def __init__(
-        self, pod_cidrs: Iterable[str], cluster_cidrs: Iterable[str], *, only_snat: bool = True
+        self, pod_cidrs: Iterable[Any], cluster_cidrs: Iterable[Any], *, only_snat: bool = True
     ) -> None:
-        """Raises ConfigError naming every bad CIDR."""
+        """CIDRs as Cidr values or text; raises ConfigError naming every bad one."""
         self.only_snat = only_snat
-        self._t = self._build(pod_cidrs, cluster_cidrs)
-        self._listeners: list[Callable[[CidrFilter], None]] = []
+        self._t = self._build(pod_cidrs, cluster_cidrs, None)
+        self._listeners: list[PodCidrsListener] = []
+        self._lock = threading.Lock()  # writers and subscribers; never the event path
 
     @staticmethod
-    def _build(pod_cidrs: Iterable[str], cluster_cidrs: Iterable[str]) -> _Tables:
+    def _build(
+        pod_cidrs: Iterable[Any], cluster_cidrs: Iterable[Any], nat_policy: NatPolicy | None
+    ) -> _Tables:
         pod = _parse(pod_cidrs, "pod CIDRs")
         cluster = _parse(cluster_cidrs, "cluster CIDRs")
-        return _Tables(
-            _ranges(pod, 4),
-            _ranges(pod, 6),
-            _ranges(cluster, 4),
-            _ranges(cluster, 6),
-            tuple(str(n) for n in pod),
-            tuple(str(n) for n in cluster),
-        )
+        pod4, pod6 = ranges(pod)
+        cluster4, cluster6 = ranges(cluster)
+        return _Tables(pod4, pod6, cluster4, cluster6, pod, cluster, nat_policy or None)
 
-    def set_cidrs(self, pod_cidrs: Iterable[str], cluster_cidrs: Iterable[str]) -> None:
-        """Replace both lists atomically (runtime CIDR discovery), then tell the listeners."""
-        before = self._t.pod_cidrs
-        self._t = self._build(pod_cidrs, cluster_cidrs)
-        if self._t.pod_cidrs != before:
-            for fn in list(self._listeners):
-                fn(self)
+    def set_cidrs(
+        self,
+        pod_cidrs: Iterable[Any],
+        cluster_cidrs: Iterable[Any],
+        nat_policy: NatPolicy | None = None,
+    ) -> None:
+        """Replace CIDRs and NAT policy (None: none) atomically, then tell the subscribers.
 
-    def add_listener(self, fn: Callable[[CidrFilter], None]) -> None:
-        """Call ``fn(self)`` after every change of the pod CIDRs (from the changing thread)."""
-        self._listeners.append(fn)
+        Subscribers are called, from the calling thread, only when the pod
+        CIDRs changed. Raises ConfigError (and keeps the tables in force) if a
+        CIDR is bad.
+        """
+        tables = self._build(pod_cidrs, cluster_cidrs, nat_policy)
+        with self._lock:
+            before = self._t.pod_cidrs
+            self._t = tables
+            if tables.pod_cidrs != before:
+                for fn in list(self._listeners):
+                    fn(tables.pod_cidrs)
+
+    def subscribe(self, fn: PodCidrsListener) -> None:
+        """Call ``fn(pod_cidrs)`` now and after every change of the pod CIDRs.
+
+        Calls are serialised and in order, so the last call always carries
+        the CIDRs in force. ``fn`` must not call :meth:`set_cidrs`.
+        """
+        with self._lock:
+            self._listeners.append(fn)
+            fn(self._t.pod_cidrs)
 
     @property
-    def pod_cidrs(self) -> tuple[str, ...]:
+    def pod_cidrs(self) -> tuple[Cidr, ...]:
         """The pod CIDRs in force."""
         return self._t.pod_cidrs
 
     @property
-    def cluster_cidrs(self) -> tuple[str, ...]:
+    def cluster_cidrs(self) -> tuple[Cidr, ...]:
         """The excluded destination CIDRs in force."""
         return self._t.cluster_cidrs
+
+    @property
+    def nat_policy(self) -> NatPolicy | None:
+        """The Kube-OVN NAT policy in force (None: none with rules)."""
+        return self._t.nat_policy
 
     def is_pod_ip(self, family: int, ip: int) -> bool:
         """True if ``ip`` is inside a pod CIDR."""
@@ -124,16 +136,21 @@ class CidrFilter:
             pod, cluster = t.pod4, t.cluster4
         else:
             pod, cluster = t.pod6, t.cluster6
-        ip = ev.orig_src
-        i = bisect_right(pod.starts, ip) - 1
-        if i < 0 or ip > pod.ends[i]:
+        src = ev.orig_src
+        i = bisect_right(pod.starts, src) - 1
+        if i < 0 or src > pod.ends[i]:
             return REASON_SOURCE_NOT_POD
-        ip = ev.orig_dst
-        i = bisect_right(cluster.starts, ip) - 1
-        if i >= 0 and ip <= cluster.ends[i]:
+        dst = ev.orig_dst
+        i = bisect_right(cluster.starts, dst) - 1
+        if i >= 0 and dst <= cluster.ends[i]:
             return REASON_DESTINATION_IN_CLUSTER
         if self.only_snat and not (
-            (ev.status or 0) & IPS_SRC_NAT or ev.reply_dst != ev.orig_src
+            (ev.status or 0) & IPS_SRC_NAT or ev.reply_dst != src
         ):
             return REASON_NOT_SNAT
+        policy = t.nat_policy
+        if policy is not None and policy.forwards(ev.family, src, dst):
+            # Kube-OVN forwards this flow without SNAT (natOutgoingPolicyRules):
+            # nobody outside sees the node address, there is nothing to join.
+            return REASON_NAT_POLICY_FORWARD
         return None

@@ -54,7 +54,7 @@ the source attribute's ``nla_len`` the address loads can never run past the
 end of the packet (an out-of-bounds load would abort the program with 0,
 i.e. silently *drop*).
 
-Matching. CIDRs are merged (``ipaddress.collapse_addresses``), so they are
+Matching. CIDRs are merged (:func:`shipper.cidrs.merge`), so they are
 disjoint. The address is matched 32-bit word by word (v4 is one word, kept in
 A; v6 has four words, each loaded once from the packet into ``M[0..3]``). At
 each word the candidates are disjoint intervals on that word: a CIDR ending
@@ -90,17 +90,25 @@ simply not attach.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
-import ipaddress
 import itertools
+import logging
 import socket
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from shipper.cidrs import Cidr, Network, merge, to_cidrs
 from shipper.errors import SourceError
+
+if TYPE_CHECKING:
+    from shipper.metrics import Metrics
+
+log = logging.getLogger("shipper.sources.bpf")
 
 Insn = tuple[int, int, int, int]
 """One classic-BPF instruction: ``(code, jt, jf, k)`` as in ``struct sock_filter``."""
@@ -347,7 +355,7 @@ def _entries(nets: Sequence[tuple[int, int]], depth: int, words: int) -> list[_E
     out += [_Entry(w, w, tuple(g)) for w, g in groups.items()]
     out.sort(key=lambda e: e.lo)
     for a, b in itertools.pairwise(out):
-        if a.hi >= b.lo:  # collapse_addresses guarantees disjoint CIDRs
+        if a.hi >= b.lo:  # merged CIDRs are disjoint
             raise AssertionError("overlapping intervals")
     return out
 
@@ -401,32 +409,7 @@ def _search(asm: _Asm, entries: list[_Entry], depth: int, words: int, keep: _Lab
 
 
 # ------------------------------------------------------------------- program
-def parse_cidrs(pod_cidrs: Sequence[str]) -> tuple[list[ipaddress.IPv4Network],
-                                                   list[ipaddress.IPv6Network]]:
-    """Parse and merge CIDRs per family; ValueError names every bad one.
-
-    Host bits are cleared (``10.244.0.10/24`` is ``10.244.0.0/24``), as the
-    userspace filter (netaddr ``.cidr``) does.
-    """
-    v4: list[ipaddress.IPv4Network] = []
-    v6: list[ipaddress.IPv6Network] = []
-    bad: list[str] = []
-    for c in pod_cidrs:
-        try:
-            net = ipaddress.ip_network(str(c).strip(), strict=False)
-        except (ValueError, TypeError) as exc:
-            bad.append(f"{c!r} ({exc})")
-            continue
-        if isinstance(net, ipaddress.IPv4Network):
-            v4.append(net)
-        else:
-            v6.append(net)
-    if bad:
-        raise ValueError("not a CIDR: " + "; ".join(bad))
-    return list(ipaddress.collapse_addresses(v4)), list(ipaddress.collapse_addresses(v6))
-
-
-def _emit_family(asm: _Asm, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+def _emit_family(asm: _Asm, nets: Sequence[Network],
                  v6: bool, keep: _Label, drop: _Label, byteorder: ByteOrder) -> None:
     """Find the original source address of the event and match it."""
     lsrc = 20 if v6 else 8
@@ -459,7 +442,8 @@ def _emit_family(asm: _Asm, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv
                keep, drop, a_holds_word=True)
 
 
-def build_program(pod_cidrs: Sequence[str], *, byteorder: ByteOrder = _SD) -> list[Insn]:
+def build_program(pod_cidrs: Iterable[str | Network], *,
+                  byteorder: ByteOrder = _SD) -> list[Insn]:
     """Compile ``pod_cidrs`` into a classic-BPF filter for a ctnetlink event socket.
 
     The program keeps (``RET 0xffffffff``) every event whose original source
@@ -471,10 +455,15 @@ def build_program(pod_cidrs: Sequence[str], *, byteorder: ByteOrder = _SD) -> li
     ``byteorder`` is the byte order of the host whose kernel runs the program
     (netlink headers are host-endian); only tests should change it.
 
-    Raises ValueError naming every bad CIDR, or when the program would exceed
-    the kernel's :data:`MAX_INSNS` instructions.
+    ``pod_cidrs`` are :class:`~shipper.cidrs.Cidr` values (taken as they
+    are) or text (parsed by :func:`shipper.cidrs.to_cidrs`, host bits cleared
+    as in the userspace filter). Raises ValueError naming every bad CIDR, or
+    when the program would exceed the kernel's :data:`MAX_INSNS` instructions.
     """
-    v4, v6 = parse_cidrs(pod_cidrs)
+    cidrs = to_cidrs(pod_cidrs)  # CidrError (a ValueError) names every bad one
+    merged = [c.network for c in merge(cidrs)]
+    v4 = [n for n in merged if n.version == 4]
+    v6 = [n for n in merged if n.version == 6]
     if not v4 and not v6:
         return [(BPF_RET | BPF_K, 0, 0, KEEP)]
     asm = _Asm()
@@ -522,7 +511,7 @@ def build_program(pod_cidrs: Sequence[str], *, byteorder: ByteOrder = _SD) -> li
     prog = asm.assemble()
     if len(prog) > MAX_INSNS:
         raise ValueError(
-            f"{len(pod_cidrs)} pod CIDRs need {len(prog)} BPF instructions, more than the "
+            f"{len(cidrs)} pod CIDRs need {len(prog)} BPF instructions, more than the "
             f"kernel's {MAX_INSNS}: merge CIDRs or filter in userspace only")
     validate(prog)
     return prog
@@ -783,3 +772,39 @@ def detach(sock: socket.socket) -> None:
         if exc.errno == errno.ENOENT:
             return  # no filter attached: nothing to do
         raise SourceError(f"cannot detach the conntrack BPF filter: {exc.strerror}") from exc
+
+
+class KernelFilter:
+    """Keeps one socket's in-kernel filter in step with the pod CIDRs; fails open.
+
+    Subscribe :meth:`apply` to the CIDR filter
+    (:meth:`shipper.filters.cidr.CidrFilter.subscribe`): it is called with the
+    pod CIDRs at once and after every change. SO_ATTACH_FILTER replaces the
+    old program atomically. If the new program cannot be built or attached,
+    the filter is removed rather than left stale: a stale program would drop
+    a new subnet's events unseen, while no program only costs CPU (userspace
+    still filters). Failures are counted in
+    ``shipper_errors_total{stage="kernel_filter"}`` and logged.
+    """
+
+    def __init__(self, sock: socket.socket, metrics: Metrics) -> None:
+        """``sock``: the conntrack event socket (owned by the caller)."""
+        self._sock = sock
+        self._metrics = metrics
+        self._lock = threading.Lock()
+
+    def apply(self, pod_cidrs: Sequence[Cidr]) -> None:
+        """(Re)attach the program for ``pod_cidrs``; on failure detach (userspace filters)."""
+        with self._lock:
+            try:
+                program = build_program(pod_cidrs)
+                attach(self._sock, program)
+            except (ValueError, SourceError, OSError) as exc:
+                self._metrics.inc("shipper_errors_total", "kernel_filter", type(exc).__name__)
+                log.error("in-kernel filter not attached; every event is read and filtered "
+                          "in userspace", extra={"fields": {"error": str(exc)}})
+                with contextlib.suppress(OSError, SourceError):
+                    detach(self._sock)
+                return
+        log.info("in-kernel filter attached", extra={"fields": {
+            "pod_cidrs": list(pod_cidrs), "instructions": len(program)}})
