@@ -8,6 +8,7 @@ from the independent decoder (:func:`decode_generic`) and netaddr.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import json
 import random
@@ -19,7 +20,10 @@ from pathlib import Path
 import netaddr
 import pytest
 
+from shipper.cidrs import to_cidrs
 from shipper.errors import SourceError
+from shipper.filters.cidr import CidrFilter
+from shipper.metrics import Metrics
 from shipper.sources import bpf
 from shipper.sources.bpf import DROP, KEEP, MAX_INSNS, build_program, run_program, validate
 from shipper.sources.decode import decode_generic, walk
@@ -402,3 +406,41 @@ class TestSocket:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, \
                 pytest.raises(ValueError):
             bpf.attach(s, [(bpf.BPF_LD | bpf.BPF_IMM, 0, 0, 0)])
+
+
+def attached(s: socket.socket) -> int:
+    """Instructions of ``s``'s filter, as the kernel reports them (SO_GET_FILTER with a
+    zero length returns the count); 0: no filter."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    n = ctypes.c_uint32(0)
+    if libc.getsockopt(s.fileno(), socket.SOL_SOCKET, bpf.SO_ATTACH_FILTER, None,
+                       ctypes.byref(n)) != 0:
+        raise OSError(ctypes.get_errno(), "SO_GET_FILTER")
+    return n.value
+
+
+class TestKernelFilter:
+    def test_follows_the_cidrs_and_fails_open(self) -> None:
+        """apply attaches the program for the CIDRs it gets, replaces it on the next call,
+        and on a program that cannot be built removes the filter and counts the error."""
+        m = Metrics()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            kf = bpf.KernelFilter(s, m)
+            kf.apply(to_cidrs(["10.244.0.0/24"]))
+            assert attached(s) == len(build_program(["10.244.0.0/24"]))
+            kf.apply(to_cidrs(["10.244.0.0/24", "fd00::/8"]))
+            assert attached(s) == len(build_program(["10.244.0.0/24", "fd00::/8"]))
+            too_many = [f"fd99:{i:x}::{i:x}/128" for i in range(0, 40000, 7)]
+            kf.apply(to_cidrs(too_many))
+            assert attached(s) == 0
+            assert m.value("shipper_errors_total", "kernel_filter", "ValueError") == 1
+
+    def test_subscribed_to_the_cidr_filter(self) -> None:
+        """Subscribed to a CidrFilter, it attaches at once and follows each pod CIDR change."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            f = CidrFilter(["10.244.0.0/24"], [])
+            f.subscribe(bpf.KernelFilter(s, Metrics()).apply)
+            assert attached(s) == len(build_program(["10.244.0.0/24"]))
+            f.set_cidrs(["10.244.0.0/24", "10.245.0.0/24", "fd00::/8"], [])
+            assert attached(s) == len(build_program(["10.244.0.0/24", "10.245.0.0/24",
+                                                     "fd00::/8"]))

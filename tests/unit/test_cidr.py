@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from shipper.cidrs import Cidr, to_cidrs
 from shipper.errors import ConfigError
 from shipper.filters.cidr import (
     IPS_SRC_NAT,
@@ -15,6 +17,7 @@ from shipper.filters.cidr import (
     REASON_SOURCE_NOT_POD,
     CidrFilter,
 )
+from shipper.filters.nat_policy import REASON_NAT_POLICY_FORWARD, NatPolicy, NatRule
 from shipper.record import FlowEvent
 
 POD4 = "10.16.0.0/16"
@@ -275,3 +278,66 @@ class TestSetCidrs:
         f = CidrFilter([POD4], [], only_snat=False)
         f.set_cidrs(["10.17.0.0/16"], [])
         assert f.reason(flow("10.17.0.5", REMOTE4, snat_to="10.17.0.5")) is None
+
+
+def forward_policy(subnet_cidrs: str, dst: str) -> NatPolicy:
+    """The policy of one Subnet whose only rule forwards (no SNAT) flows to ``dst``."""
+    rule = NatRule("forward", (), to_cidrs([dst]))
+    return NatPolicy([SimpleNamespace(cidrs=to_cidrs(subnet_cidrs.split(",")), rules=(rule,))])
+
+
+class TestNatPolicy:
+    def test_forwarded_flow_has_its_own_reason(self) -> None:
+        """A kept flow that a natOutgoingPolicyRule forwards is nat_policy_forward; others stay."""
+        f = CidrFilter([POD4], [], only_snat=False)
+        f.set_cidrs([POD4], [], forward_policy(POD4, "8.8.8.0/24"))
+        assert f.reason(flow("10.16.0.5", "8.8.8.8")) == REASON_NAT_POLICY_FORWARD
+        assert f.reason(flow("10.16.0.5", REMOTE4)) is None
+
+    def test_earlier_reasons_win(self) -> None:
+        """The policy is asked last: a flow failing another check keeps that reason."""
+        f = CidrFilter([POD4], ["10.96.0.0/12"])
+        f.set_cidrs([POD4], ["10.96.0.0/12"], forward_policy(POD4, "0.0.0.0/0"))
+        assert f.reason(flow(NODE4, "8.8.8.8")) == REASON_SOURCE_NOT_POD
+        assert f.reason(flow("10.16.0.5", "10.96.0.1")) == REASON_DESTINATION_IN_CLUSTER
+        assert f.reason(flow("10.16.0.5", "8.8.8.8", snat_to="10.16.0.5")) == REASON_NOT_SNAT
+        assert f.reason(flow("10.16.0.5", "8.8.8.8")) == REASON_NAT_POLICY_FORWARD
+
+    def test_empty_policy_is_not_kept(self) -> None:
+        """A policy without rules is stored as none (nothing evaluated per event)."""
+        f = CidrFilter([POD4], [])
+        f.set_cidrs([POD4], [], NatPolicy([]))
+        assert f.nat_policy is None
+        f.set_cidrs([POD4], [], forward_policy(POD4, "8.8.8.8"))
+        assert f.nat_policy is not None
+        f.set_cidrs([POD4], [])
+        assert f.nat_policy is None
+
+
+class TestSubscribe:
+    def test_gets_current_then_every_change(self) -> None:
+        """A subscriber gets the pod CIDRs at once, then after each change of them only."""
+        f = CidrFilter([POD4], [])
+        seen: list[tuple[str, ...]] = []
+        f.subscribe(seen.append)
+        f.set_cidrs([POD4], ["10.96.0.0/12"])  # cluster CIDRs only: no call
+        f.set_cidrs([POD4], [], forward_policy(POD4, "8.8.8.8"))  # policy only: no call
+        f.set_cidrs(["10.17.0.0/16", POD6], [])
+        assert seen == [(POD4,), ("10.17.0.0/16", POD6)]
+
+    def test_subscriber_gets_typed_cidrs(self) -> None:
+        """What subscribers get are Cidr values (the typed network, no re-parse)."""
+        f = CidrFilter([" 10.16.0.9/16 "], [])
+        seen: list[tuple[Cidr, ...]] = []
+        f.subscribe(seen.append)
+        (c,) = seen[0]
+        assert isinstance(c, Cidr) and c.network.prefixlen == 16
+
+    def test_bad_change_notifies_nobody(self) -> None:
+        """A rejected set_cidrs leaves subscribers uncalled."""
+        f = CidrFilter([POD4], [])
+        seen: list[tuple[str, ...]] = []
+        f.subscribe(seen.append)
+        with pytest.raises(ConfigError):
+            f.set_cidrs(["bad"], [])
+        assert seen == [(POD4,)]

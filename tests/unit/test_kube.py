@@ -456,6 +456,24 @@ class TestSubnetDiscovery:
             assert not h.filter.is_pod_ip(4, parse_ip("10.16.0.1")[1])
             assert h.filter.is_pod_ip(4, src)
 
+    def test_nat_policy_published_to_the_filter(
+        self, api: FakeKubeApi, make: Callable[..., Harness]
+    ) -> None:
+        """The compiled natOutgoingPolicyRules reach the CIDR filter with the CIDRs, and a
+        rule change is published even when the CIDRs stay the same."""
+        api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16", rules=[
+            {"action": "forward", "match": {"dstIPs": "8.8.8.8"}}]))
+        with make(subnets_enabled=True) as h:
+            assert h.source.wait_synced(WAIT_S)
+            wait_for(lambda: h.filter.nat_policy is not None)
+            src = parse_ip("10.16.5.5")[1]
+            assert h.filter.nat_policy.forwards(4, src, parse_ip("8.8.8.8")[1]) is True
+            api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16", rules=[
+                {"action": "forward", "match": {"dstIPs": "1.1.1.1"}}]))
+            wait_for(lambda: h.filter.nat_policy is not None
+                     and h.filter.nat_policy.forwards(4, src, parse_ip("1.1.1.1")[1]))
+            assert h.filter.pod_cidrs == ("10.16.0.0/16",)
+
     def test_invalid_subnet_counted(self, api: FakeKubeApi, make: Callable[..., Harness]) -> None:
         """A Subnet with a bad cidrBlock is skipped and counted; others still apply."""
         api.put(SUBNETS, subnet("bad", "10.300.0.0/16"))

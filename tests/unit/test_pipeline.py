@@ -77,3 +77,23 @@ def test_each_status_reaches_record_and_metrics(ndjson: bool) -> None:
     p._flush_counters()
     assert m.value("shipper_records_uncertain_total") == 1
     assert m.value("shipper_records_unresolved_total") == 1
+
+
+def test_nat_policy_forward_is_the_filters_decision() -> None:
+    """A flow the filter's NAT policy forwards is dropped by handle and counted with the
+    filter's reason nat_policy_forward; no Kubernetes source is involved."""
+    from types import SimpleNamespace
+
+    from shipper.cidrs import to_cidrs
+    from shipper.filters.nat_policy import NatPolicy, NatRule
+
+    cfg = Config(filter={"pod_cidrs": ["10.16.0.0/16"]}, enrich={"resolve_wait_s": 0})
+    m = Metrics()
+    p = Pipeline(cfg, m, sink=RecordingSink(True))
+    rule = NatRule("forward", (), to_cidrs(["93.184.216.34"]))
+    subnet = SimpleNamespace(cidrs=to_cidrs(["10.16.0.0/16"]), rules=(rule,))
+    p.filter.set_cidrs(["10.16.0.0/16"], [], NatPolicy([subnet]))
+    p.handle(flow(T0, 1001))
+    assert records(p) == []
+    p._flush_counters()
+    assert m.value("shipper_events_filtered_total", "nat_policy_forward") == 1
