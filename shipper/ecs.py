@@ -307,9 +307,9 @@ def build_record(
         "conntrack": ct,
     }
     if pod is not None:
-        k = pod.kubernetes_by_ip.get(src_key)
-        if k is None:  # the pod's metadata does not list this address (should not happen)
-            k = {**pod.kubernetes, "pod": {**pod.kubernetes.get("pod", {}), "ip": src_ip}}
+        k = pod.record_objects.get(src_key)
+        if k is None:  # the pod's first record from this address: build its object once
+            k = pod.kubernetes_for(src_key, src_ip)
         record["kubernetes"] = k
     if attribution is None:
         attribution = ATTR_RESOLVED if pod is not None else ATTR_UNRESOLVED

@@ -147,9 +147,9 @@ class JsonLineEncoder:
         if itype is not None:
             ct += f',"icmp":{{"type":{itype},"code":{_n(icode)},"id":{_n(iid)}}}'
         if pod is not None:
-            k = pod.kubernetes_by_ip.get(src_key)
-            if k is None:
-                k = {**pod.kubernetes, "pod": {**pod.kubernetes.get("pod", {}), "ip": src_ip}}
+            k = pod.record_objects.get(src_key)
+            if k is None:  # the pod's first record from this address
+                k = pod.kubernetes_for(src_key, src_ip)
             tail = ',"kubernetes":' + self._kube_json(k) + _FLOWLOG_TAIL[
                 ATTR_RESOLVED if attribution is None else attribution]
         else:

@@ -182,10 +182,10 @@ class PodMeta:
 
     ``ips`` holds ``(family, integer)`` pairs. ``labels`` and ``annotations``
     are already filtered and capped by whoever built the value; they are never
-    mutated after construction. ``kubernetes_by_ip`` holds the finished
-    ``kubernetes`` object of the record for each of the pod's addresses (by
-    :func:`ip_key`), with ``pod.ip`` set; it is filled by
-    :meth:`with_record_object` and shared by every record of the pod.
+    mutated after construction. :meth:`kubernetes_for` gives the finished
+    ``kubernetes`` object of the record for one of the pod's addresses (by
+    :func:`ip_key`), with ``pod.ip`` set: built on the pod's first record
+    and shared by every later one (``record_objects``).
     :attr:`kubernetes` is the same object without ``pod.ip``, built on access.
 
     Sharing: after :meth:`with_record_object`, ``labels``, ``annotations`` and
@@ -211,7 +211,58 @@ class PodMeta:
     # Parallel to ``ips``: how each address was learnt (``IP_SOURCE_*``), or
     # empty when the builder did not say (then no ``kubernetes.pod.ip_source``).
     ip_sources: tuple[str, ...] = ()
-    kubernetes_by_ip: dict[int, dict[str, Any]] = field(default_factory=dict, compare=False)
+    # The finished record objects built so far, by ip_key (see kubernetes_for).
+    # Not an init field (dataclasses.replace starts a copy without any); starts
+    # as the shared empty dict and is replaced whole, never mutated.
+    record_objects: dict[int, dict[str, Any]] = field(
+        default_factory=lambda: _NO_OBJECTS, compare=False, init=False, repr=False
+    )
+
+    @property
+    def kubernetes_by_ip(self) -> dict[int, dict[str, Any]]:
+        """The finished ``kubernetes`` object for each of the pod's addresses, by :func:`ip_key`.
+
+        Builds those :meth:`kubernetes_for` has not built yet (all of them at
+        once), so it is for tests and tools; the event path calls
+        :meth:`kubernetes_for` for the one address it needs.
+        """
+        for fam, ip in self.ips:
+            key = ip_key(fam, ip)
+            if key not in self.record_objects:
+                self.kubernetes_for(key, ip_to_str(fam, ip))
+        return self.record_objects
+
+    def kubernetes_for(self, key: int, ip_text: str) -> dict[str, Any]:
+        """The record's ``kubernetes`` object for the pod's address ``key`` (text ``ip_text``).
+
+        For a listed address the object is built on the first call and kept in
+        :attr:`record_objects`, so every later record of the pod shares it (the
+        event path reads ``record_objects`` first and calls this only on a
+        miss). Building it on demand rather than with the pod keeps its memory
+        (about 0.7 KB per address) to the pods that have records: a cluster-wide
+        index holds 100k pods and hundreds of thousands of deleted ones, of
+        which a node's flows name few. An address the pod does not list (it
+        should not happen) gets a new object each time, not kept.
+        """
+        objs = self.record_objects
+        obj = objs.get(key)
+        if obj is not None:
+            return obj
+        for i, (fam, ip) in enumerate(self.ips):
+            if ip_key(fam, ip) != key:
+                continue
+            pod_obj: dict[str, Any] = {"name": self.name, "uid": self.uid, "ip": ip_text}
+            if len(self.ip_sources) == len(self.ips):
+                pod_obj["ip_source"] = self.ip_sources[i]
+            obj = {"namespace": self.namespace, "pod": pod_obj}
+            obj.update(self._parts())
+            # Copy, add, replace: a reader on another thread sees the old dict or
+            # the new one, never one being changed. Frozen dataclass: this cache
+            # is the one attribute ever set after construction.
+            object.__setattr__(self, "record_objects", {**objs, key: obj})
+            return obj
+        k = self.kubernetes
+        return {**k, "pod": {**k["pod"], "ip": ip_text}}
 
     @property
     def kubernetes(self) -> dict[str, Any]:
@@ -245,14 +296,16 @@ class PodMeta:
         return parts
 
     def with_record_object(self) -> PodMeta:
-        """Return a copy with ``kubernetes_by_ip`` built and repeated values shared.
+        """Return a copy whose repeated values are shared with other pods.
 
         The copy equals ``self`` (``==``) and yields the same records; its
         strings that repeat across pods (namespace, node, owner, switch,
-        phase, label keys and values) are interned and its ``labels`` and
-        ``annotations`` are the shared dicts equal to the originals.
+        phase, label keys and values) are interned, its ``labels`` and
+        ``annotations`` are the shared dicts equal to the originals and its
+        ``ip_sources`` the shared tuple. Its record objects are built on first
+        use (:meth:`kubernetes_for`), not here.
         """
-        meta = PodMeta(
+        return PodMeta(
             namespace=_intern(self.namespace),
             name=self.name,
             uid=self.uid,
@@ -268,25 +321,25 @@ class PodMeta:
             host_network=self.host_network,
             phase=_intern(self.phase) if self.phase else self.phase,
             created_ns=self.created_ns,
-            ip_sources=tuple(_intern(x) for x in self.ip_sources),
+            ip_sources=_shared_tuple(self.ip_sources) if self.ip_sources else (),
         )
-        # One finished object per address (with kubernetes.pod.ip), built once
-        # here rather than copied per record. Records share them: never mutate.
-        # Filled in place: the dict is the new value's own (default factory),
-        # not yet visible to anyone else.
-        by_ip = meta.kubernetes_by_ip
-        ns, name, uid = meta.namespace, meta.name, meta.uid
-        parts = meta._parts()
-        sources = meta.ip_sources if len(meta.ip_sources) == len(meta.ips) else ()
-        for i, (fam, ip) in enumerate(meta.ips):
-            pod_obj: dict[str, Any] = {"name": name, "uid": uid, "ip": ip_to_str(fam, ip)}
-            if sources:
-                pod_obj["ip_source"] = sources[i]
-            obj: dict[str, Any] = {"namespace": ns, "pod": pod_obj}
-            obj.update(parts)
-            by_ip[ip_key(fam, ip)] = obj
-        return meta
 
+
+def _shared_tuple(items: tuple[str, ...]) -> tuple[str, ...]:
+    """The shared tuple equal to ``items`` (``ip_sources``: a handful of distinct values)."""
+    shared = _shared_tuples.get(items)
+    if shared is None:
+        if len(_shared_tuples) >= _SHARED_MAX:
+            _shared_tuples.clear()
+        shared = tuple(_intern(x) for x in items)
+        _shared_tuples[shared] = shared
+    return shared
+
+
+_shared_tuples: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+# The record objects of a pod none were built for yet (shared: never mutate).
+_NO_OBJECTS: dict[int, dict[str, Any]] = {}
 
 # The labels/annotations of every pod that has none (shared: never mutate).
 _EMPTY: dict[str, str] = {}

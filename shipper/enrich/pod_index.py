@@ -15,8 +15,16 @@ given to another pod, still names the pod that opened the flow.
 Deleted pods stay as closed intervals ("tombstones") for ``retention_ns``
 (default: five days, conntrack's longest default timeout, TCP established) and
 at most ``max_tombstones`` of them are kept; older ones are evicted first and
-counted. A tombstone costs about 1.3 KB (its PodMeta and record objects, whose
-repeated parts are shared between pods: see :class:`~shipper.record.PodMeta`).
+counted.
+
+Memory (docs/KUBERNETES.md, "Memory"): a tombstone is an address, a time
+range and a reference to its pod's PodMeta, whose repeated parts are shared
+between pods (see :class:`~shipper.record.PodMeta`); record objects are built
+only for pods that have records. An address's history is stored flat, one
+tuple ``(start, end, meta, start, end, meta, ...)`` (three slots per interval
+rather than a tuple each), and the tombstones' closing order is a deque of
+address keys alone: an address's intervals close oldest first, so its oldest
+pending closure is always the first interval of its history.
 
 Restarts: :meth:`snapshot` copies the history for the state file
 (``shipper.enrich.state``) and :meth:`restore` loads it back at start. A pod
@@ -35,6 +43,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Iterable
+from typing import Any
 
 from shipper.record import (
     ATTR_RESOLVED,
@@ -45,7 +54,8 @@ from shipper.record import (
 )
 
 Interval = tuple[int, "int | None", PodMeta]
-ClosedInterval = tuple[int, int, PodMeta]
+# One address's history, flat: start, end (None while open), PodMeta, repeated.
+Flat = tuple[Any, ...]
 
 DEFAULT_RETENTION_NS = 5 * 24 * 3600 * 1_000_000_000
 DEFAULT_SKEW_NS = 5 * 1_000_000_000
@@ -73,13 +83,10 @@ class PodIndex:
         self.retention_ns = retention_ns
         self.max_tombstones = max_tombstones
         self.skew_ns = skew_ns
-        self._hist: dict[int, tuple[Interval, ...]] = {}
+        self._hist: dict[int, Flat] = {}
         self._live: dict[str, PodMeta] = {}
-        # Closed intervals in closing order, for pruning: two parallel deques
-        # (address key, the interval itself) rather than one deque of
-        # (end, key, uid) tuples, which cost a tuple and an int per tombstone.
+        # One address key per closed interval, in closing order, for pruning.
         self._closed_keys: deque[int] = deque()
-        self._closed: deque[ClosedInterval] = deque()
         self._lock = threading.Lock()
         # uid -> until when a pod restored as live from the state file is known to
         # have lived (the file's write time); dropped once a source reports the pod.
@@ -105,9 +112,12 @@ class PodIndex:
         hist = self._hist.get(ip if family == 4 else ip_key(family, ip))
         if hist is None:
             return None, ATTR_UNRESOLVED
-        for start, end, meta in reversed(hist):
-            if start <= t_ns:
+        i = len(hist) - 3
+        while i >= 0:
+            if hist[i] <= t_ns:
+                end = hist[i + 1]
                 if end is None or t_ns < end:
+                    meta = hist[i + 2]
                     if end is None and self._restored and t_ns > self._restored.get(
                         meta.uid, t_ns
                     ):
@@ -116,9 +126,9 @@ class PodIndex:
                         return meta, ATTR_UNCERTAIN
                     return meta, ATTR_RESOLVED
                 return None, ATTR_UNRESOLVED
-        first = hist[0]
-        if first[0] - t_ns <= self.skew_ns:
-            return first[2], ATTR_UNCERTAIN
+            i -= 3
+        if hist[0] - t_ns <= self.skew_ns:
+            return hist[2], ATTR_UNCERTAIN
         return None, ATTR_UNRESOLVED
 
     def lookup(self, family: int, ip: int, t_ns: int) -> PodMeta | None:
@@ -135,14 +145,15 @@ class PodIndex:
 
     def tombstones(self) -> int:
         """Number of closed intervals still kept."""
-        return len(self._closed)
+        return len(self._closed_keys)
 
     def history(self, family: int, ip: int) -> tuple[Interval, ...]:
         """The ownership history of one address, oldest first (for tests and debugging)."""
-        return self._hist.get(ip_key(family, ip), ())
+        h = self._hist.get(ip_key(family, ip), ())
+        return tuple((h[i], h[i + 1], h[i + 2]) for i in range(0, len(h), 3))
 
-    def snapshot(self) -> tuple[dict[int, tuple[Interval, ...]], dict[str, PodMeta]]:
-        """Copies of the history (address key -> intervals) and of the live pods (by uid).
+    def snapshot(self) -> tuple[dict[int, Flat], dict[str, PodMeta]]:
+        """Copies of the history (address key -> flat intervals) and of the live pods (by uid).
 
         Taken under the writer lock, so they are consistent with each other; the
         copies are shallow (C-level dict copies, milliseconds at 100k pods):
@@ -155,12 +166,12 @@ class PodIndex:
 
     def restore(
         self,
-        hist: dict[int, tuple[Interval, ...]],
+        hist: dict[int, Flat],
         live: dict[str, PodMeta],
         known_until_ns: int,
         now_ns: int,
     ) -> int:
-        """Replace the content with a saved history; return how many intervals were kept.
+        """Replace the content with a saved (flat) history; return how many intervals were kept.
 
         Meant for start-up, before any pod source writes. ``live`` pods are
         taken as alive until ``known_until_ns`` (when the state was saved):
@@ -169,21 +180,21 @@ class PodIndex:
         interval there. Closed intervals are then pruned as usual (retention,
         ``max_tombstones``).
         """
-        closed: list[tuple[int, int, ClosedInterval]] = []
-        for key, intervals in hist.items():
-            for iv in intervals:
-                if iv[1] is not None:
-                    closed.append((iv[1], key, iv))  # type: ignore[arg-type]
+        closed: list[tuple[int, int]] = []
+        for key, flat in hist.items():
+            for i in range(1, len(flat), 3):
+                if flat[i] is not None:
+                    closed.append((flat[i], key))
+        # Stable: an address's intervals stay oldest first (see the module docstring).
         closed.sort(key=lambda c: c[0])
         with self._lock:
             self._hist = dict(hist)
             self._live = dict(live)
-            self._closed = deque(c[2] for c in closed)
             self._closed_keys = deque(c[1] for c in closed)
             self._restored = {uid: known_until_ns for uid in live}
             self.version += 1
         self.prune(now_ns)
-        return sum(len(h) for h in self._hist.values())
+        return sum(len(h) for h in self._hist.values()) // 3
 
     def update(self, pod: PodMeta, now_ns: int) -> None:
         """Record the current state of one pod (a watch ADDED/MODIFIED, a file entry).
@@ -224,21 +235,25 @@ class PodIndex:
         removed = 0
         with self._lock:
             horizon = now_ns - self.retention_ns
-            closed, keys = self._closed, self._closed_keys
-            while closed and (closed[0][1] < horizon or len(closed) > self.max_tombstones):
-                _, end, meta = closed.popleft()
-                key = keys.popleft()
-                uid = meta.uid
+            keys, hists = self._closed_keys, self._hist
+            while keys:
+                key = keys[0]
+                hist = hists.get(key)
+                # The oldest closure still pending for an address is the first
+                # interval of its history (intervals close oldest first).
+                end = hist[1] if hist else None
+                if end is None:  # nothing closed left there (not expected): skip
+                    keys.popleft()
+                    continue
+                if end >= horizon and len(keys) <= self.max_tombstones:
+                    break
+                keys.popleft()
                 if end >= horizon:
                     self.evicted_total += 1
-                hist = self._hist.get(key)
-                if hist is None:
-                    continue
-                kept = tuple(iv for iv in hist if not (iv[1] == end and iv[2].uid == uid))
-                if kept:
-                    self._hist[key] = kept
+                if len(hist) > 3:  # type: ignore[arg-type]
+                    hists[key] = hist[3:]  # type: ignore[index]
                 else:
-                    del self._hist[key]
+                    del hists[key]
                 removed += 1
             if removed:
                 self.version += 1
@@ -262,9 +277,9 @@ class PodIndex:
         for key in new_keys & old_keys:
             # Same address, fresher metadata (labels may have changed).
             hist = self._hist[key]
-            start, end, meta = hist[-1]
+            start, end, meta = hist[-3:]
             if meta.uid == uid and end is None and meta != pod:
-                self._hist[key] = (*hist[:-1], (start, None, pod))
+                self._hist[key] = (*hist[:-3], start, None, pod)
         first_seen = old is None
         owns = bool(new_keys & old_keys)
         for key in new_keys - old_keys:
@@ -282,7 +297,7 @@ class PodIndex:
         """Give ``key`` to ``pod`` from ``start``; False if another pod keeps it."""
         hist = self._hist.get(key, ())
         if hist:
-            last_start, last_end, last_meta = hist[-1]
+            last_start, last_end, last_meta = hist[-3:]
             if last_end is None and last_meta.uid != pod.uid:
                 # Two pods claim one address. Kubernetes hands an IP to a new pod
                 # only after the old one released it, so the newer pod owns it; an
@@ -306,9 +321,7 @@ class PodIndex:
                     # as far as we know, not until the new pod came.
                     cut = min(cut, known_until)
                 last_end = max(cut, last_start)
-                closed_iv: ClosedInterval = (last_start, last_end, last_meta)
-                hist = (*hist[:-1], closed_iv)
-                self._closed.append(closed_iv)
+                hist = (*hist[:-3], last_start, last_end, last_meta)
                 self._closed_keys.append(key)
                 stale = self._live.get(last_meta.uid)
                 if stale is not None:
@@ -322,21 +335,19 @@ class PodIndex:
                         self._restored.pop(last_meta.uid, None)
             if last_end is not None:
                 start = max(start, last_end)
-        self._hist[key] = (*hist, (start, None, pod))
+        self._hist[key] = (*hist, start, None, pod)
         return True
 
     def _close(self, key: int, uid: str, now_ns: int) -> None:
         hist = self._hist.get(key)
         if not hist:
             return
-        start, end, meta = hist[-1]
+        start, end, meta = hist[-3:]
         if end is None and meta.uid == uid:
             known_until = self._restored.get(uid)
             if known_until is not None:
                 now_ns = min(now_ns, known_until)  # see restore()
-            closed_iv: ClosedInterval = (start, max(now_ns, start), meta)
-            self._hist[key] = (*hist[:-1], closed_iv)
-            self._closed.append(closed_iv)
+            self._hist[key] = (*hist[:-3], start, max(now_ns, start), meta)
             self._closed_keys.append(key)
 
 

@@ -16,7 +16,8 @@ File ``<state_dir>/pod-index.state``, written whole each time::
 
 Pods are written once however many intervals name them, and equal
 label/annotation maps once, so loading rebuilds the sharing the index has in
-memory (``PodMeta.with_record_object`` interns the rest).
+memory (``PodMeta.with_record_object`` interns the rest; record objects are
+built on a pod's first record).
 
 Writes are atomic: temp file, fsync, rename, fsync of the directory; a crash
 leaves the old file or the new one. The CPU work (serialising) runs outside
@@ -49,9 +50,9 @@ from typing import Any
 
 import msgpack
 
-from shipper.enrich.pod_index import Interval, PodIndex
+from shipper.enrich.pod_index import Flat, PodIndex
 from shipper.metrics import Metrics
-from shipper.record import _EMPTY, _V6_TAG, PodMeta, _shared_map, ip_to_str
+from shipper.record import _EMPTY, _V6_TAG, PodMeta, _shared_map
 
 log = logging.getLogger("shipper.state")
 
@@ -82,7 +83,7 @@ class StateError(Exception):
 
 
 def _encode(
-    hist: dict[int, tuple[Interval, ...]],
+    hist: dict[int, Flat],
     live: dict[str, PodMeta],
     *,
     node: str,
@@ -131,16 +132,17 @@ def _encode(
         return i
 
     addrs: list[Any] = []
-    for key, intervals in hist.items():
-        kept = [iv for iv in intervals if iv[1] is None or iv[1] >= horizon_ns]
+    for key, flat in hist.items():
+        kept = [i for i in range(0, len(flat), 3)
+                if flat[i + 1] is None or flat[i + 1] >= horizon_ns]
         if not kept:
             continue
         addrs.append(key if key < _V6_TAG else (key ^ _V6_TAG).to_bytes(16, "big"))
         addrs.append(len(kept))
-        for start, end, meta in kept:
-            addrs.append(start)
-            addrs.append(end)
-            addrs.append(p(meta))
+        for i in kept:
+            addrs.append(flat[i])
+            addrs.append(flat[i + 1])
+            addrs.append(p(flat[i + 2]))
     live_idx = [p(meta) for meta in live.values()]
     string_list: list[str | None] = [None] * len(strings)
     for text, i in strings.items():
@@ -158,7 +160,7 @@ def _encode(
 
 def _decode(
     payload: bytes,
-) -> tuple[str, int, dict[int, tuple[Interval, ...]], dict[str, PodMeta]]:
+) -> tuple[str, int, dict[int, Flat], dict[str, PodMeta]]:
     """``(node, written_ns, hist, live)`` from a payload; raises StateError("corrupt")."""
     try:
         doc = msgpack.unpackb(payload, raw=False, strict_map_key=True)
@@ -175,10 +177,6 @@ def _decode(
         if len(flat_pods) % _POD_FIELDS:
             raise ValueError("pod table length is not a multiple of its row")
         metas: list[PodMeta] = []
-        # What PodMeta.with_record_object does, once per distinct combination of
-        # the shared parts rather than once per pod: at 400k pods the generic
-        # path dominated the load time.
-        parts_cache: dict[tuple[int, ...], dict[str, Any]] = {}
         for i in range(0, len(flat_pods), _POD_FIELDS):
             (ns, name, uid, ips_flat, node_s, labels_m, ann_m, okind, oname, ls, hostnet,
              phase, created) = flat_pods[i:i + _POD_FIELDS]
@@ -195,43 +193,34 @@ def _decode(
                     ips.append((6, int.from_bytes(ip, "big")))
                 else:
                     raise ValueError(f"address family {fam!r}")
-            namespace = strings[ns]
+            # Record objects are built on the pod's first record (PodMeta.kubernetes_for).
             meta = PodMeta(
-                namespace=namespace, name=name, uid=uid, ips=tuple(ips),
+                namespace=strings[ns], name=name, uid=uid, ips=tuple(ips),
                 node=strings[node_s], labels=maps[labels_m] if labels_m >= 0 else _EMPTY,
                 annotations=maps[ann_m] if ann_m >= 0 else _EMPTY,
                 owner_kind=strings[okind], owner_name=strings[oname],
                 logical_switch=strings[ls], host_network=bool(hostnet), phase=strings[phase],
                 created_ns=created,
             )
-            pkey = (labels_m, ann_m, node_s, okind, oname, ls)
-            parts = parts_cache.get(pkey)
-            if parts is None:
-                parts = parts_cache[pkey] = meta._parts()
-            by_ip = meta.kubernetes_by_ip
-            for fam, ip in ips:
-                obj: dict[str, Any] = {
-                    "namespace": namespace,
-                    "pod": {"name": name, "uid": uid, "ip": ip_to_str(fam, ip)},
-                }
-                obj.update(parts)
-                by_ip[ip if fam == 4 else ip | _V6_TAG] = obj
             metas.append(meta)
-        hist: dict[int, tuple[Interval, ...]] = {}
+        hist: dict[int, Flat] = {}
         addrs = doc["addrs"]
         i = 0
         while i < len(addrs):
             addr, n = addrs[i], addrs[i + 1]
             key = addr if isinstance(addr, int) else int.from_bytes(addr, "big") | _V6_TAG
             i += 2
-            ivs: list[Interval] = []
+            ivs: list[Any] = []
             for _ in range(n):
                 start, end, pi = addrs[i], addrs[i + 1], addrs[i + 2]
                 if not isinstance(start, int) or not (end is None or isinstance(end, int)):
                     raise ValueError("interval bounds are not integers")
-                ivs.append((start, end, metas[pi]))
+                ivs.append(start)
+                ivs.append(end)
+                ivs.append(metas[pi])
                 i += 3
-            hist[key] = tuple(ivs)
+            if ivs:  # an address with no interval left would have no history at all
+                hist[key] = tuple(ivs)
         live = {metas[pi].uid: metas[pi] for pi in doc["live"]}
         if not isinstance(node, str) or not isinstance(written_ns, int):
             raise ValueError("node/written_ns")

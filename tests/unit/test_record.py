@@ -165,7 +165,7 @@ class TestRecordObjects:
         """A whole record built from a shared object equals one built from a private copy."""
         p = make_pod("a")
         private = replace(p)
-        object.__setattr__(private, "kubernetes_by_ip", unshared_objects(p))
+        object.__setattr__(private, "record_objects", unshared_objects(p))
         for src in (V4, V6):
             assert orjson.dumps(ecs.build_record(event(src), p, "n")) == orjson.dumps(
                 ecs.build_record(event(src), private, "n")
