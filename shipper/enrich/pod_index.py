@@ -20,11 +20,12 @@ counted.
 Memory (docs/KUBERNETES.md, "Memory"): a tombstone is an address, a time
 range and a reference to its pod's PodMeta, whose repeated parts are shared
 between pods (see :class:`~shipper.record.PodMeta`); record objects are built
-only for pods that have records. An address's history is stored flat, one
-tuple ``(start, end, meta, start, end, meta, ...)`` (three slots per interval
-rather than a tuple each), and the tombstones' closing order is a deque of
-address keys alone: an address's intervals close oldest first, so its oldest
-pending closure is always the first interval of its history.
+only for pods that have records. An address's history is stored flat and
+newest first, one tuple ``(start, end, meta, start, end, meta, ...)``: three
+slots per interval rather than a tuple each, and the interval nearly every
+lookup wants at fixed small indexes. The tombstones' closing order is a deque
+of address keys alone: an address's intervals close oldest first, so its
+oldest pending closure is always the oldest interval of its history.
 
 Restarts: :meth:`snapshot` copies the history for the state file
 (``shipper.enrich.state``) and :meth:`restore` loads it back at start. A pod
@@ -54,7 +55,8 @@ from shipper.record import (
 )
 
 Interval = tuple[int, "int | None", PodMeta]
-# One address's history, flat: start, end (None while open), PodMeta, repeated.
+# One address's history, flat and newest first: start, end (None while open),
+# PodMeta, repeated. Only the newest interval can be open.
 Flat = tuple[Any, ...]
 
 DEFAULT_RETENTION_NS = 5 * 24 * 3600 * 1_000_000_000
@@ -112,23 +114,29 @@ class PodIndex:
         hist = self._hist.get(ip if family == 4 else ip_key(family, ip))
         if hist is None:
             return None, ATTR_UNRESOLVED
-        i = len(hist) - 3
-        while i >= 0:
+        # The newest interval (almost every flow is from a live owner).
+        if hist[0] <= t_ns:
+            end = hist[1]
+            if end is None:
+                meta = hist[2]
+                if self._restored and t_ns > self._restored.get(meta.uid, t_ns):
+                    # Restored from the state file, not yet confirmed by a pod
+                    # source, and the flow began after the file was written.
+                    return meta, ATTR_UNCERTAIN
+                return meta, ATTR_RESOLVED
+            if t_ns < end:
+                return hist[2], ATTR_RESOLVED
+            return None, ATTR_UNRESOLVED
+        n = len(hist)
+        i = 3
+        while i < n:  # older intervals, all closed
             if hist[i] <= t_ns:
-                end = hist[i + 1]
-                if end is None or t_ns < end:
-                    meta = hist[i + 2]
-                    if end is None and self._restored and t_ns > self._restored.get(
-                        meta.uid, t_ns
-                    ):
-                        # Restored from the state file, not yet confirmed by a pod
-                        # source, and the flow began after the file was written.
-                        return meta, ATTR_UNCERTAIN
-                    return meta, ATTR_RESOLVED
+                if t_ns < hist[i + 1]:
+                    return hist[i + 2], ATTR_RESOLVED
                 return None, ATTR_UNRESOLVED
-            i -= 3
-        if hist[0] - t_ns <= self.skew_ns:
-            return hist[2], ATTR_UNCERTAIN
+            i += 3
+        if hist[-3] - t_ns <= self.skew_ns:  # before the oldest interval known
+            return hist[-1], ATTR_UNCERTAIN
         return None, ATTR_UNRESOLVED
 
     def lookup(self, family: int, ip: int, t_ns: int) -> PodMeta | None:
@@ -150,10 +158,11 @@ class PodIndex:
     def history(self, family: int, ip: int) -> tuple[Interval, ...]:
         """The ownership history of one address, oldest first (for tests and debugging)."""
         h = self._hist.get(ip_key(family, ip), ())
-        return tuple((h[i], h[i + 1], h[i + 2]) for i in range(0, len(h), 3))
+        return tuple((h[i], h[i + 1], h[i + 2]) for i in range(len(h) - 3, -1, -3))
 
     def snapshot(self) -> tuple[dict[int, Flat], dict[str, PodMeta]]:
-        """Copies of the history (address key -> flat intervals) and of the live pods (by uid).
+        """Copies of the history (address key -> flat intervals, newest first, see
+        ``Flat``) and of the live pods (by uid).
 
         Taken under the writer lock, so they are consistent with each other; the
         copies are shallow (C-level dict copies, milliseconds at 100k pods):
@@ -171,7 +180,9 @@ class PodIndex:
         known_until_ns: int,
         now_ns: int,
     ) -> int:
-        """Replace the content with a saved (flat) history; return how many intervals were kept.
+        """Replace the content with a saved history (as :meth:`snapshot` gives it).
+
+        Returns how many intervals were kept.
 
         Meant for start-up, before any pod source writes. ``live`` pods are
         taken as alive until ``known_until_ns`` (when the state was saved):
@@ -182,7 +193,7 @@ class PodIndex:
         """
         closed: list[tuple[int, int]] = []
         for key, flat in hist.items():
-            for i in range(1, len(flat), 3):
+            for i in range(len(flat) - 2, 0, -3):  # the ends, oldest first
                 if flat[i] is not None:
                     closed.append((flat[i], key))
         # Stable: an address's intervals stay oldest first (see the module docstring).
@@ -239,9 +250,9 @@ class PodIndex:
             while keys:
                 key = keys[0]
                 hist = hists.get(key)
-                # The oldest closure still pending for an address is the first
+                # The oldest closure still pending for an address is the oldest
                 # interval of its history (intervals close oldest first).
-                end = hist[1] if hist else None
+                end = hist[-2] if hist else None
                 if end is None:  # nothing closed left there (not expected): skip
                     keys.popleft()
                     continue
@@ -251,7 +262,7 @@ class PodIndex:
                 if end >= horizon:
                     self.evicted_total += 1
                 if len(hist) > 3:  # type: ignore[arg-type]
-                    hists[key] = hist[3:]  # type: ignore[index]
+                    hists[key] = hist[:-3]  # type: ignore[index]
                 else:
                     del hists[key]
                 removed += 1
@@ -277,9 +288,9 @@ class PodIndex:
         for key in new_keys & old_keys:
             # Same address, fresher metadata (labels may have changed).
             hist = self._hist[key]
-            start, end, meta = hist[-3:]
+            start, end, meta = hist[0], hist[1], hist[2]
             if meta.uid == uid and end is None and meta != pod:
-                self._hist[key] = (*hist[:-3], start, None, pod)
+                self._hist[key] = (start, None, pod, *hist[3:])
         first_seen = old is None
         owns = bool(new_keys & old_keys)
         for key in new_keys - old_keys:
@@ -297,7 +308,7 @@ class PodIndex:
         """Give ``key`` to ``pod`` from ``start``; False if another pod keeps it."""
         hist = self._hist.get(key, ())
         if hist:
-            last_start, last_end, last_meta = hist[-3:]
+            last_start, last_end, last_meta = hist[0], hist[1], hist[2]
             if last_end is None and last_meta.uid != pod.uid:
                 # Two pods claim one address. Kubernetes hands an IP to a new pod
                 # only after the old one released it, so the newer pod owns it; an
@@ -321,7 +332,7 @@ class PodIndex:
                     # as far as we know, not until the new pod came.
                     cut = min(cut, known_until)
                 last_end = max(cut, last_start)
-                hist = (*hist[:-3], last_start, last_end, last_meta)
+                hist = (last_start, last_end, last_meta, *hist[3:])
                 self._closed_keys.append(key)
                 stale = self._live.get(last_meta.uid)
                 if stale is not None:
@@ -335,19 +346,19 @@ class PodIndex:
                         self._restored.pop(last_meta.uid, None)
             if last_end is not None:
                 start = max(start, last_end)
-        self._hist[key] = (*hist, start, None, pod)
+        self._hist[key] = (start, None, pod, *hist)
         return True
 
     def _close(self, key: int, uid: str, now_ns: int) -> None:
         hist = self._hist.get(key)
         if not hist:
             return
-        start, end, meta = hist[-3:]
+        start, end, meta = hist[0], hist[1], hist[2]
         if end is None and meta.uid == uid:
             known_until = self._restored.get(uid)
             if known_until is not None:
                 now_ns = min(now_ns, known_until)  # see restore()
-            self._hist[key] = (*hist[:-3], start, max(now_ns, start), meta)
+            self._hist[key] = (start, max(now_ns, start), meta, *hist[3:])
             self._closed_keys.append(key)
 
 

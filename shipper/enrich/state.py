@@ -133,7 +133,8 @@ def _encode(
 
     addrs: list[Any] = []
     for key, flat in hist.items():
-        kept = [i for i in range(0, len(flat), 3)
+        # Oldest first in the file (the index keeps them newest first).
+        kept = [i for i in range(len(flat) - 3, -1, -3)
                 if flat[i + 1] is None or flat[i + 1] >= horizon_ns]
         if not kept:
             continue
@@ -215,9 +216,7 @@ def _decode(
                 start, end, pi = addrs[i], addrs[i + 1], addrs[i + 2]
                 if not isinstance(start, int) or not (end is None or isinstance(end, int)):
                     raise ValueError("interval bounds are not integers")
-                ivs.append(start)
-                ivs.append(end)
-                ivs.append(metas[pi])
+                ivs[:0] = (start, end, metas[pi])  # the index keeps them newest first
                 i += 3
             if ivs:  # an address with no interval left would have no history at all
                 hist[key] = tuple(ivs)
