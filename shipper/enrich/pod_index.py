@@ -279,6 +279,7 @@ class PodIndex:
     def _update_locked(self, pod: PodMeta, now_ns: int) -> None:
         uid = pod.uid
         old = self._live.get(uid)
+        _share_ips(pod, old.ips if old is not None else self._previous_ips(pod))
         if self._restored:
             self._restored.pop(uid, None)  # a source reports it: alive until now
         new_keys = {ip_key(f, i) for f, i in pod.ips} if self._owns_ips(pod) else set()
@@ -303,6 +304,13 @@ class PodIndex:
             self._live[uid] = pod
         else:
             self._live.pop(uid, None)
+
+    def _previous_ips(self, pod: PodMeta) -> tuple[tuple[int, int], ...] | None:
+        """The addresses of the newest pod known on ``pod``'s first address, if any."""
+        if not pod.ips:
+            return None
+        hist = self._hist.get(ip_key(*pod.ips[0]))
+        return hist[2].ips if hist else None
 
     def _open(self, key: int, pod: PodMeta, start: int, now_ns: int) -> bool:
         """Give ``key`` to ``pod`` from ``start``; False if another pod keeps it."""
@@ -360,6 +368,18 @@ class PodIndex:
                 now_ns = min(now_ns, known_until)  # see restore()
             self._hist[key] = (start, max(now_ns, start), meta, *hist[3:])
             self._closed_keys.append(key)
+
+
+def _share_ips(pod: PodMeta, ips: tuple[tuple[int, int], ...] | None) -> None:
+    """Let ``pod`` hold the equal ``ips`` tuple another pod already holds.
+
+    An address handed to a new pod (or a pod updated with unchanged addresses)
+    then costs one ``ips`` tuple, not one per pod (about 140 bytes each, with
+    its pairs and integers). The value is equal, so nothing observable
+    changes; PodMeta is frozen, hence ``object.__setattr__``.
+    """
+    if ips is not None and ips is not pod.ips and ips == pod.ips:
+        object.__setattr__(pod, "ips", ips)
 
 
 def _newer(claimant: PodMeta, owner: PodMeta) -> bool:
