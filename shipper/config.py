@@ -92,8 +92,11 @@ class ConntrackConfig(_Closed):
     flow_start_cache: int = Field(
         1_000_000,
         ge=0,
-        description="How many flows' start times to remember (from NEW/snapshot) to attribute "
-        "later events when the kernel sends no start timestamp.",
+        description="At most this many flows' start times are remembered (from NEW/snapshot) to "
+        "attribute their later events that carry no kernel start timestamp; also at most "
+        "nf_conntrack_max. With nf_conntrack_timestamp=1 and no update events, NEW starts are "
+        "not remembered (DESTROY carries the kernel's). Evictions: "
+        "shipper_flow_starts_evicted_total.",
     )
     reliable_destroy: bool = Field(
         False,

@@ -150,6 +150,15 @@ DEFS: dict[str, MetricDef] = {
             "Pod addresses where Kube-OVN's allocation annotation disagreed with "
             "status.podIPs (status.podIPs was used).",
         ),
+        MetricDef(
+            "shipper_flow_starts_evicted_total",
+            "counter",
+            "Remembered flow start times dropped before their flow's last event, by reason: "
+            "full (conntrack.flow_start_cache or nf_conntrack_max entries held; the oldest "
+            "went). A later event of that flow without a kernel start timestamp is then "
+            "attributed by its own time.",
+            ("reason",),
+        ),
         MetricDef("shipper_pod_tombstones", "gauge", "Deleted-pod address intervals kept."),
         MetricDef(
             "shipper_pod_tombstones_evicted_total",

@@ -83,6 +83,15 @@ RECHECK_S = 0.05
 Held = tuple[FlowEvent, "int | None", int]
 
 
+def _conntrack_max() -> int | None:
+    """``net.netfilter.nf_conntrack_max`` (None if unreadable): the most flows the table holds."""
+    try:
+        with open("/proc/sys/net/netfilter/nf_conntrack_max") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def kube_source_class(cfg: Config) -> Any:
     """``KubeSource`` when the Kubernetes API source is configured, else None.
 
@@ -169,8 +178,12 @@ class Pipeline:
         # Pod history across restarts (docs/KUBERNETES.md, "State file").
         self.state = StateFile(cfg.state_dir, self.host, metrics) if cfg.state_dir else None
         self._state_saver: StateSaver | None = None
+        # Flow start times from NEW/snapshot, for the flow's later events that
+        # carry no kernel start timestamp. Sized at start (_size_starts).
         self._starts: dict[int, int] = {}
         self._max_starts = cfg.conntrack.flow_start_cache
+        self._remember_new = True  # until _size_starts knows better
+        self._n_starts_evicted = 0
         self._stop = threading.Event()
         self._sock: Any = None
         self._gap_since: int | None = None
@@ -233,10 +246,13 @@ class Pipeline:
             remembered = starts.get(key)
             if remembered is None:
                 remembered = ev.ts_start or ecs.event_time(ev)
-                if self._max_starts:
+                if self._max_starts and (
+                    self._remember_new or (action == ACTION_SNAPSHOT and ev.ts_start is None)
+                ):
                     starts[key] = remembered
                     if len(starts) > self._max_starts:
                         del starts[next(iter(starts))]
+                        self._n_starts_evicted += 1
         elif action == ACTION_DESTROY:
             remembered = starts.pop(key, None)
         else:
@@ -419,6 +435,9 @@ class Pipeline:
             for label, n in counts.items():
                 m.inc(name, label, n=n)
             counts.clear()
+        if self._n_starts_evicted:
+            m.inc("shipper_flow_starts_evicted_total", "full", n=self._n_starts_evicted)
+            self._n_starts_evicted = 0
         if self._n_unresolved:
             m.inc("shipper_records_unresolved_total", n=self._n_unresolved)
             self._n_unresolved = 0
@@ -512,6 +531,34 @@ class Pipeline:
         if after.get("timestamp") != 1:
             log.warning("nf_conntrack_timestamp is not 1: flow start/end times are "
                         "approximated by when events were read")
+        self._size_starts(after.get("timestamp") == 1, conntrack.in_netns(ns, _conntrack_max))
+
+    def _size_starts(self, kernel_timestamps: bool, table_max: int | None) -> None:
+        """Size the flow-start cache by what it must remember.
+
+        A remembered start is used only by a later event of the flow that
+        carries no kernel start timestamp. With ``nf_conntrack_timestamp=1``,
+        DESTROY and dumped entries carry one; NEW and UPDATE never do. So a
+        NEW's start is remembered only when UPDATE is subscribed or the kernel
+        stamps nothing (a snapshot without a timestamp, a flow from before the
+        sysctl was set, is always remembered). The table never holds more than
+        ``nf_conntrack_max`` flows, so more entries than that are dead flows
+        (a lost DESTROY, or no DESTROY subscribed): the cache holds at most
+        that many, and what it evicts to stay there is counted
+        (``shipper_flow_starts_evicted_total{reason="full"}``).
+        """
+        c = self.cfg.conntrack
+        self._remember_new = not kernel_timestamps or "update" in c.events
+        limit = c.flow_start_cache
+        if table_max:
+            limit = min(limit, table_max)
+        self._max_starts = limit
+        while len(self._starts) > limit:
+            del self._starts[next(iter(self._starts))]
+            self._n_starts_evicted += 1
+        log.info("flow start cache", extra={"fields": {
+            "max_entries": limit, "remember_new": self._remember_new,
+            "nf_conntrack_max": table_max}})
 
     def _start_enrichment(self, stop: threading.Event | None = None) -> None:
         if self.inventory is not None:

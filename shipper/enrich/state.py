@@ -178,6 +178,11 @@ def _decode(
         if len(flat_pods) % _POD_FIELDS:
             raise ValueError("pod table length is not a multiple of its row")
         metas: list[PodMeta] = []
+        # Equal values decoded once each, as the live index shares them: the
+        # addresses of pods that had the same address (PodIndex._share_ips),
+        # and interval bounds (one pod's end is often the next one's start).
+        shared_ips: dict[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]] = {}
+        shared_ns: dict[int, int] = {}
         for i in range(0, len(flat_pods), _POD_FIELDS):
             (ns, name, uid, ips_flat, node_s, labels_m, ann_m, okind, oname, ls, hostnet,
              phase, created) = flat_pods[i:i + _POD_FIELDS]
@@ -195,8 +200,11 @@ def _decode(
                 else:
                     raise ValueError(f"address family {fam!r}")
             # Record objects are built on the pod's first record (PodMeta.kubernetes_for).
+            ips_t = tuple(ips)
+            if created is not None:
+                created = shared_ns.setdefault(created, created)
             meta = PodMeta(
-                namespace=strings[ns], name=name, uid=uid, ips=tuple(ips),
+                namespace=strings[ns], name=name, uid=uid, ips=shared_ips.setdefault(ips_t, ips_t),
                 node=strings[node_s], labels=maps[labels_m] if labels_m >= 0 else _EMPTY,
                 annotations=maps[ann_m] if ann_m >= 0 else _EMPTY,
                 owner_kind=strings[okind], owner_name=strings[oname],
@@ -216,6 +224,9 @@ def _decode(
                 start, end, pi = addrs[i], addrs[i + 1], addrs[i + 2]
                 if not isinstance(start, int) or not (end is None or isinstance(end, int)):
                     raise ValueError("interval bounds are not integers")
+                start = shared_ns.setdefault(start, start)
+                if end is not None:
+                    end = shared_ns.setdefault(end, end)
                 ivs[:0] = (start, end, metas[pi])  # the index keeps them newest first
                 i += 3
             if ivs:  # an address with no interval left would have no history at all
