@@ -24,13 +24,17 @@ class RecordingSink:
     """A sink that keeps what it is given (dict records, not the fused line encoder)."""
 
     name = "recording"
-    ndjson = False
+    acknowledged = False
+    entry_format = "msgpack"
 
     def encode(self, record: dict[str, Any], time_ns: int) -> bytes:
         return orjson.dumps(record)
 
     def deliver(self, batch: Batch) -> None:  # pragma: no cover - never called here
         raise AssertionError("not used")
+
+    def abort(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
