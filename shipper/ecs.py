@@ -1,8 +1,12 @@
 """Pure: a flow event (+ the pod that owned its source) -> an ECS-aligned record.
 
-The schema is documented field by field in ``docs/SCHEMA.md``; the names there
-are an interface that users' pipelines depend on. Records are nested dicts
-(ECS's canonical JSON form), encoded by the sink.
+The record's fields are declared once, in ``shipper/schema.py``: ``build_record``
+and ``gap_record`` are compiled from that declaration at import, and so are the
+NDJSON encoder (``shipper.ecs_json``) and the field table of ``docs/SCHEMA.md``.
+The names are an interface that users' pipelines depend on. Records are nested
+dicts (ECS's canonical JSON form), encoded by the sink. This module holds the
+helpers the declaration's expressions call (time texts, Community ID, status
+names).
 
 Community ID (``network.community_id``) is computed here by hand: the
 ``communityid`` package implements the same spec but costs about 88 us per
@@ -17,30 +21,31 @@ import hashlib
 import struct
 import time
 from binascii import b2a_base64
+from collections.abc import Callable
+from typing import Any
+
+from shipper import schema
+from shipper.record import (  # F401: read by the code compiled from shipper/schema.py
+    _V6_TAG,  # noqa: F401
+    ACTION_DESTROY,
+    ACTION_GAP,  # noqa: F401
+    ACTION_NEW,
+    ACTION_SNAPSHOT,
+    ACTION_UPDATE,
+    ATTR_RESOLVED,  # noqa: F401
+    ATTR_UNRESOLVED,  # noqa: F401
+    ATTRIBUTIONS,
+    FlowEvent,
+    _ip_text,  # noqa: F401
+    ip_to_str,  # noqa: F401
+)
 
 try:  # CPython's built-in SHA-1: for 16-40 byte inputs, cheaper than OpenSSL's EVP setup
     from _sha1 import sha1
 except ImportError:  # pragma: no cover - other interpreters
     from hashlib import sha1
-from typing import Any
 
-from shipper.record import (  # the address-text cache, read inline
-    _V6_TAG,
-    ACTION_DESTROY,
-    ACTION_GAP,
-    ACTION_NEW,
-    ACTION_SNAPSHOT,
-    ACTION_UPDATE,
-    ATTR_RESOLVED,
-    ATTR_UNRESOLVED,
-    ATTRIBUTIONS,
-    FlowEvent,
-    PodMeta,
-    _ip_text,
-    ip_to_str,
-)
-
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = schema.SCHEMA_VERSION
 
 TRANSPORTS = {
     1: "icmp",
@@ -99,12 +104,6 @@ _EVENT_TYPE = {
     ACTION_DESTROY: ["connection", "end"],
     ACTION_UPDATE: ["connection", "info"],
     ACTION_SNAPSHOT: ["connection", "info"],
-}
-_CATEGORY = ["network"]
-# Shared constant sub-objects: records are encoded, never mutated.
-# One `flowlog` object per attribution status.
-FLOWLOG_OBJ: dict[str, dict[str, str]] = {
-    a: {"attribution": a, "schema_version": SCHEMA_VERSION} for a in ATTRIBUTIONS
 }
 
 
@@ -217,131 +216,45 @@ def event_time(ev: FlowEvent) -> int:
     return ev.ts_event or ev.received_ns
 
 
-def _ports_obj(ip: str, port: int | None) -> dict[str, Any]:
-    return {"ip": ip} if port is None else {"ip": ip, "port": port}
+def gap_id(host: str, since_ns: int, until_ns: int) -> str:
+    """The ``event.id`` of a gap record: a digest of the node and the gap's bounds."""
+    return base64.urlsafe_b64encode(
+        hashlib.blake2b(f"{host}|gap|{since_ns}|{until_ns}".encode(), digest_size=15).digest()
+    ).decode()
 
 
-def build_record(
-    ev: FlowEvent,
-    pod: PodMeta | None,
-    host: str,
-    *,
-    flow_start_ns: int | None = None,
-    attribution: str | None = None,
-) -> dict[str, Any]:
-    """Build the record of one flow event.
+_N_STATES = len(TCP_STATES)
+_ATTRIBUTION = {a: a for a in ATTRIBUTIONS}  # a lookup that rejects an unknown status
 
+# Compiled from the one declaration of the record (shipper/schema.py), at import:
+# straight-line code, so a record costs what the hand-written builder cost.
+build_record: Callable[..., dict[str, Any]] = schema.compile_dict(
+    schema.FLOW,
+    "ev, pod, host, *, flow_start_ns=None, attribution=None",
+    schema.FLOW_PRELUDE,
+    globals(),
+    "build_record",
+    """Build the record of one flow event (the fields of ``schema.FLOW``).
+
+    ``build_record(ev, pod, host, *, flow_start_ns=None, attribution=None)``.
     ``pod`` is the owner of the original source address at the flow's start
     (None: no ``kubernetes`` object). ``attribution`` is written to
     ``flowlog.attribution``: one of ``record.ATTRIBUTIONS``, as
     ``PodIndex.attribute`` returned it; None means ``resolved`` with a pod,
     ``unresolved`` without. ``flow_start_ns`` is the best known start of the
     flow when the kernel sent none.
+    """,
+)
 
-    Written for speed (it runs once per event): the event tuple is unpacked
-    once, objects are built as literals, address texts come from a cache.
-    """
-    (action, fam, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport,
-     itype, icode, iid, ct_id, status, tcp_state, mark, zone, timeout,
-     opk, oby, rpk, rby, ts_start, ts_stop, _ts_event, received) = ev
-    t_ns = event_time(ev)
-    v6 = fam != 4
-    src_key = osrc | _V6_TAG if v6 else osrc
-    src_ip = _ip_text.get(src_key) or ip_to_str(fam, osrc)
-    dst_ip = _ip_text.get(odst | _V6_TAG if v6 else odst) or ip_to_str(fam, odst)
-    nat_ip = _ip_text.get(rdst | _V6_TAG if v6 else rdst) or ip_to_str(fam, rdst)
-    event: dict[str, Any] = {
-        "kind": "event",
-        "category": _CATEGORY,
-        "type": _EVENT_TYPE[action],
-        "action": action,
-        "id": event_id(host, ev, t_ns),
-    }
-    start = ts_start or flow_start_ns
-    if start:
-        event["start"] = rfc3339(start)
-    if action == ACTION_DESTROY:
-        end = ts_stop or received
-        event["end"] = rfc3339(end)
-        if start and end >= start:
-            event["duration"] = end - start
-    if osport is not None:
-        source: dict[str, Any] = {"ip": src_ip, "port": osport,
-                                  "nat": {"ip": nat_ip, "port": rdport}}
-        destination: dict[str, Any] = {"ip": dst_ip, "port": odport}
-    else:
-        source = {"ip": src_ip, "nat": {"ip": nat_ip}}
-        destination = {"ip": dst_ip}
-    if rsrc != odst or rsport != odport:
-        destination["nat"] = _ports_obj(ip_to_str(fam, rsrc), rsport)
-    if oby is not None:
-        source["bytes"] = oby
-        source["packets"] = opk
-        destination["bytes"] = rby
-        destination["packets"] = rpk
-    ct: dict[str, Any] = {"id": ct_id}
-    if tcp_state is not None:
-        ct["state"] = TCP_STATES[tcp_state] if tcp_state < len(TCP_STATES) else str(tcp_state)
-    if status is not None:
-        ct["status"] = _status_cache.get(status) or status_names(status)
-    if mark is not None:
-        ct["mark"] = mark
-    if zone is not None:
-        ct["zone"] = zone
-    if timeout is not None:
-        ct["timeout"] = timeout
-    if itype is not None:
-        ct["icmp"] = {"type": itype, "code": icode, "id": iid}
-    record: dict[str, Any] = {
-        "@timestamp": rfc3339(t_ns),
-        "event": event,
-        "network": {
-            "transport": _TRANSPORT[proto],
-            "iana_number": _IANA[proto],
-            "type": "ipv6" if v6 else "ipv4",
-            "community_id": community_id(fam, proto, osrc, odst, osport, odport, itype, icode),
-        },
-        "source": source,
-        "destination": destination,
-        "host": {"name": host},
-        "conntrack": ct,
-    }
-    if pod is not None:
-        k = pod.record_objects.get(src_key)
-        if k is None:  # the pod's first record from this address: build its object once
-            k = pod.kubernetes_for(src_key, src_ip)
-        record["kubernetes"] = k
-    if attribution is None:
-        attribution = ATTR_RESOLVED if pod is not None else ATTR_UNRESOLVED
-    record["flowlog"] = FLOWLOG_OBJ[attribution]
-    return record
+gap_record: Callable[..., dict[str, Any]] = schema.compile_dict(
+    schema.GAP,
+    "host, *, since_ns, until_ns, lost, overruns, resync",
+    schema.GAP_PRELUDE,
+    globals(),
+    "gap_record",
+    """The record emitted after the kernel dropped events (the fields of ``schema.GAP``).
 
-
-def gap_record(
-    host: str, *, since_ns: int, until_ns: int, lost: int | None, overruns: int, resync: bool
-) -> dict[str, Any]:
-    """The record emitted after the kernel dropped events (socket overrun).
-
-    ``lost`` is the kernel's count of dropped events (None if unknown).
-    """
-    return {
-        "@timestamp": rfc3339(until_ns),
-        "event": {
-            "kind": "pipeline_error",
-            "category": _CATEGORY,
-            "type": ["info"],
-            "action": ACTION_GAP,
-            "start": rfc3339(since_ns),
-            "end": rfc3339(until_ns),
-            "duration": max(0, until_ns - since_ns),
-            "id": base64.urlsafe_b64encode(
-                hashlib.blake2b(f"{host}|gap|{since_ns}|{until_ns}".encode(),
-                                digest_size=15).digest()
-            ).decode(),
-        },
-        "host": {"name": host},
-        "flowlog": {
-            "schema_version": SCHEMA_VERSION,
-            "gap": {"lost_events": lost, "overruns": overruns, "resync": resync},
-        },
-    }
+    ``gap_record(host, *, since_ns, until_ns, lost, overruns, resync)``; ``lost``
+    is the kernel's count of dropped events (None if unknown).
+    """,
+)
