@@ -26,6 +26,13 @@ event: the per-event cost must stay that of the hand-written encoders it
 replaced (CPU per event is the project's budget); the generated functions are
 the same straight-line code, readable with :func:`source_of`.
 
+Changing a field: edit its declaration here, run ``python3 scripts/gen_docs.py``
+(SCHEMA.md), map it in ``config/elasticsearch/index-template.json`` (the recipe
+tests parse SCHEMA.md's table), and, since the record bytes change, bump
+:data:`SCHEMA_VERSION` and rewrite the golden file (``python3 -m
+tests.data.record_cases``). ``source_of("shipper.ecs_json.encode")`` shows the code
+compiled from it.
+
 Kinds (how a value is written in JSON): ``text`` - a string that needs no JSON
 escaping (our own keywords, address and time texts, base64); ``int`` - an int
 (never None where present); ``intn`` - an int or None (``null``); ``const`` - a
