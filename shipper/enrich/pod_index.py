@@ -93,6 +93,11 @@ class PodIndex:
         # uid -> until when a pod restored as live from the state file is known to
         # have lived (the file's write time); dropped once a source reports the pod.
         self._restored: dict[str, int] = {}
+        # address key -> ((from_ns, until_ns), ...): the ends of old owners' intervals
+        # cut by a new pod's creation after a deletion we never saw. Inside such a
+        # window either pod may have used the address (creation times are whole
+        # seconds), so a flow starting there is uncertain. Rare: outages only.
+        self._handovers: dict[int, tuple[tuple[int, int], ...]] = {}
         self.evicted_total = 0
         self.version = 0
 
@@ -108,10 +113,14 @@ class PodIndex:
         but nothing rules out an earlier owner we never saw: the address has no
         earlier history here (a first start, a lost state file). Also: the pod
         was restored from the state file, no pod source has confirmed it yet,
-        and ``t_ns`` is after the file was written (it may be gone since).
+        and ``t_ns`` is after the file was written (it may be gone since). Also:
+        the pod's deletion was never seen and a new pod took the address, and
+        ``t_ns`` lies in the second between the new pod's (truncated) creation
+        time and the cut: either pod may have used the address then.
         ``(None, ATTR_UNRESOLVED)``: nobody is known to have owned it then.
         """
-        hist = self._hist.get(ip if family == 4 else ip_key(family, ip))
+        key = ip if family == 4 else ip_key(family, ip)
+        hist = self._hist.get(key)
         if hist is None:
             return None, ATTR_UNRESOLVED
         # The newest interval (almost every flow is from a live owner).
@@ -132,6 +141,8 @@ class PodIndex:
         while i < n:  # older intervals, all closed
             if hist[i] <= t_ns:
                 if t_ns < hist[i + 1]:
+                    if self._handovers and self._in_handover(key, t_ns):
+                        return hist[i + 2], ATTR_UNCERTAIN
                     return hist[i + 2], ATTR_RESOLVED
                 return None, ATTR_UNRESOLVED
             i += 3
@@ -266,11 +277,19 @@ class PodIndex:
                 else:
                     del hists[key]
                 removed += 1
+            if self._handovers:
+                for k in [k for k, ws in self._handovers.items() if ws[-1][1] < horizon
+                          or k not in hists]:
+                    del self._handovers[k]
             if removed:
                 self.version += 1
         return removed
 
     # ---- internals -----------------------------------------------------------
+
+    def _in_handover(self, key: int, t_ns: int) -> bool:
+        """True if ``t_ns`` lies in a missed-deletion handover window of ``key``."""
+        return any(lo <= t_ns < hi for lo, hi in self._handovers.get(key, ()))
 
     @staticmethod
     def _owns_ips(pod: PodMeta) -> bool:
@@ -340,6 +359,9 @@ class PodIndex:
                     # as far as we know, not until the new pod came.
                     cut = min(cut, known_until)
                 last_end = max(cut, last_start)
+                if pod.created_ns is not None and pod.created_ns < last_end:
+                    window = (max(pod.created_ns, last_start), last_end)
+                    self._handovers[key] = (*self._handovers.get(key, ()), window)
                 hist = (last_start, last_end, last_meta, *hist[3:])
                 self._closed_keys.append(key)
                 stale = self._live.get(last_meta.uid)

@@ -558,6 +558,44 @@ class TestMissedDeletion:
         assert owner(idx, "10.16.0.5", T + 500 * S) == "b"
         assert owner(idx, "10.16.0.5", T + 1500 * S) == "b"
 
+    def test_second_after_new_pods_creation_is_uncertain(self) -> None:
+        """A flow in the second between B's truncated creation time and the cut is uncertain.
+
+        Either pod may have used the address then, so the record must not claim A
+        (or B) as resolved; before and after that second the answer stays resolved.
+        """
+        idx = PodIndex()
+        idx.update(pod("a", "10.16.0.5", "fd00:10:16::5", created=T), T)
+        idx.update(pod("b", "10.16.0.5", "fd00:10:16::5", created=T + 100 * S), T + 1000 * S)
+        for fam, addr in ((4, X4), (6, X6)):
+            assert idx.attribute(fam, addr, T + 99 * S)[1] == ATTR_RESOLVED
+            meta, status = idx.attribute(fam, addr, T + 100 * S)
+            assert (meta.uid if meta else None, status) == ("a", ATTR_UNCERTAIN)
+            meta, status = idx.attribute(fam, addr, T + 100 * S + S - 1)
+            assert (meta.uid if meta else None, status) == ("a", ATTR_UNCERTAIN)
+            meta, status = idx.attribute(fam, addr, T + 101 * S)
+            assert (meta.uid if meta else None, status) == ("b", ATTR_RESOLVED)
+
+    def test_seen_deletion_leaves_no_uncertain_window(self) -> None:
+        """When A's deletion was seen, the handover is exact: nothing is uncertain."""
+        idx = PodIndex()
+        idx.update(pod("a", "10.16.0.5", created=T), T)
+        idx.delete("a", T + 99 * S)
+        idx.update(pod("b", "10.16.0.5", created=T + 100 * S), T + 100 * S)
+        assert idx.attribute(4, X4, T + 98 * S) == (idx.attribute(4, X4, T)[0], ATTR_RESOLVED)
+        assert idx.attribute(4, X4, T + 100 * S + S // 2)[1] == ATTR_RESOLVED
+
+    def test_handover_windows_are_pruned_with_their_tombstones(self) -> None:
+        """Pruning past the retention forgets the window along with A's interval."""
+        idx = PodIndex(retention_ns=3600 * S)
+        idx.update(pod("a", "10.16.0.5", created=T), T)
+        idx.update(pod("b", "10.16.0.5", created=T + 100 * S), T + 1000 * S)
+        assert idx._handovers
+        idx.prune(T + 2 * 3600 * S)
+        assert not idx._handovers
+        meta, status = idx.attribute(4, X4, T + 100 * S)  # A is forgotten: only skew is left
+        assert (meta.uid if meta else None, status) == ("b", ATTR_UNCERTAIN)
+
     def test_unknown_creation_time_cuts_now(self) -> None:
         """Without a creation time the handover happens when we learn of it."""
         idx = PodIndex()
