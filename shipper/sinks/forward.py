@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import socket
 import ssl
 import threading
@@ -59,9 +58,10 @@ from shipper.sinks.forward_format import (
     pack_str,
     pong_digest,
 )
+from shipper.sinks.net import build_ssl_context, close_quietly, oserror_text, stale
 
 if TYPE_CHECKING:
-    from shipper.config import ForwardSinkConfig, ForwardTLSConfig
+    from shipper.config import ForwardSinkConfig
     from shipper.metrics import Metrics
 
 log = logging.getLogger("shipper.sinks.forward")
@@ -118,25 +118,6 @@ def read_secret(path: Path, what: str) -> bytes:
     return data
 
 
-def build_ssl_context(tls: ForwardTLSConfig) -> ssl.SSLContext:
-    """A client context: TLS >= 1.2, verification on unless ``tls.verify`` is false."""
-    try:
-        if tls.verify:
-            ctx = ssl.create_default_context(
-                cafile=str(tls.ca_file) if tls.ca_file is not None else None
-            )
-        else:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if tls.cert_file is not None:
-            ctx.load_cert_chain(
-                str(tls.cert_file), str(tls.key_file) if tls.key_file is not None else None
-            )
-    except (OSError, ssl.SSLError) as exc:
-        raise SinkError(f"cannot load TLS files: {exc}", retriable=False) from exc
-    return ctx
 
 
 class ForwardSink:
@@ -238,7 +219,7 @@ class ForwardSink:
                 raise SinkError("forward sink is shutting down", retriable=True)
             conn = self._conn
         if conn is not None:
-            if not _stale(conn.sock):
+            if not stale(conn.sock):
                 return conn
             self._drop_conn(conn)
             log.info("forward connection closed by receiver, reconnecting",
@@ -273,7 +254,7 @@ class ForwardSink:
         try:
             raw = socket.create_connection((ep.host, ep.port), timeout=timeout)
         except OSError as exc:
-            raise _Failure("connect", f"connect failed: {_oserror(exc)}") from exc
+            raise _Failure("connect", f"connect failed: {oserror_text(exc)}") from exc
         sock: socket.socket = raw
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -283,7 +264,7 @@ class ForwardSink:
             if self.cfg.shared_key_file is not None:
                 self._handshake(conn, time.monotonic() + timeout)
         except BaseException:
-            _close_quietly(sock)
+            close_quietly(sock)
             raise
         return conn
 
@@ -298,7 +279,7 @@ class ForwardSink:
         except ssl.SSLError as exc:
             raise _Failure("tls", f"TLS handshake failed: {exc.reason or exc}") from exc
         except OSError as exc:
-            raise _Failure("tls", f"TLS handshake failed: {_oserror(exc)}") from exc
+            raise _Failure("tls", f"TLS handshake failed: {oserror_text(exc)}") from exc
 
     def _handshake(self, conn: _Conn, deadline: float) -> None:
         """HELO -> PING -> PONG, checking the server's digest (FACTS: one write, wait PONG).
@@ -390,7 +371,7 @@ class ForwardSink:
                 raise _Failure("tls", f"TLS error while waiting for {what}: {exc}") from exc
             except OSError as exc:
                 raise _Failure("closed", f"connection lost while waiting for {what}: "
-                                         f"{_oserror(exc)}") from exc
+                                         f"{oserror_text(exc)}") from exc
             if not data:
                 raise _Failure(eof_kind, eof_text or
                                f"receiver closed the connection while we waited for {what}")
@@ -419,7 +400,7 @@ class ForwardSink:
         except TimeoutError as exc:
             raise _Failure("send", "write timed out") from exc
         except OSError as exc:
-            raise _Failure("send", f"write failed: {_oserror(exc)}") from exc
+            raise _Failure("send", f"write failed: {oserror_text(exc)}") from exc
 
     def _fail(self, conn: _Conn, f: _Failure) -> None:
         ep = conn.endpoint
@@ -437,7 +418,7 @@ class ForwardSink:
         self._close_conn(conn)
 
     def _close_conn(self, conn: _Conn) -> None:
-        _close_quietly(conn.sock)
+        close_quietly(conn.sock)
         self.metrics.set("shipper_forward_connected", 0, conn.endpoint.label)
 
 
@@ -448,32 +429,8 @@ def _secret(path: Path, what: str) -> bytes:
         raise _Failure("auth", str(exc)) from exc
 
 
-def _stale(sock: socket.socket) -> bool:
-    """True if an idle connection was closed by the peer (or sent something unexpected)."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    if not readable:
-        return False
-    timeout = sock.gettimeout()
-    sock.setblocking(False)
-    try:
-        sock.recv(1)  # EOF, or a byte nobody asked for: either way start afresh
-    except (BlockingIOError, ssl.SSLWantReadError):
-        return False  # only TLS records (e.g. session tickets)
-    except OSError:
-        return True
-    finally:
-        sock.settimeout(timeout)
-    return True
 
 
-def _close_quietly(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    with contextlib.suppress(OSError):
-        sock.close()
 
 
 def _as_bytes(v: Any) -> bytes:
@@ -487,8 +444,3 @@ def _as_bytes(v: Any) -> bytes:
 def _preview(v: Any) -> str:
     return repr(v)[:80]
 
-
-def _oserror(exc: OSError) -> str:
-    if exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__

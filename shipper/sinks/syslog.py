@@ -58,7 +58,6 @@ import contextlib
 import logging
 import os
 import re
-import select
 import socket
 import ssl
 import struct
@@ -75,10 +74,11 @@ from shipper.ecs import rfc3339
 from shipper.errors import SinkError
 from shipper.sinks.base import Batch, EntryFormat
 from shipper.sinks.forward import parse_address
+from shipper.sinks.net import build_ssl_context, close_quietly, oserror_text, stale
 from shipper.sinks.relp import RelpError, RelpSession
 
 if TYPE_CHECKING:
-    from shipper.config import SyslogSinkConfig, SyslogTLSConfig
+    from shipper.config import SyslogSinkConfig
     from shipper.metrics import Metrics
 
 log = logging.getLogger("shipper.sinks.syslog")
@@ -282,7 +282,7 @@ class SyslogSink:
         except ssl.SSLError as exc:
             raise _Failure("tls", f"TLS error on write: {exc}") from exc
         except OSError as exc:
-            raise _Failure("closed", f"write failed: {_oserror(exc)}") from exc
+            raise _Failure("closed", f"write failed: {oserror_text(exc)}") from exc
         self.metrics.inc("shipper_syslog_records_sent_total", ep.label, n=len(entries))
         info = _tcp_info(conn.sock)
         if info is not None:
@@ -323,7 +323,7 @@ class SyslogSink:
                 if conn.unconfirmed:
                     time.sleep(0.01)
         # Still unacknowledged and the peer closed or reset: the kernel drops it, count it.
-        self._close_conn(conn, broken=bool(conn.unconfirmed) and _stale(conn.sock))
+        self._close_conn(conn, broken=bool(conn.unconfirmed) and stale(conn.sock))
 
     # --- connections ------------------------------------------------------------------
 
@@ -340,7 +340,7 @@ class SyslogSink:
                 raise SinkError("syslog sink is shutting down", retriable=True)
             conn = self._conn
         if conn is not None:
-            if not _stale(conn.sock):
+            if not stale(conn.sock):
                 return conn
             self._drop_conn(conn, broken=True)
             log.info("syslog connection closed by receiver, reconnecting",
@@ -356,7 +356,7 @@ class SyslogSink:
                 continue
             with self._lock:
                 if self._aborted:
-                    _close_quietly(conn.sock)
+                    close_quietly(conn.sock)
                     raise SinkError("syslog sink is shutting down", retriable=True)
                 self._conn = conn
             self.metrics.inc("shipper_syslog_connections_total", ep.label)
@@ -371,7 +371,7 @@ class SyslogSink:
         try:
             raw = socket.create_connection((ep.host, ep.port), timeout=timeout)
         except OSError as exc:
-            raise _Failure("connect", f"connect failed: {_oserror(exc)}") from exc
+            raise _Failure("connect", f"connect failed: {oserror_text(exc)}") from exc
         sock: socket.socket = raw
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -389,7 +389,7 @@ class SyslogSink:
                                          f"{exc}") from exc
                 conn.relp = session
         except BaseException:
-            _close_quietly(sock)
+            close_quietly(sock)
             raise
         return conn
 
@@ -404,7 +404,7 @@ class SyslogSink:
         except ssl.SSLError as exc:
             raise _Failure("tls", f"TLS handshake failed: {exc.reason or exc}") from exc
         except OSError as exc:
-            raise _Failure("tls", f"TLS handshake failed: {_oserror(exc)}") from exc
+            raise _Failure("tls", f"TLS handshake failed: {oserror_text(exc)}") from exc
 
     def _fail(self, conn: _Conn, f: _Failure) -> None:
         ep = conn.endpoint
@@ -442,29 +442,10 @@ class SyslogSink:
                           "reached the receiver", extra={"fields": {
                               "endpoint": conn.endpoint.label, "records": lost,
                               "protocol": self.cfg.protocol}})
-        _close_quietly(conn.sock)
+        close_quietly(conn.sock)
         self.metrics.set("shipper_syslog_connected", 0, conn.endpoint.label)
 
 
-def build_ssl_context(tls: SyslogTLSConfig) -> ssl.SSLContext:
-    """A client context: TLS >= 1.2, verification on unless ``tls.verify`` is false."""
-    try:
-        if tls.verify:
-            ctx = ssl.create_default_context(
-                cafile=str(tls.ca_file) if tls.ca_file is not None else None
-            )
-        else:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if tls.cert_file is not None:
-            ctx.load_cert_chain(
-                str(tls.cert_file), str(tls.key_file) if tls.key_file is not None else None
-            )
-    except (OSError, ssl.SSLError) as exc:
-        raise SinkError(f"cannot load TLS files: {exc}", retriable=False) from exc
-    return ctx
 
 
 def _event_id(message: bytes) -> str:
@@ -516,38 +497,6 @@ def _unreceived(unconfirmed: deque[_Sent], acked: int | None) -> int:
     return lost
 
 
-def _stale(sock: socket.socket) -> bool:
-    """True if an idle connection was closed by the peer (or sent something unexpected)."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    if not readable:
-        return False
-    timeout = sock.gettimeout()
-    sock.setblocking(False)
-    try:
-        data = sock.recv(1)  # EOF, serverclose, or a byte nobody asked for: start afresh
-    except (BlockingIOError, ssl.SSLWantReadError):
-        return False  # only TLS records (e.g. session tickets)
-    except OSError:
-        return True
-    finally:
-        with contextlib.suppress(OSError):
-            sock.settimeout(timeout)
-    del data
-    return True
 
 
-def _close_quietly(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    with contextlib.suppress(OSError):
-        sock.close()
-
-
-def _oserror(exc: OSError) -> str:
-    if exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
 
