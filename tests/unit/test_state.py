@@ -276,6 +276,21 @@ class TestBadFiles:
                          + payload)
         self._ignored(sf, metrics, "corrupt")
 
+    @pytest.mark.parametrize("cut", ["trailing", "short_table"])
+    def test_payload_framed_but_inconsistent(
+        self, tmp_path: Path, metrics: Metrics, cut: str
+    ) -> None:
+        """A payload whose CRC matches but has bytes after its map, or whose values end
+        inside a table (a writer bug, not disk damage), is 'corrupt'."""
+        import zlib
+
+        sf, path = self._saved(tmp_path, metrics)
+        payload = path.read_bytes()[_HEADER.size:]
+        payload = payload + b"\xc0" if cut == "trailing" else payload[:-1]
+        path.write_bytes(_HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), zlib.crc32(payload))
+                         + payload)
+        self._ignored(sf, metrics, "corrupt")
+
     def test_other_format_version(self, tmp_path: Path, metrics: Metrics) -> None:
         """A file of another format version is 'version'."""
         sf, path = self._saved(tmp_path, metrics)
