@@ -196,6 +196,20 @@ class TestIpReuse:
         assert idx.tombstones() == before
 
 
+    def test_new_owner_shares_equal_addresses(self) -> None:
+        """A new pod on the address of a deleted pod with the same addresses holds the
+        deleted pod's ips tuple (one tuple in memory), equal as before."""
+        idx = PodIndex()
+        a = pod("a", "10.16.0.5", "fd00:10:16::5", created=T)
+        idx.update(a, T)
+        idx.delete("a", T + 10 * S)
+        b = pod("b", "10.16.0.5", "fd00:10:16::5", created=T + 20 * S)
+        ips = b.ips
+        idx.update(b, T + 20 * S)
+        assert b.ips is a.ips and b.ips == ips
+        assert owner(idx, "fd00:10:16::5", T + 30 * S) == "b"
+
+
 class TestOwnership:
     @pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
     def test_terminal_phase_owns_nothing(self, phase: str) -> None:

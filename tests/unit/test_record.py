@@ -142,6 +142,33 @@ class TestSharing:
         assert a.labels is not odd
 
 
+class TestLazyRecordObjects:
+    def test_built_on_first_use_then_shared(self) -> None:
+        """A pod has no record object until its first record; later calls return that one."""
+        p = make_pod("a")
+        assert p.record_objects == {}
+        key, text = ip_key(*parse_ip(V4)), V4
+        first = p.kubernetes_for(key, text)
+        assert p.record_objects == {key: first}
+        assert p.kubernetes_for(key, text) is first
+        assert first == unshared_objects(p)[key]
+
+    def test_unlisted_address_is_not_kept(self) -> None:
+        """An address the pod does not list gets a new object each time, none is kept."""
+        p = make_pod("a")
+        key = ip_key(*parse_ip("10.16.9.9"))
+        one = p.kubernetes_for(key, "10.16.9.9")
+        assert one["pod"]["ip"] == "10.16.9.9"
+        assert p.kubernetes_for(key, "10.16.9.9") is not one
+        assert p.record_objects == {}
+
+    def test_replace_starts_without_objects(self) -> None:
+        """A copy made with dataclasses.replace does not inherit the original's objects."""
+        p = make_pod("a")
+        p.kubernetes_for(ip_key(*parse_ip(V4)), V4)
+        assert replace(p, name="b").record_objects == {}
+
+
 class TestRecordObjects:
     @pytest.mark.parametrize(
         "over",
