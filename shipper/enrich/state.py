@@ -160,7 +160,7 @@ def _encode(
 
 
 def _decode(
-    payload: bytes,
+    payload: bytes | memoryview,
 ) -> tuple[str, int, dict[int, Flat], dict[str, PodMeta]]:
     """``(node, written_ns, hist, live)`` from a payload; raises StateError("corrupt").
 
@@ -171,9 +171,9 @@ def _decode(
     half as large again in RSS as the live one it was saved from.
     """
     try:
-        up = msgpack.Unpacker(raw=False, strict_map_key=True,
+        # Read in chunks from the payload (feeding it whole would copy it all).
+        up = msgpack.Unpacker(_Chunks(payload), raw=False, strict_map_key=True,
                               max_buffer_size=max(len(payload), 1))
-        up.feed(payload)
         doc: dict[str, Any] = {}
         metas: list[PodMeta] = []
         hist: dict[int, Flat] = {}
@@ -210,6 +210,20 @@ def _decode(
             msgpack.UnpackException, msgpack.ExtraData) as exc:
         raise StateError(REASON_CORRUPT, f"state payload cannot be decoded: {exc}") from exc
     return node, written_ns, hist, live
+
+
+class _Chunks:
+    """A read-only file over a payload's bytes (for ``msgpack.Unpacker``), without copying it."""
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n < 0 else self._pos + n
+        chunk = bytes(self._view[self._pos:end])
+        self._pos += len(chunk)
+        return chunk
 
 
 def _decode_pods(
@@ -286,7 +300,7 @@ def pack(payload: bytes) -> bytes:
     return _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), zlib.crc32(payload)) + payload
 
 
-def unpack(data: bytes) -> bytes:
+def unpack(data: bytes | memoryview) -> bytes | memoryview:
     """The payload of a state file's bytes; raises StateError naming what is wrong."""
     if len(data) < _HEADER.size:
         if MAGIC.startswith(data[:len(MAGIC)]):
@@ -345,7 +359,8 @@ class StateFile:
             gc_on = gc.isenabled()
             gc.disable()
             try:
-                node, written_ns, hist, live = _decode(unpack(data))
+                # A view, not a copy: the file can be tens of MiB.
+                node, written_ns, hist, live = _decode(unpack(memoryview(data)))
                 if node != self.node:
                     raise StateError(REASON_FOREIGN_NODE,
                                      f"written for node {node!r}, this is {self.node!r}")
