@@ -44,3 +44,21 @@ def setup(level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+
+
+class LogLimit:
+    """At most one log line per key and period: every occurrence is still counted in a
+    metric, so a flood of bad input cannot flood the logs."""
+
+    def __init__(self, per_s: float) -> None:
+        self.per_s = per_s
+        self._last: dict[str, float] = {}
+
+    def allow(self, key: str) -> bool:
+        """True if a line for ``key`` may be logged now (and it counts as logged)."""
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.per_s:
+            return False
+        self._last[key] = now
+        return True

@@ -1,4 +1,4 @@
-"""Pipeline._drain_at_stop: what the kernel queued before a stop is shipped or counted."""
+"""Pipeline._drain_at_stop (the source's stop drain): what the kernel queued is shipped."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def shipped(p: Pipeline) -> list[dict[str, Any]]:
 class TestDrainAtStop:
     def test_queued_events_are_read_and_shipped(self, pipeline: Pipeline) -> None:
         """Every datagram queued at the stop becomes a record; no gap when all were read."""
-        pipeline._sock = QueuedSocket(3)
+        pipeline.source.sock = QueuedSocket(3)
         pipeline._drain_at_stop()
         recs = shipped(pipeline)
         assert [r["event"]["action"] for r in recs] == ["new"] * 3
@@ -83,7 +83,7 @@ class TestDrainAtStop:
         """A queue that does not empty within half of shutdown_grace_s ends the drain with a
         gap record of unknown size, after shipping what was read."""
         sock = QueuedSocket(None)
-        pipeline._sock = sock
+        pipeline.source.sock = sock
         pipeline._drain_at_stop()
         recs = shipped(pipeline)
         gaps = [r for r in recs if r["event"]["action"] == "gap"]
@@ -96,7 +96,7 @@ class TestDrainAtStop:
         stop."""
         monkeypatch.setattr(conntrack, "effective_rcvbuf", lambda sock: 10 * len(MESSAGE))
         sock = QueuedSocket(None)
-        pipeline._sock = sock
+        pipeline.source.sock = sock
         pipeline._drain_at_stop()
         assert sock.reads == 10
         assert [r["event"]["action"] for r in shipped(pipeline)] == ["new"] * 10

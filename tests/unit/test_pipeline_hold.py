@@ -1,7 +1,7 @@
-"""Pipeline + shipper.enrich.hold: records wait for pod metadata, bounded, in order.
+"""Pipeline + shipper.enrich.waiting and .hold: records wait for pod metadata, bounded, in order.
 
 The event path (``Pipeline.handle``) and the loop's once-per-iteration step
-(``Pipeline._tick_hold``) are driven directly with synthetic events and a
+(``WaitStage.tick``, ``Pipeline.wait``) are driven directly with synthetic events and a
 synthetic pod source state; time is explicit.
 """
 
@@ -67,7 +67,7 @@ def make(overflow: str = "block", **enrich: Any) -> tuple[Pipeline, Metrics, Sou
     m = Metrics()
     p = Pipeline(cfg, m, sink=RecordingSink())
     state = SourceState("pods", stale=False)
-    p._pod_states.append(state)
+    p.wait.states.append(state)
     return p, m, state
 
 
@@ -83,7 +83,7 @@ def shipped(p: Pipeline) -> list[tuple[str, int, str, str | None]]:
 
 
 def tick(p: Pipeline, now: int) -> None:
-    p._tick_hold(now, now / S)
+    p.wait.tick(now, now / S)
 
 
 class TestStaleHold:
@@ -152,7 +152,7 @@ class TestStaleHold:
         state.mark_stale("pods file unreadable", T0)
         tick(p, T0)
         p.handle(event(ACTION_NEW, 1, T0 + S, T0 + S))
-        p._flush_waiting()
+        p.wait.flush()
         assert shipped(p) == [("new", 1, "stale", None)]
         p._flush_counters()
         assert m.value("shipper_records_stale_total", "shutdown") == 1
@@ -163,7 +163,7 @@ class TestStaleHold:
         p.index.update(pod("a", T0), T0)
         tick(p, T0)
         p.handle(event(ACTION_NEW, 1, T0 + S, T0 + S))
-        assert not p._holding and not p.waiting
+        assert not p.wait.holding and not p.waiting
         assert shipped(p) == [("new", 1, "resolved", "a")]
 
 

@@ -85,7 +85,7 @@ class TestBound:
         p, m = pipeline(2)
         for ct in (1, 2, 3):
             p.handle(event(ACTION_NEW, ct, T0 + ct * S))
-        assert len(p._starts) == 2
+        assert len(p.starts.cache) == 2
         for ct in (1, 2, 3):
             p.handle(event(ACTION_DESTROY, ct, T0 + 100 * S))
         got = starts(p)[3:]
@@ -98,7 +98,7 @@ class TestBound:
         p, m = pipeline(10)
         p.handle(event(ACTION_NEW, 1, T0 + S))
         p.handle(event(ACTION_DESTROY, 1, T0 + 9 * S))
-        assert p._starts == {}
+        assert p.starts.cache == {}
         p._flush_counters()
         assert m.value("shipper_flow_starts_evicted_total", "full") == 0
 
@@ -108,11 +108,11 @@ class TestBound:
         p, m = pipeline(10)
         for ct in range(1, 6):
             p.handle(event(ACTION_NEW, ct, T0 + ct * S))
-        p._size_starts(kernel_timestamps=False, table_max=3)
-        assert p._max_starts == 3
-        assert len(p._starts) == 3
+        p.starts.size(kernel_timestamps=False, table_max=3)
+        assert p.starts.max_entries == 3
+        assert len(p.starts.cache) == 3
         p.handle(event(ACTION_NEW, 6, T0 + 6 * S))
-        assert len(p._starts) == 3
+        assert len(p.starts.cache) == 3
         p._flush_counters()
         assert m.value("shipper_flow_starts_evicted_total", "full") == 3
 
@@ -122,9 +122,9 @@ class TestWhatIsRemembered:
         """With kernel timestamps and no update events, a NEW's start is not kept (its
         DESTROY carries the kernel's): the record still has the kernel's start."""
         p, _ = pipeline(10)
-        p._size_starts(kernel_timestamps=True, table_max=None)
+        p.starts.size(kernel_timestamps=True, table_max=None)
         p.handle(event(ACTION_NEW, 1, T0 + S))
-        assert p._starts == {}
+        assert p.starts.cache == {}
         p.handle(event(ACTION_DESTROY, 1, T0 + 9 * S, ts_start=T0 + S // 2))
         assert starts(p)[1] == iso(T0 + S // 2)
 
@@ -132,24 +132,24 @@ class TestWhatIsRemembered:
         """A dumped flow without a kernel timestamp (created before the sysctl was set) is
         remembered even with kernel timestamps on: its DESTROY will have none either."""
         p, _ = pipeline(10)
-        p._size_starts(kernel_timestamps=True, table_max=None)
+        p.starts.size(kernel_timestamps=True, table_max=None)
         p.handle(event(ACTION_SNAPSHOT, 1, T0 + S))
         p.handle(event(ACTION_SNAPSHOT, 2, T0 + S, ts_start=T0))
-        assert list(p._starts.values()) == [T0 + S]
+        assert list(p.starts.cache.values()) == [T0 + S]
         p.handle(event(ACTION_DESTROY, 1, T0 + 9 * S))
         assert starts(p)[2] == iso(T0 + S)
 
     def test_update_subscription_remembers_new(self) -> None:
         """UPDATE events carry no kernel start: with them subscribed NEW starts are kept."""
         p, _ = pipeline(10, ["new", "update", "destroy"])
-        p._size_starts(kernel_timestamps=True, table_max=None)
+        p.starts.size(kernel_timestamps=True, table_max=None)
         p.handle(event(ACTION_NEW, 1, T0 + S))
-        assert len(p._starts) == 1
+        assert len(p.starts.cache) == 1
 
     def test_no_kernel_timestamps_remembers_new(self) -> None:
         """Without kernel timestamps every NEW's start is kept for its later events."""
         p, _ = pipeline(10)
-        p._size_starts(kernel_timestamps=False, table_max=None)
+        p.starts.size(kernel_timestamps=False, table_max=None)
         p.handle(event(ACTION_NEW, 1, T0 + S))
         p.handle(event(ACTION_DESTROY, 1, T0 + 9 * S))
         assert starts(p)[1] == iso(T0 + S)
