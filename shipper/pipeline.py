@@ -1,15 +1,15 @@
-"""Wires source -> filter -> attribute -> [wait] -> encode -> batch -> delivery, and runs it.
+"""Wires source -> filter -> attribute -> [wait] -> output, and runs it.
 
 The event path is one thread (``Pipeline.run``): the source
 (:mod:`shipper.sources.events`) receives a burst from the conntrack socket and
 decodes it; :meth:`Pipeline.handle` filters each event
 (:mod:`shipper.filters.cidr`), finds its attribution time
 (:mod:`shipper.enrich.attribute`) and pod, lets it wait for pod metadata if it
-must (:mod:`shipper.enrich.waiting`), encodes it and adds it to the open batch.
-Closed batches go to the delivery worker (:mod:`shipper.delivery`) through a
-bounded queue. Everything else runs beside it and never blocks it: the pod
-sources (:mod:`shipper.enrich.sources`), the state saver, the metrics endpoint.
-Hot-path counters are plain dicts folded into the metrics once a second.
+must (:mod:`shipper.enrich.waiting`), and hands it to the output
+(:mod:`shipper.output`: encode, batch, delivery). Everything else runs beside it
+and never blocks it: the pod sources and state saver (:mod:`shipper.enrich.sources`),
+the delivery worker, the metrics endpoint. Hot-path counters are plain dicts
+(:mod:`shipper.counts`) folded into the metrics once a second.
 """
 
 from __future__ import annotations
@@ -20,21 +20,18 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from shipper import ecs
-from shipper.batch import Batch, Batcher
 from shipper.config import Config
-from shipper.delivery import Delivery
-from shipper.ecs_json import JsonLineEncoder
+from shipper.counts import EventCounts
 from shipper.enrich.attribute import FlowStarts
 from shipper.enrich.pod_index import PodIndex
 from shipper.enrich.sources import PodSources, kube_source_class
-from shipper.enrich.state import StateFile, StateSaver
 from shipper.enrich.waiting import Held, WaitStage
 from shipper.filters.cidr import CidrFilter
 from shipper.health import Health
 from shipper.log import LogLimit
 from shipper.memory import tune_malloc
 from shipper.metrics import Metrics
+from shipper.output import RecordOutput
 from shipper.record import (
     ACTION_DESTROY,
     ACTION_NEW,
@@ -44,8 +41,6 @@ from shipper.record import (
     FlowEvent,
 )
 from shipper.sinks import Sink, build_sink
-from shipper.sinks.retry import RetryPolicy
-from shipper.sinks.spool import open_spool
 from shipper.sources.events import ConntrackSource
 
 __all__ = ["Pipeline", "kube_source_class"]
@@ -64,11 +59,11 @@ class Pipeline:
     """One shipper: build with a config and metrics, then :meth:`run` or :meth:`dump`."""
 
     def __init__(self, cfg: Config, metrics: Metrics, *, sink: Sink | None = None) -> None:
-        self.cfg, self.metrics, self.host = cfg, metrics, cfg.node_name
+        self.cfg, self.metrics = cfg, metrics
         self.health = Health(cfg.health.stall_s)
         for name, reason in READINESS:
             self.health.set_ready(name, False, reason)
-        f, e, q = cfg.filter, cfg.enrich, cfg.queue
+        f, e = cfg.filter, cfg.enrich
         self.filter = CidrFilter(f.pod_cidrs, f.cluster_cidrs, only_snat=f.only_snat)
         self.index = PodIndex(retention_ns=int(e.retention_s * 1e9),
                               max_tombstones=e.max_tombstones, skew_ns=int(e.clock_skew_s * 1e9))
@@ -77,27 +72,14 @@ class Pipeline:
                                  update_subscribed="update" in cfg.conntrack.events)
         self.wait = WaitStage(cfg, self.index, metrics, self.health, self._ship)
         self.hold, self.waiting = self.wait.hold, self.wait.waiting
-        self.source = ConntrackSource(cfg.conntrack, self.filter, metrics, self._gap,
-                                      self._on_handle_error)
+        # Hot-path counters, folded into metrics at housekeeping; the dicts bound here too.
+        self.counts = c = EventCounts()
+        self._n_events, self._n_filtered = c.events, c.filtered
         self.sink = sink if sink is not None else build_sink(cfg, metrics)
-        self.encode = self.sink.encode
-        # NDJSON sinks get the fused encoder (same lines, half the CPU).
-        self._lines = JsonLineEncoder(self.host) if self.sink.entry_format == "ndjson" else None
-        self.batcher = Batcher(max_records=cfg.batch.max_records,
-                               max_bytes=cfg.batch.max_bytes, max_age_s=cfg.batch.max_age_s)
-        retry = RetryPolicy(cfg.sink.retry_initial_s, cfg.sink.retry_max_s, cfg.sink.max_retries)
-        self.delivery = Delivery(self.sink, metrics, max_batches=q.max_batches,
-                                 overflow=q.overflow, retry=retry,
-                                 spool=open_spool(cfg.sink.spool, self.sink.name, metrics))
-        # Pod history across restarts (docs/KUBERNETES.md, "State file").
-        self.state = StateFile(cfg.state_dir, self.host, metrics) if cfg.state_dir else None
-        self._state_saver: StateSaver | None = None
-        self._stop = threading.Event()
-        # Hot-path counters, folded into metrics at housekeeping.
-        self._n_events: dict[str, int] = {}
-        self._n_filtered: dict[str, int] = {}
-        self._n_records: dict[str, int] = {}
-        self._n_unresolved = self._n_uncertain = 0
+        self.out = RecordOutput(cfg, self.sink, metrics, self.health, c.records)
+        self.batcher, self.delivery = self.out.batcher, self.out.delivery
+        self.source = ConntrackSource(cfg.conntrack, self.filter, metrics, self.out.gap,
+                                      self._on_handle_error)
         self._log_limit = LogLimit(per_s=60.0)
 
     # ---- the event path -----------------------------------------------------
@@ -127,44 +109,19 @@ class Pipeline:
                     key, (ev, remembered, t_attr)):
                 return
             if pod is None:
-                self._n_unresolved += 1
+                self.counts.unresolved += 1
             else:
-                self._n_uncertain += 1
-        self._encode(ev, pod, remembered, attribution)
-
-    def _encode(self, ev: FlowEvent, pod: Any, remembered: int | None, attribution: str) -> None:
-        self._n_records[ev.action] = self._n_records.get(ev.action, 0) + 1
-        t_ev = ecs.event_time(ev)
-        if self._lines is not None:
-            entry = self._lines.encode(ev, pod, remembered, attribution)
-        else:
-            entry = self.encode(ecs.build_record(ev, pod, self.host, flow_start_ns=remembered,
-                                                 attribution=attribution), t_ev)
-        for b in self.batcher.add(entry, t_ev, time.monotonic()):
-            self._submit(b)
+                self.counts.uncertain += 1
+        self.out.record(ev, pod, remembered, attribution)
 
     def _ship(self, item: Held, pod: Any, attribution: str) -> None:
-        """Encode and batch a record that waited (the slow path of :meth:`handle`)."""
+        """Hand on a record that waited (the slow path of :meth:`handle`)."""
         if attribution != ATTR_RESOLVED and attribution != ATTR_STALE:
             if pod is None:
-                self._n_unresolved += 1
+                self.counts.unresolved += 1
             else:
-                self._n_uncertain += 1
-        self._encode(item[0], pod, item[1], attribution)
-
-    def _gap(self, since_ns: int, until_ns: int, lost: int | None, overruns: int,
-             resync: bool) -> None:
-        """A gap notice from the source becomes a gap record."""
-        rec = ecs.gap_record(self.host, since_ns=since_ns, until_ns=until_ns, lost=lost,
-                             overruns=overruns, resync=resync)
-        for b in self.batcher.add(self.encode(rec, until_ns), until_ns, time.monotonic()):
-            self._submit(b)
-        self._n_records["gap"] = self._n_records.get("gap", 0) + 1
-
-    def _submit(self, b: Batch) -> None:
-        """Hand a closed batch to delivery; a wait for room is backpressure, not a stall."""
-        with self.health.blocked("the sink (queue or spool full)"):
-            self.delivery.submit(b, self._stop)
+                self.counts.uncertain += 1
+        self.out.record(item[0], pod, item[1], attribution)
 
     def _on_handle_error(self, exc: Exception) -> None:
         self.metrics.inc("shipper_errors_total", "handle", type(exc).__name__)
@@ -192,16 +149,12 @@ class Pipeline:
         undelivered when the grace period ended (they are counted as dropped).
         Raises SourceError if the conntrack socket cannot be opened.
         """
-        self._stop, cfg, src = stop, self.cfg, self.source
+        self.out.stop, cfg, src = stop, self.cfg, self.source
         tune_malloc()
-        if self.state is not None:
-            # Before any pod source writes to the index and before the first dump.
-            self.state.load(self.index)
-            self.health.beat()  # a long load is progress, not a stall
+        self.pods.load_state()  # before any pod source writes to the index, and the dump
         self.delivery.start()  # recovers the spool first; raises SinkError if unusable
         try:
-            kernel_ts, table_max = src.sysctls()
-            self.starts.size(kernel_ts, table_max)
+            self.starts.size(*src.sysctls())
             src.open()  # before the first dump, so nothing falls between dump and events
         except BaseException:
             self.delivery.close(cfg.shutdown_grace_s)
@@ -212,9 +165,6 @@ class Pipeline:
             "rcvbuf": src.rcvbuf(), "pod_cidrs": list(self.filter.pod_cidrs),
             "cluster_cidrs": list(self.filter.cluster_cidrs), "sink": self.sink.name}})
         try:
-            if self.state is not None:
-                self._state_saver = StateSaver(self.state, self.index, cfg.state_interval_s)
-                self._state_saver.start()
             self.pods.start(self.wait.states, stop)
             self.wait.tick(time.time_ns(), time.monotonic())
             if cfg.conntrack.dump_at_start and not stop.is_set():
@@ -238,14 +188,14 @@ class Pipeline:
         self.source.drain_at_stop(self.handle, self.cfg.shutdown_grace_s / 2, self.wait.flush)
 
     def _loop(self, stop: threading.Event) -> None:
-        src, wait, batcher = self.source, self.wait, self.batcher
+        src, wait, out = self.source, self.wait, self.out
         handle, beat, monotonic = self.handle, self.health.beat, time.monotonic
         next_house = monotonic() + HOUSEKEEPING_S
         next_prune = monotonic() + PRUNE_S
         self.health.set_ready("running", True)
         while not stop.is_set():
             beat()
-            deadline = min(next_house, batcher.deadline() or next_house)
+            deadline = min(next_house, out.batcher.deadline() or next_house)
             timeout_ms = max(0, int((deadline - monotonic()) * 1000) + 1)
             src.wait(0 if wait.releasing() else min(timeout_ms, 200))
             if wait.busy():
@@ -254,9 +204,7 @@ class Pipeline:
                 wait.tick(time.time_ns(), monotonic())
             src.after_burst(src.read_burst(handle), self.handle_all)
             now_m = monotonic()
-            b = batcher.due(now_m)
-            if b is not None:
-                self._submit(b)
+            out.due(now_m)
             if now_m >= next_house:
                 next_house = now_m + HOUSEKEEPING_S
                 self._housekeeping()
@@ -276,35 +224,18 @@ class Pipeline:
             self.wait.report()
 
     def _flush_counters(self) -> None:
-        m = self.metrics
-        for name, counts in (("shipper_events_total", self._n_events),
-                             ("shipper_events_filtered_total", self._n_filtered),
-                             ("shipper_records_total", self._n_records)):
-            for label, n in counts.items():
-                m.inc(name, label, n=n)
-            counts.clear()
+        self.counts.fold(self.metrics)
         if self.starts.evicted:
-            m.inc("shipper_flow_starts_evicted_total", "full", n=self.starts.evicted)
+            self.metrics.inc("shipper_flow_starts_evicted_total", "full", n=self.starts.evicted)
             self.starts.evicted = 0
-        if self._n_unresolved:
-            m.inc("shipper_records_unresolved_total", n=self._n_unresolved)
-            self._n_unresolved = 0
-        if self._n_uncertain:
-            m.inc("shipper_records_uncertain_total", n=self._n_uncertain)
-            self._n_uncertain = 0
         self.wait.fold_counters()
 
     def _shutdown(self) -> bool:
         self.health.set_ready("running", False, "stopping")
         self.wait.flush()
-        b = self.batcher.flush()
-        if b is not None:
-            self.delivery.submit(b, None)
         self._flush_counters()
-        clean = self.delivery.close(self.cfg.shutdown_grace_s)
-        self.pods.stop()
-        if self._state_saver is not None:
-            self._state_saver.stop()  # and a last save
+        clean = self.out.close(self.cfg.shutdown_grace_s)
+        self.pods.stop()  # and the state saver, with a last save
         log.info("stopped", extra={"fields": {"clean": clean}})
         return clean
 
@@ -312,14 +243,13 @@ class Pipeline:
 
     def dump(self) -> int:
         """Dump the table once through filter, enrichment and encoding; return an exit code."""
-        if self.state is not None:
-            self.state.load(self.index)  # read only: the running daemon owns the file
+        self.pods.load_state()  # read only: the running daemon owns the file
         self.delivery.start()
         # One shot: no later event of these flows will come to use a remembered start,
         # so filling the start cache would only cost time and memory.
         self.starts.max_entries = 0
         try:
-            self.pods.start(self.wait.states)
+            self.pods.start(self.wait.states, save=False)
             self.wait.tick(time.time_ns(), time.monotonic())
             n = self.handle_all(self.source.dump())
             log.info("table dumped", extra={"fields": {"entries": n}})

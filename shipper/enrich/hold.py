@@ -1,6 +1,6 @@
 """Pure: holding records while pod metadata lags, and waiting briefly for a new owner.
 
-Two buffers sit between attribution and encoding (``shipper.pipeline`` drives
+Two buffers sit between attribution and encoding (``shipper.enrich.waiting`` drives
 them from the event loop; nothing here does I/O, takes locks or reads a clock):
 
 * :class:`SourceState` - the freshness of one pod source (the Kubernetes pods

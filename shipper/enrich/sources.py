@@ -1,9 +1,10 @@
-"""The pod sources' lifecycle: the pods file and the Kubernetes API, started and stopped.
+"""The pod sources' lifecycle: the state file, the pods file and the Kubernetes API.
 
-Both write into the :class:`~shipper.enrich.pod_index.PodIndex` from their own
-threads; their freshness (:class:`~shipper.enrich.hold.SourceState`) goes to
-the :class:`~shipper.enrich.waiting.WaitStage`, which holds records while one
-is stale.
+The pods file and the API write into the :class:`~shipper.enrich.pod_index.PodIndex`
+from their own threads; their freshness (:class:`~shipper.enrich.hold.SourceState`)
+goes to the :class:`~shipper.enrich.waiting.WaitStage`, which holds records while one
+is stale. The state file (:mod:`shipper.enrich.state`) gives the index its history
+from before a restart: loaded before the others start, saved by its own thread.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from shipper.enrich.inventory import InventoryWatcher
 from shipper.enrich.kube_detect import kube_enabled
 from shipper.enrich.pod_index import PodIndex
 from shipper.enrich.pods import LabelPolicy
+from shipper.enrich.state import StateFile, StateSaver
 from shipper.errors import DependencyError
 from shipper.filters.cidr import CidrFilter
 from shipper.health import Health
@@ -68,10 +70,25 @@ class PodSources:
                 interval_s=cfg.inventory.reload_interval_s,
             )
         self.kube: Any = None
+        # Pod history across restarts (docs/KUBERNETES.md, "State file").
+        self.state = StateFile(cfg.state_dir, cfg.node_name, metrics) if cfg.state_dir else None
+        self._state_saver: StateSaver | None = None
 
-    def start(self, states: list[SourceState], stop: threading.Event | None = None) -> None:
-        """Start the sources, adding each one's freshness to ``states``; wait (bounded) for
-        the first Kubernetes sync."""
+    def load_state(self) -> None:
+        """The pod history saved before a restart into the index (before anything else
+        writes to it, and before the first dump)."""
+        if self.state is not None:
+            self.state.load(self.index)
+            self.health.beat()  # a long load is progress, not a stall
+
+    def start(self, states: list[SourceState], stop: threading.Event | None = None, *,
+              save: bool = True) -> None:
+        """Start the state saver (with ``save``; a one-shot dump only reads the state
+        file, the running daemon owns it) and the sources, adding each one's freshness
+        to ``states``; wait (bounded) for the first Kubernetes sync."""
+        if save and self.state is not None:
+            self._state_saver = StateSaver(self.state, self.index, self.cfg.state_interval_s)
+            self._state_saver.start()
         if self.inventory is not None:
             self.inventory.start()
             states.append(self.inventory.state)
@@ -102,7 +119,10 @@ class PodSources:
             self.health.set_ready("pod_sync", True, "pods listed")
 
     def stop(self) -> None:
+        """Stop the sources, then the state saver (which saves one last time)."""
         if self.inventory is not None:
             self.inventory.stop()
         if self.kube is not None:
             self.kube.stop()
+        if self._state_saver is not None:
+            self._state_saver.stop()  # and a last save

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shipper.config import Config
+from shipper.counts import fold
 from shipper.enrich.hold import ResolveWait, SourceState, StaleHold
 from shipper.enrich.pod_index import PodIndex
 from shipper.health import Health
@@ -197,9 +198,6 @@ class WaitStage:
         if self._n_released:
             m.inc("shipper_records_released_total", n=self._n_released)
             self._n_released = 0
-        for name, counts in (("shipper_records_stale_total", self._n_stale),
-                             ("shipper_records_waited_total", self._n_waited)):
-            for label, n in counts.items():
-                m.inc(name, label, n=n)
-            counts.clear()
+        fold(m, (("shipper_records_stale_total", self._n_stale),
+                 ("shipper_records_waited_total", self._n_waited)))
         m.set("shipper_hold_records", len(self.hold))
