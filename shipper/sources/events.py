@@ -77,7 +77,7 @@ class ConntrackSource:
         self._last_drops: int | None = None
         self._last_ok_ns = time.time_ns()
         self._drops_checked_ns = self._last_ok_ns
-        self._next_drops = time.monotonic() + DROPS_CHECK_S
+        self._next_drops = 0.0  # the first check: DROPS_CHECK_S after the first burst
         self._resync_at: float | None = None  # monotonic time of the next due resync
         self._last_resync = float("-inf")
         self._log_limit = LogLimit(per_s=60.0)
@@ -218,8 +218,9 @@ class ConntrackSource:
         if self._resync_at is not None and now_m >= self._resync_at:
             self._resync(handle_all)
         if now_m >= self._next_drops:
+            if self._next_drops:
+                self.check_drops(force_gap=False)
             self._next_drops = now_m + DROPS_CHECK_S
-            self.check_drops(force_gap=False)
 
     # ---- overruns -----------------------------------------------------------
 
