@@ -81,7 +81,8 @@ class FlowStarts:
         bound); DESTROY takes it out of the cache (the flow is over).
         """
         action = ev.action
-        key = start_key(ev)
+        ct = ev.ct_id or 0  # start_key(ev), inlined: one call less per event
+        key = (ev.orig_src << 32 | ct) if ev.family == 4 else (ev.orig_src << 33 | ct << 1 | 1)
         starts = self.cache
         remembered: int | None
         if action in (ACTION_NEW, ACTION_SNAPSHOT):
