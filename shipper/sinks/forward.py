@@ -58,7 +58,14 @@ from shipper.sinks.forward_format import (
     pack_str,
     pong_digest,
 )
-from shipper.sinks.net import build_ssl_context, close_quietly, oserror_text, stale
+from shipper.sinks.net import (
+    StepFailure,
+    build_ssl_context,
+    close_quietly,
+    open_connection,
+    oserror_text,
+    stale,
+)
 
 if TYPE_CHECKING:
     from shipper.config import ForwardSinkConfig
@@ -69,12 +76,7 @@ log = logging.getLogger("shipper.sinks.forward")
 _MAX_REPLY = 1024 * 1024  # a receiver's replies are tiny; more than this is garbage
 
 
-class _Failure(Exception):
-    """Internal: one failed step, with the error kind used as a metric label."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
+_Failure = StepFailure  # one failed step, with the error kind used as a metric label
 
 
 @dataclass(slots=True)
@@ -251,15 +253,8 @@ class ForwardSink:
 
     def _open(self, ep: _Endpoint) -> _Conn:
         timeout = self.cfg.connect_timeout_s
+        sock = open_connection(ep.host, ep.port, timeout, self._ssl, self.cfg.tls.server_name)
         try:
-            raw = socket.create_connection((ep.host, ep.port), timeout=timeout)
-        except OSError as exc:
-            raise _Failure("connect", f"connect failed: {oserror_text(exc)}") from exc
-        sock: socket.socket = raw
-        try:
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._ssl is not None:
-                sock = self._wrap_tls(raw, ep)
             conn = _Conn(sock, ep, msgpack.Unpacker(raw=True, max_buffer_size=_MAX_REPLY))
             if self.cfg.shared_key_file is not None:
                 self._handshake(conn, time.monotonic() + timeout)
@@ -267,19 +262,6 @@ class ForwardSink:
             close_quietly(sock)
             raise
         return conn
-
-    def _wrap_tls(self, raw: socket.socket, ep: _Endpoint) -> socket.socket:
-        assert self._ssl is not None
-        name = self.cfg.tls.server_name or ep.host
-        try:
-            return self._ssl.wrap_socket(raw, server_hostname=name)
-        except ssl.SSLCertVerificationError as exc:
-            raise _Failure("tls", f"TLS certificate verification failed "
-                                  f"(server name {name!r}): {exc.verify_message}") from exc
-        except ssl.SSLError as exc:
-            raise _Failure("tls", f"TLS handshake failed: {exc.reason or exc}") from exc
-        except OSError as exc:
-            raise _Failure("tls", f"TLS handshake failed: {oserror_text(exc)}") from exc
 
     def _handshake(self, conn: _Conn, deadline: float) -> None:
         """HELO -> PING -> PONG, checking the server's digest (FACTS: one write, wait PONG).

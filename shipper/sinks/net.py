@@ -90,3 +90,45 @@ def oserror_text(exc: OSError) -> str:
     if exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+class StepFailure(Exception):
+    """One failed step of a connection (connect, tls, handshake, send, ...).
+
+    ``kind`` is the step, used as the ``error`` label of the sink's error metric.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def open_connection(
+    host: str, port: int, timeout: float, tls: ssl.SSLContext | None, server_name: str | None
+) -> socket.socket:
+    """A connected TCP socket (Nagle off), wrapped in TLS when ``tls`` is given.
+
+    Raises :class:`StepFailure` of kind ``connect`` or ``tls`` with a message that
+    says what failed (for TLS verification: the server name checked and why).
+    """
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise StepFailure("connect", f"connect failed: {oserror_text(exc)}") from exc
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is None:
+            return raw
+        name = server_name or host
+        try:
+            return tls.wrap_socket(raw, server_hostname=name)
+        except ssl.SSLCertVerificationError as exc:
+            raise StepFailure("tls", f"TLS certificate verification failed "
+                                     f"(server name {name!r}): {exc.verify_message}") from exc
+        except ssl.SSLError as exc:
+            raise StepFailure("tls", f"TLS handshake failed: {exc.reason or exc}") from exc
+        except OSError as exc:
+            raise StepFailure("tls", f"TLS handshake failed: {oserror_text(exc)}") from exc
+    except BaseException:
+        close_quietly(raw)
+        raise

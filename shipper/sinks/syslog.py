@@ -74,7 +74,14 @@ from shipper.ecs import rfc3339
 from shipper.errors import SinkError
 from shipper.sinks.base import Batch, EntryFormat
 from shipper.sinks.forward import parse_address
-from shipper.sinks.net import build_ssl_context, close_quietly, oserror_text, stale
+from shipper.sinks.net import (
+    StepFailure,
+    build_ssl_context,
+    close_quietly,
+    open_connection,
+    oserror_text,
+    stale,
+)
 from shipper.sinks.relp import RelpError, RelpSession
 
 if TYPE_CHECKING:
@@ -120,10 +127,7 @@ def octet_frame(messages: list[bytes]) -> bytes:
     return b"".join(b"%d %s" % (len(m), m) for m in messages)
 
 
-class _Failure(Exception):
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
+_Failure = StepFailure  # one failed step, with the error kind used as a metric label
 
 
 @dataclass(slots=True)
@@ -368,15 +372,8 @@ class SyslogSink:
 
     def _open(self, ep: _Endpoint) -> _Conn:
         timeout = self.cfg.connect_timeout_s
+        sock = open_connection(ep.host, ep.port, timeout, self._ssl, self.cfg.tls.server_name)
         try:
-            raw = socket.create_connection((ep.host, ep.port), timeout=timeout)
-        except OSError as exc:
-            raise _Failure("connect", f"connect failed: {oserror_text(exc)}") from exc
-        sock: socket.socket = raw
-        try:
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._ssl is not None:
-                sock = self._wrap_tls(raw, ep)
             conn = _Conn(sock, ep)
             if self.cfg.protocol == "relp":
                 session = RelpSession(sock, window=self.cfg.relp_window)
@@ -392,19 +389,6 @@ class SyslogSink:
             close_quietly(sock)
             raise
         return conn
-
-    def _wrap_tls(self, raw: socket.socket, ep: _Endpoint) -> socket.socket:
-        assert self._ssl is not None
-        name = self.cfg.tls.server_name or ep.host
-        try:
-            return self._ssl.wrap_socket(raw, server_hostname=name)
-        except ssl.SSLCertVerificationError as exc:
-            raise _Failure("tls", f"TLS certificate verification failed "
-                                  f"(server name {name!r}): {exc.verify_message}") from exc
-        except ssl.SSLError as exc:
-            raise _Failure("tls", f"TLS handshake failed: {exc.reason or exc}") from exc
-        except OSError as exc:
-            raise _Failure("tls", f"TLS handshake failed: {oserror_text(exc)}") from exc
 
     def _fail(self, conn: _Conn, f: _Failure) -> None:
         ep = conn.endpoint
