@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -237,11 +237,9 @@ class FileSinkConfig(_Closed):
     fsync: bool = Field(False, description="fsync after every batch.")
 
 
-class ForwardTLSConfig(_Closed):
-    """TLS for the forward sink. Certificates are verified whenever TLS is on, unless
-    ``verify`` is explicitly false."""
+class TLSClientConfig(_Closed):
+    """TLS client settings shared by the network sinks (forward, syslog)."""
 
-    enabled: bool = Field(False, description="Connect to the receivers over TLS.")
     verify: bool = Field(
         True,
         description="Verify the receiver's certificate and name; false disables both "
@@ -263,10 +261,17 @@ class ForwardTLSConfig(_Closed):
     )
 
     @model_validator(mode="after")
-    def _key_needs_cert(self) -> ForwardTLSConfig:
+    def _key_needs_cert(self) -> Self:
         if self.key_file is not None and self.cert_file is None:
             raise ValueError("key_file is set but cert_file is not")
         return self
+
+
+class ForwardTLSConfig(TLSClientConfig):
+    """TLS for the forward sink. Certificates are verified whenever TLS is on, unless
+    ``verify`` is explicitly false."""
+
+    enabled: bool = Field(False, description="Connect to the receivers over TLS.")
 
 
 def _check_addresses(values: list[str]) -> list[str]:
@@ -366,35 +371,9 @@ Facility = Literal[
 ]
 
 
-class SyslogTLSConfig(_Closed):
+class SyslogTLSConfig(TLSClientConfig):
     """TLS for the syslog sink (protocol tls, or relp with relp_tls). The receiver's
     certificate and name are verified unless ``verify`` is explicitly false."""
-
-    verify: bool = Field(
-        True,
-        description="Verify the receiver's certificate and name; false disables both "
-        "(testing only: anyone on the path can then read and alter the stream).",
-    )
-    ca_file: Path | None = Field(
-        None, description="PEM CA bundle to verify the receiver with; unset uses the system store."
-    )
-    cert_file: Path | None = Field(
-        None, description="PEM client certificate for mutual TLS (may also hold the key)."
-    )
-    key_file: Path | None = Field(
-        None, description="PEM private key of the client certificate, if not in cert_file."
-    )
-    server_name: str | None = Field(
-        None,
-        description="Name to send (SNI) and to verify in the receiver's certificate; "
-        "unset uses the host part of each address.",
-    )
-
-    @model_validator(mode="after")
-    def _key_needs_cert(self) -> SyslogTLSConfig:
-        if self.key_file is not None and self.cert_file is None:
-            raise ValueError("key_file is set but cert_file is not")
-        return self
 
 
 class SyslogSinkConfig(_Closed):

@@ -11,26 +11,12 @@ import contextlib
 import select
 import socket
 import ssl
-from pathlib import Path
-from typing import Protocol
 
+from shipper.config import TLSClientConfig
 from shipper.errors import SinkError
 
 
-class TLSSettings(Protocol):
-    """What a sink's TLS config section provides (ForwardTLSConfig, SyslogTLSConfig)."""
-
-    @property
-    def verify(self) -> bool: ...
-    @property
-    def ca_file(self) -> Path | None: ...
-    @property
-    def cert_file(self) -> Path | None: ...
-    @property
-    def key_file(self) -> Path | None: ...
-
-
-def build_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
+def build_ssl_context(tls: TLSClientConfig) -> ssl.SSLContext:
     """A client context: TLS >= 1.2, verification on unless ``tls.verify`` is false."""
     try:
         if tls.verify:
