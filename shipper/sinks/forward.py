@@ -59,9 +59,12 @@ from shipper.sinks.forward_format import (
     pong_digest,
 )
 from shipper.sinks.net import (
+    Endpoint,
     StepFailure,
     build_ssl_context,
     close_quietly,
+    endpoints,
+    failover_order,
     open_connection,
     oserror_text,
     stale,
@@ -80,29 +83,10 @@ _Failure = StepFailure  # one failed step, with the error kind used as a metric 
 
 
 @dataclass(slots=True)
-class _Endpoint:
-    host: str
-    port: int
-    label: str
-    down_until: float = 0.0
-
-
-@dataclass(slots=True)
 class _Conn:
     sock: socket.socket
-    endpoint: _Endpoint
+    endpoint: Endpoint
     unpacker: msgpack.Unpacker
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` -> ``(host, port)``; ValueError if malformed."""
-    host, sep, port = address.rpartition(":")
-    host = host.strip()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{address!r} is not HOST:PORT")
-    return host, int(port)
 
 
 def read_secret(path: Path, what: str) -> bytes:
@@ -141,13 +125,7 @@ class ForwardSink:
         #: With ``ack`` on, ``deliver`` returns only after the receiver's ``{"ack": chunk}``.
         self.acknowledged = cfg.ack
         self._clock = clock
-        self._endpoints: list[_Endpoint] = []
-        for a in cfg.addresses:
-            try:
-                host, port = parse_address(a)
-            except ValueError as exc:
-                raise SinkError(str(exc), retriable=False) from exc
-            self._endpoints.append(_Endpoint(host, port, f"{host}:{port}"))
+        self._endpoints = endpoints(cfg.addresses)
         self._tag = pack_str(cfg.tag)
         self._ssl = build_ssl_context(cfg.tls) if cfg.tls.enabled else None
         if cfg.tls.enabled and not cfg.tls.verify:
@@ -208,12 +186,8 @@ class ForwardSink:
 
     # --- connections ------------------------------------------------------------------
 
-    def _order(self) -> list[_Endpoint]:
-        now = self._clock()
-        healthy = [e for e in self._endpoints if e.down_until <= now]
-        cooling = sorted((e for e in self._endpoints if e.down_until > now),
-                         key=lambda e: e.down_until)
-        return healthy + cooling
+    def _order(self) -> list[Endpoint]:
+        return failover_order(self._endpoints, self._clock())
 
     def _connect(self) -> _Conn:
         with self._lock:
@@ -251,7 +225,7 @@ class ForwardSink:
             return conn
         raise SinkError("no forward receiver reachable: " + "; ".join(problems), retriable=True)
 
-    def _open(self, ep: _Endpoint) -> _Conn:
+    def _open(self, ep: Endpoint) -> _Conn:
         timeout = self.cfg.connect_timeout_s
         sock = open_connection(ep.host, ep.port, timeout, self._ssl, self.cfg.tls.server_name)
         try:

@@ -11,6 +11,8 @@ import contextlib
 import select
 import socket
 import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from shipper.config import TLSClientConfig
 from shipper.errors import SinkError
@@ -118,3 +120,43 @@ def open_connection(
     except BaseException:
         close_quietly(raw)
         raise
+
+
+@dataclass(slots=True)
+class Endpoint:
+    """One receiver address, and until when it is cooling down after a failure."""
+
+    host: str
+    port: int
+    label: str
+    down_until: float = 0.0
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> ``(host, port)``; ValueError if malformed."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def endpoints(addresses: Iterable[str]) -> list[Endpoint]:
+    """The configured receivers, in order; a malformed address is a non-retriable SinkError."""
+    out = []
+    for a in addresses:
+        try:
+            host, port = parse_address(a)
+        except ValueError as exc:
+            raise SinkError(str(exc), retriable=False) from exc
+        out.append(Endpoint(host, port, f"{host}:{port}"))
+    return out
+
+
+def failover_order(eps: list[Endpoint], now: float) -> list[Endpoint]:
+    """Healthy endpoints in configured order, then cooling ones, soonest back first."""
+    healthy = [e for e in eps if e.down_until <= now]
+    cooling = sorted((e for e in eps if e.down_until > now), key=lambda e: e.down_until)
+    return healthy + cooling

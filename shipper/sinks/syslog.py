@@ -73,11 +73,13 @@ from shipper import __version__
 from shipper.ecs import rfc3339
 from shipper.errors import SinkError
 from shipper.sinks.base import Batch, EntryFormat
-from shipper.sinks.forward import parse_address
 from shipper.sinks.net import (
+    Endpoint,
     StepFailure,
     build_ssl_context,
     close_quietly,
+    endpoints,
+    failover_order,
     open_connection,
     oserror_text,
     stale,
@@ -131,14 +133,6 @@ _Failure = StepFailure  # one failed step, with the error kind used as a metric 
 
 
 @dataclass(slots=True)
-class _Endpoint:
-    host: str
-    port: int
-    label: str
-    down_until: float = 0.0
-
-
-@dataclass(slots=True)
 class _Sent:
     """A batch written on a tcp/tls connection, not yet known to have reached the peer."""
 
@@ -150,7 +144,7 @@ class _Sent:
 @dataclass(slots=True)
 class _Conn:
     sock: socket.socket
-    endpoint: _Endpoint
+    endpoint: Endpoint
     relp: RelpSession | None = None
     unconfirmed: deque[_Sent] = field(default_factory=deque)
 
@@ -171,13 +165,7 @@ class SyslogSink:
         #: have no acknowledgement (see the module docstring for what that can lose).
         self.acknowledged = cfg.protocol == "relp"
         self._clock = clock
-        self._endpoints: list[_Endpoint] = []
-        for a in cfg.addresses:
-            try:
-                host, port = parse_address(a)
-            except ValueError as exc:
-                raise SinkError(str(exc), retriable=False) from exc
-            self._endpoints.append(_Endpoint(host, port, f"{host}:{port}"))
+        self._endpoints = endpoints(cfg.addresses)
         self._tls = cfg.protocol == "tls" or (cfg.protocol == "relp" and cfg.relp_tls)
         self._ssl = build_ssl_context(cfg.tls) if self._tls else None
         if self._tls and not cfg.tls.verify:
@@ -331,12 +319,8 @@ class SyslogSink:
 
     # --- connections ------------------------------------------------------------------
 
-    def _order(self) -> list[_Endpoint]:
-        now = self._clock()
-        healthy = [e for e in self._endpoints if e.down_until <= now]
-        cooling = sorted((e for e in self._endpoints if e.down_until > now),
-                         key=lambda e: e.down_until)
-        return healthy + cooling
+    def _order(self) -> list[Endpoint]:
+        return failover_order(self._endpoints, self._clock())
 
     def _connect(self) -> _Conn:
         with self._lock:
@@ -370,7 +354,7 @@ class SyslogSink:
             return conn
         raise SinkError("no syslog receiver reachable: " + "; ".join(problems), retriable=True)
 
-    def _open(self, ep: _Endpoint) -> _Conn:
+    def _open(self, ep: Endpoint) -> _Conn:
         timeout = self.cfg.connect_timeout_s
         sock = open_connection(ep.host, ep.port, timeout, self._ssl, self.cfg.tls.server_name)
         try:

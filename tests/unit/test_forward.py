@@ -19,7 +19,8 @@ from shipper.errors import SinkError
 from shipper.metrics import Metrics
 from shipper.sinks import forward_format as ff
 from shipper.sinks.base import Batch
-from shipper.sinks.forward import ForwardSink, parse_address
+from shipper.sinks.forward import ForwardSink
+from shipper.sinks.net import parse_address
 from tests.fakes.forward_receiver import PROFILES, ForwardReceiver
 
 T0 = 1_700_000_000_123_456_789
