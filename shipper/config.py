@@ -287,7 +287,27 @@ def _check_addresses(values: list[str]) -> list[str]:
     return [str(v) for v in values]
 
 
-class ForwardSinkConfig(_Closed):
+class _NetworkSinkConfig(_Closed):
+    """What every network sink has: failover addresses (declared by each sink, with its
+    default), a send timeout and the endpoint cooldown."""
+
+    send_timeout_s: float = Field(
+        30.0, gt=0, description="Timeout of writing one batch to the socket."
+    )
+    endpoint_cooldown_s: float = Field(
+        30.0,
+        ge=0,
+        description="After a failure an endpoint is tried last for this long (failover), "
+        "then preferred again by its position in addresses (failback on reconnect).",
+    )
+
+    @field_validator("addresses", check_fields=False)
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        return _check_addresses(v)
+
+
+class ForwardSinkConfig(_NetworkSinkConfig):
     """The Fluentd forward-protocol sink (Forward Protocol Specification v1)."""
 
     addresses: list[str] = Field(
@@ -314,15 +334,6 @@ class ForwardSinkConfig(_Closed):
     connect_timeout_s: float = Field(
         5.0, gt=0, description="Timeout of one TCP connect, TLS handshake and shared_key handshake."
     )
-    send_timeout_s: float = Field(
-        30.0, gt=0, description="Timeout of writing one batch to the socket."
-    )
-    endpoint_cooldown_s: float = Field(
-        30.0,
-        ge=0,
-        description="After a failure an endpoint is tried last for this long (failover), "
-        "then preferred again by its position in addresses (failback on reconnect).",
-    )
     tls: ForwardTLSConfig = Field(default_factory=ForwardTLSConfig, description="TLS options.")
     shared_key_file: Path | None = Field(
         None,
@@ -340,11 +351,6 @@ class ForwardSinkConfig(_Closed):
     password_file: Path | None = Field(
         None, description="File holding the password of username (never logged)."
     )
-
-    @field_validator("addresses")
-    @classmethod
-    def _addresses(cls, v: list[str]) -> list[str]:
-        return _check_addresses(v)
 
     @model_validator(mode="after")
     def _user_needs_password(self) -> ForwardSinkConfig:
@@ -376,7 +382,7 @@ class SyslogTLSConfig(TLSClientConfig):
     certificate and name are verified unless ``verify`` is explicitly false."""
 
 
-class SyslogSinkConfig(_Closed):
+class SyslogSinkConfig(_NetworkSinkConfig):
     """The syslog sink: RFC 5424 messages (the JSON record as MSG) to rsyslog/syslog-ng."""
 
     addresses: list[str] = Field(
@@ -418,23 +424,9 @@ class SyslogSinkConfig(_Closed):
     connect_timeout_s: float = Field(
         5.0, gt=0, description="Timeout of one TCP connect, TLS handshake and RELP open."
     )
-    send_timeout_s: float = Field(
-        30.0, gt=0, description="Timeout of writing one batch to the socket."
-    )
-    endpoint_cooldown_s: float = Field(
-        30.0,
-        ge=0,
-        description="After a failure an endpoint is tried last for this long (failover), "
-        "then preferred again by its position in addresses (failback on reconnect).",
-    )
     tls: SyslogTLSConfig = Field(
         default_factory=SyslogTLSConfig, description="TLS options (protocol tls, relp_tls)."
     )
-
-    @field_validator("addresses")
-    @classmethod
-    def _addresses(cls, v: list[str]) -> list[str]:
-        return _check_addresses(v)
 
     @model_validator(mode="after")
     def _relp_tls_needs_relp(self) -> SyslogSinkConfig:
