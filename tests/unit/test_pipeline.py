@@ -12,35 +12,13 @@ from shipper.config import Config
 from shipper.metrics import Metrics
 from shipper.pipeline import Pipeline
 from shipper.record import ACTION_NEW, FlowEvent, PodMeta
-from shipper.sinks.base import Batch
+from tests.fakes.sinks import BatcherSink
 
 S = 1_000_000_000
 T0 = 1_795_766_503 * S
 POD = int(ipaddress.ip_address("10.16.0.5"))
 REMOTE = int(ipaddress.ip_address("93.184.216.34"))
 NODE = int(ipaddress.ip_address("192.168.1.10"))
-
-
-class RecordingSink:
-    """A sink that keeps what it is given; ``ndjson`` selects the fused line encoder."""
-
-    name = "recording"
-    acknowledged = False
-
-    def __init__(self, ndjson: bool) -> None:
-        self.entry_format = "ndjson" if ndjson else "msgpack"
-
-    def encode(self, record: dict[str, Any], time_ns: int) -> bytes:
-        return orjson.dumps(record)
-
-    def deliver(self, batch: Batch) -> None:  # pragma: no cover - never called here
-        raise AssertionError("not used")
-
-    def abort(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def flow(ts_start: int, sport: int) -> FlowEvent:
@@ -64,7 +42,7 @@ def test_each_status_reaches_record_and_metrics(ndjson: bool) -> None:
     cfg = Config(filter={"pod_cidrs": ["10.16.0.0/16"]},
                  enrich={"clock_skew_s": 5, "resolve_wait_s": 0})
     m = Metrics()
-    p = Pipeline(cfg, m, sink=RecordingSink(ndjson))
+    p = Pipeline(cfg, m, sink=BatcherSink("ndjson" if ndjson else "msgpack"))
     a = PodMeta(namespace="ns", name="a", uid="ua", ips=((4, POD),), phase="Running",
                 created_ns=T0).with_record_object()
     p.index.update(a, T0 + 10 * S)
@@ -89,7 +67,7 @@ def test_nat_policy_forward_is_the_filters_decision() -> None:
 
     cfg = Config(filter={"pod_cidrs": ["10.16.0.0/16"]}, enrich={"resolve_wait_s": 0})
     m = Metrics()
-    p = Pipeline(cfg, m, sink=RecordingSink(True))
+    p = Pipeline(cfg, m, sink=BatcherSink("ndjson"))
     rule = NatRule("forward", (), to_cidrs(["93.184.216.34"]))
     subnet = SimpleNamespace(cidrs=to_cidrs(["10.16.0.0/16"]), rules=(rule,))
     p.filter.set_cidrs(["10.16.0.0/16"], [], NatPolicy([subnet]))

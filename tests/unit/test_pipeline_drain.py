@@ -12,32 +12,12 @@ import pytest
 from shipper.config import Config
 from shipper.metrics import Metrics
 from shipper.pipeline import Pipeline
-from shipper.sinks.base import Batch
 from shipper.sources import conntrack
+from tests.fakes.sinks import BatcherSink
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "ctnetlink_messages.json"
 MESSAGE = bytes.fromhex(next(m["hex"] for m in json.loads(DATA.read_text())
                              if m["label"] == "events/plain"))
-
-
-class KeepSink:
-    """A sink whose records the test reads back from the batcher; never delivers."""
-
-    name = "keep"
-    entry_format = "msgpack"
-    acknowledged = False
-
-    def encode(self, record: dict[str, Any], time_ns: int) -> bytes:
-        return orjson.dumps(record)
-
-    def deliver(self, batch: Batch) -> None:  # pragma: no cover - never called here
-        raise AssertionError("not used")
-
-    def abort(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class QueuedSocket:
@@ -63,7 +43,7 @@ def pipeline(monkeypatch: pytest.MonkeyPatch) -> Pipeline:
     monkeypatch.setattr(conntrack, "effective_rcvbuf", lambda sock: 1 << 30)
     cfg = Config(filter={"pod_cidrs": ["0.0.0.0/0", "::/0"]}, shutdown_grace_s=0.2,
                  batch={"max_records": 1_000_000, "max_bytes": 1 << 30})
-    return Pipeline(cfg, Metrics(), sink=KeepSink())  # type: ignore[arg-type]
+    return Pipeline(cfg, Metrics(), sink=BatcherSink(name="keep"))  # type: ignore[arg-type]
 
 
 def shipped(p: Pipeline) -> list[dict[str, Any]]:

@@ -18,33 +18,13 @@ from shipper.enrich.hold import SourceState
 from shipper.metrics import Metrics
 from shipper.pipeline import Pipeline
 from shipper.record import ACTION_DESTROY, ACTION_NEW, FlowEvent, PodMeta
-from shipper.sinks.base import Batch
+from tests.fakes.sinks import BatcherSink
 
 S = 1_000_000_000
 T0 = 1_795_766_500 * S
 POD = int(ipaddress.ip_address("10.16.0.5"))
 REMOTE = int(ipaddress.ip_address("93.184.216.34"))
 NODE = int(ipaddress.ip_address("192.168.1.10"))
-
-
-class RecordingSink:
-    """A sink whose records are read back from the batcher (never delivered)."""
-
-    name = "recording"
-    entry_format = "ndjson"
-    acknowledged = False
-
-    def encode(self, record: dict[str, Any], time_ns: int) -> bytes:
-        return orjson.dumps(record)
-
-    def deliver(self, batch: Batch) -> None:  # pragma: no cover - never called here
-        raise AssertionError("not used")
-
-    def abort(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def event(action: str, ct_id: int, start: int, received: int) -> FlowEvent:
@@ -65,7 +45,7 @@ def make(overflow: str = "block", **enrich: Any) -> tuple[Pipeline, Metrics, Sou
     cfg = Config(filter={"pod_cidrs": ["10.16.0.0/16"]}, enrich=enrich,
                  queue={"overflow": overflow})
     m = Metrics()
-    p = Pipeline(cfg, m, sink=RecordingSink())
+    p = Pipeline(cfg, m, sink=BatcherSink("ndjson"))
     state = SourceState("pods", stale=False)
     p.wait.states.append(state)
     return p, m, state

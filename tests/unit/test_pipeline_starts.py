@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
 
 import orjson
 
@@ -11,33 +10,13 @@ from shipper.config import Config
 from shipper.metrics import Metrics
 from shipper.pipeline import Pipeline
 from shipper.record import ACTION_DESTROY, ACTION_NEW, ACTION_SNAPSHOT, FlowEvent, PodMeta
-from shipper.sinks.base import Batch
+from tests.fakes.sinks import BatcherSink
 
 S = 1_000_000_000
 T0 = 1_795_766_503 * S
 POD = int(ipaddress.ip_address("10.16.0.5"))
 REMOTE = int(ipaddress.ip_address("93.184.216.34"))
 NODE = int(ipaddress.ip_address("192.168.1.10"))
-
-
-class RecordingSink:
-    """A sink that keeps what it is given (dict records, not the fused line encoder)."""
-
-    name = "recording"
-    acknowledged = False
-    entry_format = "msgpack"
-
-    def encode(self, record: dict[str, Any], time_ns: int) -> bytes:
-        return orjson.dumps(record)
-
-    def deliver(self, batch: Batch) -> None:  # pragma: no cover - never called here
-        raise AssertionError("not used")
-
-    def abort(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def event(action: str, ct_id: int, read_ns: int, ts_start: int | None = None) -> FlowEvent:
@@ -59,7 +38,7 @@ def pipeline(cache: int, events: list[str] | None = None) -> tuple[Pipeline, Met
                             "events": events or ["new", "destroy"]},
                  enrich={"resolve_wait_s": 0})
     m = Metrics()
-    p = Pipeline(cfg, m, sink=RecordingSink())
+    p = Pipeline(cfg, m, sink=BatcherSink())
     a = PodMeta(namespace="ns", name="a", uid="ua", ips=((4, POD),), phase="Running",
                 created_ns=T0).with_record_object()
     p.index.update(a, T0)
