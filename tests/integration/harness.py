@@ -105,11 +105,20 @@ class ShipperProcess:
         """Every complete record written (file sink) or received (forward sink) so far."""
         if self.receiver is not None:
             return [r.record for r in self.receiver.records()]
-        try:
-            data = self.output.read_bytes()
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in data.split(b"\n")[:-1] if line]
+        # The file sink may rotate (flows.json.N is the oldest, .1 the newest, then
+        # flows.json): read them all, oldest first. A rotation between two reads can
+        # show a file twice, so identical lines (same event.id) count once; one it
+        # hides is seen on the next poll.
+        rotated = sorted((p for p in self.output.parent.glob(self.output.name + ".*")
+                          if p.suffix[1:].isdigit()), key=lambda p: -int(p.suffix[1:]))
+        lines: dict[bytes, None] = {}
+        for path in [*rotated, self.output]:
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            lines.update(dict.fromkeys(line for line in data.split(b"\n")[:-1] if line))
+        return [json.loads(line) for line in lines]
 
     def wait_records(
         self, pred: Callable[[Record], bool], n: int = 1, timeout: float = 15.0
