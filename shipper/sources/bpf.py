@@ -82,10 +82,17 @@ program is charged to ``net.core.optmem_max`` of the socket's namespace
 (about 8-16 bytes per instruction after the kernel's conversion; a replace
 briefly charges the old and the new program together).
 
+Shares (sharded readers, ``conntrack.workers: N``): with ``share=(k, N)``
+the program first keeps only flow events whose top-level ``CTA_ID`` is ``k``
+modulo N (``BPF_ALU|BPF_MOD``), and sends every message without a share key
+(no or odd CTA_ID, not a single ctnetlink flow event) to worker 0 only; the
+readers' shares are therefore disjoint and together complete
+(:func:`share_of`). Then the pod-CIDR test as above.
+
 Empty CIDR list: :func:`build_program` returns ``[RET 0xffffffff]`` (keep
-everything). The userspace filter then decides; this avoids black-holing all
-events while dynamic pod CIDRs are still being discovered. A caller may also
-simply not attach.
+everything; with a share, only the share clause). The userspace filter then
+decides; this avoids black-holing all events while dynamic pod CIDRs are still
+being discovered. A caller may also simply not attach.
 """
 
 from __future__ import annotations
@@ -151,6 +158,7 @@ _CTA_TUPLE_ORIG = 1
 _CTA_TUPLE_IP = 1
 _CTA_IP_V4_SRC = 1
 _CTA_IP_V6_SRC = 3
+_CTA_ID = 12
 _NLA_TYPE_MASK = 0x3FFF
 _WORD = 0xFFFFFFFF
 
@@ -442,7 +450,44 @@ def _emit_family(asm: _Asm, nets: Sequence[Network],
                keep, drop, a_holds_word=True)
 
 
+def share_of(ct_id: int | None, workers: int) -> int:
+    """The worker whose share a flow is in: ``ct_id mod workers``; worker 0 without an id.
+
+    The share key is the top-level CTA_ID of the ctnetlink message (u32, network
+    order). Every event of one flow (NEW, UPDATE, DESTROY) and its table-dump
+    entry carry the same id, and the kernel derives it from a keyed hash of the
+    entry (``nf_ct_get_id``: siphash of its address and tuple), so it spreads
+    evenly whatever the traffic. A message whose id cannot be found (or any
+    message that is not a single ctnetlink flow event) belongs to worker 0, so
+    it is read exactly once and never lost by every worker. The same rule is
+    applied in userspace to table dumps (:meth:`ConntrackSource.dump`).
+    """
+    return 0 if ct_id is None else ct_id % workers
+
+
+def _emit_share(asm: _Asm, share: tuple[int, int], other: _Label, drop: _Label,
+                byteorder: ByteOrder) -> None:
+    """Go on only with messages of share ``k`` of ``n`` (:func:`share_of`); A, X clobbered.
+
+    A missing CTA_ID, or one whose ``nla_len`` is not 8, sends the message to
+    ``other`` (worker 0's keep, the others' drop): the loads below then stay
+    inside an attribute the kernel verified to lie inside the skb.
+    """
+    k, n = share
+    asm.op(BPF_LDX | BPF_W | BPF_IMM, _CTA_ID)
+    asm.op(BPF_LD | BPF_W | BPF_IMM, _CT_HDRLEN)
+    asm.op(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_NLATTR)
+    asm.op(BPF_JMP | BPF_JEQ | BPF_K, 0, other, None)
+    asm.op(BPF_MISC | BPF_TAX)
+    asm.op(BPF_LD | BPF_H | BPF_IND, 0)
+    asm.op(BPF_JMP | BPF_JEQ | BPF_K, _he16(8, byteorder), None, other)
+    asm.op(BPF_LD | BPF_W | BPF_IND, 4)  # the id, network order: as ldw reads it
+    asm.op(BPF_ALU | BPF_MOD | BPF_K, n)
+    asm.op(BPF_JMP | BPF_JEQ | BPF_K, k, None, drop)
+
+
 def build_program(pod_cidrs: Iterable[str | Network], *,
+                  share: tuple[int, int] | None = None,
                   byteorder: ByteOrder = _SD) -> list[Insn]:
     """Compile ``pod_cidrs`` into a classic-BPF filter for a ctnetlink event socket.
 
@@ -459,15 +504,29 @@ def build_program(pod_cidrs: Iterable[str | Network], *,
     are) or text (parsed by :func:`shipper.cidrs.to_cidrs`, host bits cleared
     as in the userspace filter). Raises ValueError naming every bad CIDR, or
     when the program would exceed the kernel's :data:`MAX_INSNS` instructions.
+
+    ``share=(k, n)`` with ``n > 1`` (sharded readers, ``conntrack.workers``)
+    also keeps only worker ``k``'s share: see :func:`share_of` for the rule
+    (``CTA_ID mod n``; every message without a share key belongs to worker 0).
+    The pod-CIDR test is applied within the share as without it.
     """
     cidrs = to_cidrs(pod_cidrs)  # CidrError (a ValueError) names every bad one
     merged = [c.network for c in merge(cidrs)]
     v4 = [n for n in merged if n.version == 4]
     v6 = [n for n in merged if n.version == 6]
-    if not v4 and not v6:
+    if share is not None:
+        k, n = share
+        if not (n >= 1 and 0 <= k < n):
+            raise ValueError(f"share {k} of {n}: need 0 <= k < n")
+        if n == 1:
+            share = None
+    if not v4 and not v6 and share is None:
         return [(BPF_RET | BPF_K, 0, 0, KEEP)]
     asm = _Asm()
     keep, drop = asm.label("KEEP"), asm.label("DROP")
+    # Where a message that is not a single ctnetlink flow event goes: every reader
+    # keeps it without shares; with shares only worker 0 does (exactly once).
+    other = keep if share is None or share[0] == 0 else drop
     lv4, lv6, lct, lhdr = asm.label("V4"), asm.label("V6"), asm.label("CT"), asm.label("HDR")
     # Only a whole single message is judged: the skb length must equal nlmsg_len.
     asm.op(BPF_LD | BPF_W | BPF_LEN)
@@ -477,10 +536,10 @@ def build_program(pod_cidrs: Iterable[str | Network], *,
         # loads after it invalid unless M[] is written on every path.
         for w in range(4):
             asm.op(BPF_ST, w)
-    asm.op(BPF_JMP | BPF_JGE | BPF_K, _CT_HDRLEN, None, keep)  # makes loads < 20 safe
+    asm.op(BPF_JMP | BPF_JGE | BPF_K, _CT_HDRLEN, None, other)  # makes loads < 20 safe
     if byteorder == "little":
         asm.op(BPF_LD | BPF_H | BPF_ABS, 2)  # high half of a little-endian nlmsg_len
-        asm.op(BPF_JMP | BPF_JEQ | BPF_K, 0, None, keep)
+        asm.op(BPF_JMP | BPF_JEQ | BPF_K, 0, None, other)
         asm.op(BPF_LD | BPF_B | BPF_ABS, 1)
         asm.op(BPF_ALU | BPF_LSH | BPF_K, 8)
         asm.op(BPF_MISC | BPF_TAX)
@@ -491,19 +550,23 @@ def build_program(pod_cidrs: Iterable[str | Network], *,
         asm.op(BPF_LD | BPF_W | BPF_ABS, 0)
         asm.op(BPF_MISC | BPF_TAX)
     asm.op(BPF_LD | BPF_W | BPF_LEN)
-    asm.op(BPF_JMP | BPF_JEQ | BPF_X, 0, lhdr, keep)
+    asm.op(BPF_JMP | BPF_JEQ | BPF_X, 0, lhdr, other)
     asm.place(lhdr)
     asm.op(BPF_LD | BPF_H | BPF_ABS, 4)  # nlmsg_type, host-endian
     asm.op(BPF_JMP | BPF_JEQ | BPF_K, _he16(_MSG_CT_NEW, byteorder), lct, None)
-    asm.op(BPF_JMP | BPF_JEQ | BPF_K, _he16(_MSG_CT_DELETE, byteorder), lct, keep)
+    asm.op(BPF_JMP | BPF_JEQ | BPF_K, _he16(_MSG_CT_DELETE, byteorder), lct, other)
     asm.place(lct)
-    asm.op(BPF_LD | BPF_B | BPF_ABS, 16)  # nfgen_family
-    asm.op(BPF_JMP | BPF_JEQ | BPF_K, _AF_INET, lv4, None)
-    asm.op(BPF_JMP | BPF_JEQ | BPF_K, _AF_INET6, lv6, keep)
-    asm.place(lv4)
-    _emit_family(asm, v4, False, keep, drop, byteorder)
-    asm.place(lv6)
-    _emit_family(asm, v6, True, keep, drop, byteorder)
+    if share is not None:
+        _emit_share(asm, share, other, drop, byteorder)
+    if v4 or v6:
+        asm.op(BPF_LD | BPF_B | BPF_ABS, 16)  # nfgen_family
+        asm.op(BPF_JMP | BPF_JEQ | BPF_K, _AF_INET, lv4, None)
+        asm.op(BPF_JMP | BPF_JEQ | BPF_K, _AF_INET6, lv6, keep)
+        asm.place(lv4)
+        _emit_family(asm, v4, False, keep, drop, byteorder)
+        asm.place(lv6)
+        _emit_family(asm, v6, True, keep, drop, byteorder)
+    # else shares only (no pod CIDRs known yet): the share's messages fall through to KEEP
     asm.place(keep)
     asm.op(BPF_RET | BPF_K, KEEP)
     asm.place(drop)
@@ -787,24 +850,40 @@ class KernelFilter:
     ``shipper_errors_total{stage="kernel_filter"}`` and logged.
     """
 
-    def __init__(self, sock: socket.socket, metrics: Metrics) -> None:
-        """``sock``: the conntrack event socket (owned by the caller)."""
+    def __init__(self, sock: socket.socket, metrics: Metrics,
+                 share: tuple[int, int] | None = None) -> None:
+        """``sock``: the conntrack event socket (owned by the caller); ``share``: this
+        reader's share ``(k, n)`` of the flows (sharded readers), None for all."""
         self._sock = sock
         self._metrics = metrics
+        self._share = share if share is not None and share[1] > 1 else None
         self._lock = threading.Lock()
 
     def apply(self, pod_cidrs: Sequence[Cidr]) -> None:
-        """(Re)attach the program for ``pod_cidrs``; on failure detach (userspace filters)."""
+        """(Re)attach the program for ``pod_cidrs``; on failure detach (userspace filters).
+
+        With a share, failing open must not mean "every flow": the other readers
+        ship the rest, so this one would duplicate them. The fallback is then the
+        share clause alone (a dozen instructions); if even that cannot be
+        attached, SourceError is raised (the reader cannot run correctly).
+        """
         with self._lock:
             try:
-                program = build_program(pod_cidrs)
+                program = build_program(pod_cidrs, share=self._share)
                 attach(self._sock, program)
             except (ValueError, SourceError, OSError) as exc:
                 self._metrics.inc("shipper_errors_total", "kernel_filter", type(exc).__name__)
+                if self._share is not None:
+                    log.error("in-kernel filter not attached; this reader's share is kept "
+                              "by the share clause alone, every pod-CIDR test is done in "
+                              "userspace", extra={"fields": {"error": str(exc)}})
+                    attach(self._sock, build_program([], share=self._share))  # or raise
+                    return
                 log.error("in-kernel filter not attached; every event is read and filtered "
                           "in userspace", extra={"fields": {"error": str(exc)}})
                 with contextlib.suppress(OSError, SourceError):
                     detach(self._sock)
                 return
         log.info("in-kernel filter attached", extra={"fields": {
-            "pod_cidrs": list(pod_cidrs), "instructions": len(program)}})
+            "pod_cidrs": list(pod_cidrs), "instructions": len(program),
+            "share": list(self._share) if self._share else None}})

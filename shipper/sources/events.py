@@ -81,6 +81,9 @@ class ConntrackSource:
         self._resync_at: float | None = None  # monotonic time of the next due resync
         self._last_resync = float("-inf")
         self._log_limit = LogLimit(per_s=60.0)
+        # Sharded readers (conntrack.workers): this reader's share (k, n) of the flows,
+        # kept by the socket's BPF program and, for dumps, in dump(); None: every flow.
+        self.share: tuple[int, int] | None = None
 
     # ---- start-up -----------------------------------------------------------
 
@@ -122,7 +125,10 @@ class ConntrackSource:
             self.sock = conntrack.open_event_socket(
                 c.netns, list(c.events), c.rcvbuf_bytes, reliable_destroy=c.reliable_destroy)
             if c.kernel_filter:
-                self.filter.subscribe(bpf.KernelFilter(self.sock, self.metrics).apply)
+                self.filter.subscribe(
+                    bpf.KernelFilter(self.sock, self.metrics, self.share).apply)
+            elif self.share is not None:
+                bpf.attach(self.sock, bpf.build_program([], share=self.share))
         except BaseException:
             self.close()
             raise
@@ -146,7 +152,8 @@ class ConntrackSource:
         (with ``filter.only_snat``) and, when every pod CIDR is of one family, of
         the other family. The kernel cannot match address ranges in a dump
         (CTA_FILTER compares exact addresses), so the pod-CIDR match stays in
-        userspace.
+        userspace. With a share (sharded readers) only the share's entries are
+        returned, by the socket filter's rule, so each entry is shipped once.
         """
         family = socket.AF_UNSPEC
         snat_only = False
@@ -157,9 +164,13 @@ class ConntrackSource:
                 family = socket.AF_INET
             elif fams == {True}:
                 family = socket.AF_INET6
-        return conntrack.dump_table(self.cfg.netns, self.decoder,
-                                    on_decode_error=self._on_decode_error,
-                                    family=family, snat_only=snat_only)
+        events = conntrack.dump_table(self.cfg.netns, self.decoder,
+                                      on_decode_error=self._on_decode_error,
+                                      family=family, snat_only=snat_only)
+        if self.share is None:
+            return events
+        k, n = self.share  # the socket's rule (bpf.share_of): each entry in one share
+        return (ev for ev in events if (0 if ev.ct_id is None else ev.ct_id % n) == k)
 
     # ---- the event path -----------------------------------------------------
 

@@ -444,3 +444,137 @@ class TestKernelFilter:
             f.set_cidrs(["10.244.0.0/24", "10.245.0.0/24", "fd00::/8"], [])
             assert attached(s) == len(build_program(["10.244.0.0/24", "10.245.0.0/24",
                                                      "fd00::/8"]))
+
+
+def ct_id_offset(msg: bytes) -> int:
+    """Offset of the top-level CTA_ID attribute's header."""
+    return leaf_offset(msg, "ct_id") - 4
+
+
+class TestShares:
+    """The share clause of sharded readers (``conntrack.workers``): CTA_ID mod N."""
+
+    CIDRS = ["10.244.0.0/16", "fd00:10:244::/48", "192.168.0.0/16", "fd00::/8"]
+
+    @pytest.mark.parametrize("n", [2, 3, 4])
+    def test_every_message_is_kept_by_exactly_its_share(self, n: int) -> None:
+        """With shares only, each captured message is kept by exactly one of N programs:
+        worker ``CTA_ID mod N``."""
+        progs = [build_program([], share=(k, n)) for k in range(n)]
+        for m in MESSAGES:
+            kept = [k for k, p in enumerate(progs) if run_program(p, m) == KEEP]
+            assert kept == [bpf.share_of(decode_generic(m, 0, 0).ct_id, n)], m.hex()
+
+    @pytest.mark.parametrize("cidrs", [CIDRS, ["10.244.0.0/24"], ["fd00::/8"]])
+    def test_share_and_pod_cidr_test_combine(self, cidrs: list[str]) -> None:
+        """With CIDRs, a share keeps a message iff it is in the share and the CIDR
+        program alone keeps it."""
+        alone = build_program(cidrs)
+        progs = [build_program(cidrs, share=(k, 2)) for k in range(2)]
+        for m in MESSAGES:
+            mine = bpf.share_of(decode_generic(m, 0, 0).ct_id, 2)
+            for k, p in enumerate(progs):
+                want = run_program(alone, m) if k == mine else DROP
+                assert run_program(p, m) == want
+
+    def test_both_shares_are_used(self) -> None:
+        """The captured flows' ids spread over both shares (the key is a hash)."""
+        shares = {bpf.share_of(decode_generic(m, 0, 0).ct_id, 2) for m in MESSAGES}
+        assert shares == {0, 1}
+
+    def test_message_without_id_goes_to_worker_0_only(self) -> None:
+        """A flow message without CTA_ID (renamed to an unused type) or with an odd-sized
+        one is kept by worker 0 and dropped by the others, so it is read exactly once."""
+        progs = [build_program(self.CIDRS, share=(k, 3)) for k in range(3)]
+        for m in MESSAGES:
+            off = ct_id_offset(m)
+            renamed = m[:off + 2] + struct.pack("=H", 30) + m[off + 4:]
+            odd = m[:off] + struct.pack("=H", 6) + m[off + 2:]
+            for x in (renamed, odd):
+                verdicts = [run_program(p, x) for p in progs]
+                assert verdicts[1:] == [DROP, DROP]
+                assert verdicts[0] == run_program(build_program(self.CIDRS), x)
+
+    def test_non_flow_messages_go_to_worker_0_only(self) -> None:
+        """NLMSG_DONE / ERROR, other types, tiny and multi-message skbs: worker 0 keeps
+        them, the others drop them."""
+        done = struct.pack("=IHHII", 20, 3, 2, 1, 0) + b"\0\0\0\0"
+        error = struct.pack("=IHHIIi", 36, 2, 0, 1, 0, -1) + bytes(16)
+        m = V4[0]
+        get_type = m[:4] + struct.pack("=H", 0x0101) + m[6:]
+        for pkt in (b"", bytes(19), done, error, get_type, V4[0] + V4[1], m[:40]):
+            assert run_program(build_program(self.CIDRS, share=(0, 2)), pkt) == KEEP
+            assert run_program(build_program(self.CIDRS, share=(1, 2)), pkt) == DROP
+
+    def test_fuzzed_messages_are_never_kept_twice_nor_by_nobody_without_cidrs(self) -> None:
+        """Fuzz: for any byte-mutated message, exactly one of the share-only programs
+        keeps it (disjoint and complete even for garbage)."""
+        rnd = random.Random(18)
+        progs = [build_program([], share=(k, 3)) for k in range(3)]
+        for _ in range(2000):
+            m = bytearray(rnd.choice(MESSAGES))
+            for _ in range(rnd.randint(1, 3)):
+                m[rnd.randrange(len(m))] = rnd.randrange(256)
+            assert sum(run_program(p, bytes(m)) == KEEP for p in progs) == 1
+
+    def test_one_worker_is_no_share(self) -> None:
+        """share=(0, 1) builds exactly the program without shares."""
+        assert build_program(self.CIDRS, share=(0, 1)) == build_program(self.CIDRS)
+        assert build_program([], share=(0, 1)) == build_program([])
+
+    def test_bad_share_is_a_value_error(self) -> None:
+        """A share index outside 0..n-1 or n < 1 is rejected."""
+        for share in ((2, 2), (-1, 2), (0, 0)):
+            with pytest.raises(ValueError, match="share"):
+                build_program([], share=share)
+
+    def test_both_byte_orders(self) -> None:
+        """The share clause reads nla_len host-endian: a big-endian host's program keeps
+        the same share of the byte-swapped headers."""
+        prog = build_program([], share=(1, 2), byteorder="big")
+        for m in MESSAGES[:5]:
+            off = ct_id_offset(m)
+            # Swap every netlink header the program reads to big-endian.
+            be = bytearray(m)
+            be[0:4] = struct.pack(">I", len(m))
+            be[4:6] = struct.pack(">H", struct.unpack_from("=H", m, 4)[0])
+            for aoff in _top_level_attrs(m):
+                alen, atype = struct.unpack_from("=HH", m, aoff)
+                be[aoff:aoff + 4] = struct.pack(">HH", alen, atype)
+            verdict = run_program(prog, bytes(be), byteorder="big")
+            want = KEEP if bpf.share_of(decode_generic(m, 0, 0).ct_id, 2) == 1 else DROP
+            assert verdict == want, off
+
+    def test_kernel_accepts_share_programs(self) -> None:
+        """The kernel's checker takes BPF_MOD share programs (with and without CIDRs)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for prog in (build_program([], share=(1, 3)),
+                         build_program(self.CIDRS, share=(0, 2))):
+                bpf.attach(s, prog)
+                assert attached(s) == len(prog)
+
+
+def _top_level_attrs(m: bytes) -> list[int]:
+    out, off = [], 20
+    while off + 4 <= len(m):
+        alen = struct.unpack_from("=H", m, off)[0]
+        if alen < 4:
+            break
+        out.append(off)
+        off += (alen + 3) & ~3
+    return out
+
+
+class TestKernelFilterShares:
+    def test_share_survives_a_failed_cidr_program(self) -> None:
+        """With a share, a CIDR program that cannot be built falls back to the share
+        clause alone (never to no filter: that would duplicate the other shares)."""
+        m = Metrics()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            kf = bpf.KernelFilter(s, m, share=(1, 2))
+            kf.apply(to_cidrs(["10.244.0.0/24"]))
+            assert attached(s) == len(build_program(["10.244.0.0/24"], share=(1, 2)))
+            too_many = [f"fd99:{i:x}::{i:x}/128" for i in range(0, 40000, 7)]
+            kf.apply(to_cidrs(too_many))
+            assert attached(s) == len(build_program([], share=(1, 2)))
+            assert m.value("shipper_errors_total", "kernel_filter", "ValueError") == 1
