@@ -19,6 +19,10 @@ listener wrote with what the kernel did.
   count (idle polling during the settle wait is included: an upper bound).
 * ``VmHWM`` - the shipper's peak RSS.
 
+The shipper reads the lab's pods from a pods file (``--pods-file``), so each
+record is the full default record: pod labels, owner, node, community id,
+``event.id``.
+
 Run as root on a Linux box with netfilter, from the repository root::
 
     python3 bench/bench_events.py --rate 25000 --duration 10
@@ -239,7 +243,11 @@ def run_rate(args: argparse.Namespace, rate: float) -> RunResult:
             if not args.no_shipper:
                 config = tmp / "shipper.yaml"
                 config.write_text(shipper_config(args))
-                cmd = shipper_command(args, lab, flows, metrics, config)
+                # The lab's pods (labels, owner, node): records carry the full default
+                # record, attributed, as on a real node.
+                pods = lab.write_pod_list(tmp / "pods.json")
+                cmd = [*shipper_command(args, lab, flows, metrics, config),
+                       "--pods-file", str(pods)]
                 env = dict(os.environ, PYTHONPATH=str(REPO))
                 with (tmp / "shipper.out").open("wb") as o, \
                         (tmp / "shipper.err").open("wb") as e:
