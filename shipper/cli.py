@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "start), filter, attribute and ship records until "
                                    "SIGTERM/SIGINT; then flush within shutdown_grace_s.")
     _common(r)
+    r.add_argument("--workers", type=int, metavar="N", default=None,
+                   help="Reader processes, each reading its share of the flows "
+                        "(conntrack.workers; default 1).")
     d = sub.add_parser("dump", help="Ship the current conntrack table once, then exit.",
                        description="Like `conntrack -L`, but as records: every current entry "
                                    "through the same filter, attribution and encoding "
@@ -178,6 +181,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     o: dict[str, Any] = {
         key: getattr(args, flag) for flag, key in _FLAG_KEYS.items() if getattr(args, flag)
     }
+    if getattr(args, "workers", None) is not None:  # run only; 0 is an error, not unset
+        o["conntrack.workers"] = args.workers
     if args.sink:
         o["sink.type"] = args.sink
     elif args.output:
@@ -298,6 +303,16 @@ def _run(cfg: config_mod.Config, command: str) -> int:
         except SinkError as exc:
             log.error("sink failed", extra={"fields": {"error": str(exc)}})
             return EXIT_SINK
+    runner: Any = pipeline
+    if cfg.conntrack.workers > 1:
+        from shipper.shards import Shards
+
+        runner = Shards(pipeline)
+        try:
+            runner.fork()  # before any thread exists: the metrics server below is one
+        except SourceError as exc:
+            log.error("conntrack source failed", extra={"fields": {"error": str(exc)}})
+            return EXIT_SOURCE
     server = None
     if cfg.metrics.address:
         try:
@@ -315,7 +330,7 @@ def _run(cfg: config_mod.Config, command: str) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        return pipeline.run(stop)
+        return int(runner.run(stop))
     except SourceError as exc:
         log.error("conntrack source failed", extra={"fields": {"error": str(exc)}})
         return EXIT_SOURCE

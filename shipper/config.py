@@ -39,6 +39,11 @@ def _check_cidrs(values: list[str]) -> list[str]:
 Event = Literal["new", "update", "destroy"]
 
 
+#: Most reader processes (conntrack.workers): every socket's filter runs on every event
+#: in the kernel, and each reader holds its own flow-start cache and pod index copy.
+MAX_WORKERS = 16
+
+
 class ConntrackConfig(_Closed):
     """Where and how conntrack events are read."""
 
@@ -106,6 +111,17 @@ class ConntrackConfig(_Closed):
         "read, dead entries stay allocated and count against nf_conntrack_max, so a stalled "
         "shipper can fill the table; pair it with the /healthz stall check (health.stall_s). "
         "Needs 'destroy' in events.",
+    )
+
+    workers: int = Field(
+        1,
+        ge=1,
+        le=MAX_WORKERS,
+        description="Reader processes (sharded readers, for more than one core's worth of "
+        "events): each has its own event socket whose in-kernel filter keeps only its share "
+        "of the flows (conntrack id modulo workers), and filters, attributes and encodes "
+        "that share; the main process runs the pod sources, metrics and the one delivery. "
+        f"1..{MAX_WORKERS}; 1 reads in the main process. Only for run (dump is one process).",
     )
 
     @model_validator(mode="after")

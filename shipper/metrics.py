@@ -103,8 +103,16 @@ DEFS: dict[str, MetricDef] = {
         MetricDef(
             "shipper_errors_total",
             "counter",
-            "Runtime errors, by stage and error type.",
+            "Runtime errors, by stage and error type (stage worker: a reader process of "
+            "conntrack.workers failed, exited unasked or did not stop in time).",
             ("stage", "error"),
+        ),
+        MetricDef(
+            "shipper_worker_events_total",
+            "counter",
+            "Conntrack events read by each reader process (conntrack.workers > 1), by worker "
+            "index: how evenly the shares spread. shipper_events_total is their sum.",
+            ("worker",),
         ),
         MetricDef(
             "shipper_conntrack_sysctl",

@@ -8,15 +8,23 @@ deletes them (``conntrack -D``) so every flow also has a DESTROY.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from shipper.lab import Lab
 from shipper.sources import bpf, conntrack
 from shipper.sources.decode import LayoutDecoder
-from tests.integration.harness import ct_delete
+from tests.integration.harness import Record, ShipperProcess, ct_delete, get
 
 pytestmark = pytest.mark.kernel  # root only; in CI a skip fails (tests/conftest.py)
 
@@ -110,3 +118,91 @@ def test_socket_shares_are_disjoint_and_complete(lab: Lab, family: int) -> None:
     finally:
         for s in socks:
             s.close()
+
+
+def wait_readyz(sp: ShipperProcess, timeout: float = 30.0) -> dict[str, Any]:
+    """Poll /readyz until 200 (bounded); return its body."""
+    url = f"http://127.0.0.1:{sp.metrics_port}/readyz"
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        if sp.proc.poll() is not None:
+            raise AssertionError(f"shipper exited ({sp.proc.returncode}): {sp.stderr()}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return dict(json.loads(resp.read()))
+        except urllib.error.HTTPError as exc:
+            last = exc.read()
+        except OSError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise AssertionError(f"not ready after {timeout}s: {last!r}\n{sp.stderr()[-3000:]}")
+
+
+def children(pid: int) -> list[int]:
+    """The direct child processes of ``pid`` (the shipper's readers)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(x) for x in text.split()]
+
+
+def udp(action: str) -> Callable[[Record], bool]:
+    return lambda r: (get(r, "event.action") == action
+                      and get(r, "network.transport") == "udp")
+
+
+@pytest.mark.lab(pods=1)
+@pytest.mark.parametrize("family", [4, 6])
+def test_two_workers_ship_every_flow_exactly_once(lab: Lab, tmp_path: Path,
+                                                  family: int) -> None:
+    """conntrack.workers: 2 -> two reader processes; FLOWS flows' NEW and DESTROY records
+    are each shipped exactly once in the one output file, attributed to the pod (the pods
+    file is loaded by the parent after the fork and replicated), both readers had a
+    non-empty share, nothing is counted lost, and SIGTERM ends it with exit 0."""
+    sp = ShipperProcess(lab, tmp_path, config={"conntrack.workers": 2})
+    try:
+        body = wait_readyz(sp)
+        assert body["conditions"]["subscribed"]["reason"] == "2 of 2 readers"
+        assert len(children(sp.proc.pid)) == 2
+        make_flows(lab, family)
+        ct_delete(lab, "-p", "udp", "-f", "ipv6" if family == 6 else "ipv4")
+        sp.wait_records(udp("destroy"), n=FLOWS, timeout=30)
+        for k in ("0", "1"):
+            assert sp.wait_metric("shipper_worker_events_total", 1, {"worker": k}) >= 1
+        events = sp.wait_metric("shipper_events_total", 2 * FLOWS)
+        per_worker = sum(sp.metric("shipper_worker_events_total", {"worker": k})
+                         for k in ("0", "1"))
+        assert per_worker == events  # the totals are the workers' sum
+        assert sp.metric("shipper_events_lost_total") == 0
+    finally:
+        code = sp.stop()
+    assert code == 0, sp.stderr()[-3000:]
+    records = sp.records()
+    assert not [r for r in records if get(r, "event.action") == "gap"]
+    pod = lab.pod_list()["items"][0]["metadata"]["name"]
+    ids: dict[str, list[int]] = {}
+    for action in ("new", "destroy"):
+        mine = [r for r in records if udp(action)(r)]
+        ids[action] = [get(r, "conntrack.id") for r in mine]
+        assert len(ids[action]) == len(set(ids[action])) == FLOWS, action  # each once
+        assert len({get(r, "destination.port") for r in mine}) == FLOWS
+        assert {get(r, "kubernetes.pod.name") for r in mine} == {pod}
+    assert sorted(ids["new"]) == sorted(ids["destroy"])
+    assert {i % 2 for i in ids["new"]} == {0, 1}  # both shares shipped
+
+
+@pytest.mark.lab(pods=1, ipv6=False)
+def test_a_dead_worker_stops_the_agent_with_a_gap(lab: Lab, tmp_path: Path) -> None:
+    """A reader killed with SIGKILL: the shipper does not run on with a missing share; it
+    writes a gap record, counts the failure, stops the other reader and exits 3."""
+    sp = ShipperProcess(lab, tmp_path, config={"conntrack.workers": 2})
+    try:
+        wait_readyz(sp)
+        victim = children(sp.proc.pid)[1]
+        os.kill(victim, signal.SIGKILL)
+        sp.proc.wait(30)
+    finally:
+        code = sp.stop()
+    assert code == 3, sp.stderr()[-3000:]
+    gaps = [r for r in sp.records() if get(r, "event.action") == "gap"]
+    assert len(gaps) == 1
+    assert any(line.get("msg", "").startswith("reader failed") for line in sp.logs())

@@ -1,0 +1,541 @@
+"""Sharded readers (``conntrack.workers: N``): N reader processes, one shipper.
+
+One Python process tops out at one core. With ``N > 1`` the shipper forks N
+reader processes ("workers") at start; worker ``k`` runs the whole event path
+of the single-process shipper for its share of the flows, and the main process
+("parent") runs everything that must exist once per node::
+
+    kernel ──▶ worker 0: socket (BPF: pod CIDRs + CTA_ID % N == 0) ─ decode ─ filter
+          │              ─ attribute ─ [wait] ─ encode ─ batch ──┐ closed batches
+          ├──▶ worker 1: ... (CTA_ID % N == 1)  ... ─────────────┤ counter deltas
+          ...                                                    ▼ (one pipe each)
+    parent: pod sources (state file, pods file, Kubernetes API) ─▶ PodIndex, CidrFilter
+            replicated to every worker (index updates, CIDRs, source freshness);
+            ONE delivery (queue, spool, retries, sink); metrics, /healthz, /readyz
+
+- **Shares.** Each worker's socket carries a BPF program with the share clause
+  (:func:`shipper.sources.bpf.share_of`: ``CTA_ID mod N``; messages without an
+  id go to worker 0), so the kernel queues each flow event on exactly one
+  worker's socket, and every event of a flow (NEW, UPDATE, DESTROY, its dump
+  entry) on the same one: its flow-start cache and resolve wait stay local.
+  The initial and resync dumps keep the same share (in userspace). Gap records
+  stay exact: each worker reads its own socket's drop counter.
+- **Replication** parent -> workers, in the order the parent applied them:
+  ``PodIndex.update/delete/reconcile`` calls (with their timestamps, so every
+  copy holds the same intervals), ``CidrFilter.set_cidrs`` (each worker's
+  KernelFilter re-attaches its program) and the pod sources' freshness
+  (``SourceState``, polled every ``STATE_POLL_S``), so the stale hold and the
+  resolve wait work in each worker as in one process. A worker's copy lags the
+  parent's by a pipe hop; the resolve wait already covers an index that is
+  behind the kernel.
+- **Workers -> parent**: closed batches (already encoded entries: the parent
+  does no per-record work but a pickle load), counter deltas once a second
+  (the parent adds them up, so every metric keeps its meaning as a total; plus
+  ``shipper_worker_events_total{worker}``) and progress (``/healthz`` fails
+  when a worker made no progress for ``health.stall_s``). A full delivery
+  queue blocks the parent's reader, the pipe fills, and the worker blocks in
+  its send: the same backpressure as in one process.
+- **Failure**: a worker that exits unasked (crash, OOM kill, socket error)
+  stops the whole agent with exit code 3 after the others drained and
+  delivery flushed, with a gap record for its share (count unknown). It is
+  not restarted in place: forking again from a parent that now runs threads
+  is unsafe, and a DaemonSet pod is restarted by the kubelet, which counts and
+  backs off restarts where an operator looks for them; the fresh start dumps
+  the table, so live flows of the lost share are shipped again (snapshot).
+  Never a silent missing share.
+- **Stop** (SIGTERM to the parent): every worker drains its socket (and the
+  reliable-DESTROY redeliveries) as one process does, flushes its batch and
+  counters, and exits; then the parent flushes delivery. A worker ignores
+  SIGINT (a terminal's Ctrl-C reaches the whole group: the parent coordinates).
+
+Fork happens before any thread exists (the CLI starts the metrics server
+after :meth:`Shards.fork`): a child of a threaded process may inherit locks
+held by threads that do not exist in it.
+
+The protocol is :class:`multiprocessing.connection.Connection` over a
+socketpair (length-prefixed pickles; stdlib): messages are tuples whose first
+item names them (:data:`TO_WORKER`, :data:`TO_PARENT`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from shipper.enrich.hold import SourceState
+from shipper.errors import SourceError
+from shipper.memory import tune_malloc
+from shipper.metrics import DEFS, Metrics
+from shipper.pipeline import Pipeline
+from shipper.sinks.base import Batch
+
+log = logging.getLogger("shipper.shards")
+
+#: A worker reports (counters, progress) at least this often.
+BEAT_S = 1.0
+#: How often the parent looks for pod-source freshness changes to replicate.
+STATE_POLL_S = 0.05
+#: PodIndex methods replayed in every worker (pruning each worker does itself).
+REPLICATED = ("update", "delete", "reconcile")
+#: Gauges a worker owns: the parent shows their sum over workers.
+SUMMED_GAUGES = ("shipper_hold_records",)
+COUNTERS = tuple(name for name, d in DEFS.items() if d.kind == "counter")
+
+#: parent -> worker messages.
+TO_WORKER = {
+    "index": "(name, args): replay PodIndex.<name>(*args)",
+    "cidrs": "(args,): CidrFilter.set_cidrs(*args)",
+    "states": "(states,): pod sources' freshness, see _state_tuple",
+    "go": "(states,): the first pod sync is done: dump, then read events",
+    "stop": "(): drain and exit",
+}
+#: worker -> parent messages.
+TO_PARENT = {
+    "subscribed": "(): the event socket is open",
+    "dumped": "(entries,): the initial dump is done",
+    "running": "(): in the event loop",
+    "batch": "(Batch,): a closed batch of encoded entries",
+    "counts": "(counters, gauges): counter deltas {name: {labels: n}}, owned gauges",
+    "beat": "(): progress",
+    "error": "(text,): the worker cannot go on (it exits with code 3)",
+    "done": "(): drained and flushed; nothing more will come",
+}
+
+StateTuple = tuple[str, bool, "int | None", "int | None", str, int]
+
+
+def _state_tuple(st: SourceState) -> StateTuple:
+    return (st.name, st.stale, st.stale_since_ns, st.recovered_ns, st.reason, st.recoveries)
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to kill this process when its parent dies (PR_SET_PDEATHSIG):
+    an orphaned worker could only read and throw away."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+# ------------------------------------------------------------------- worker
+class Worker:
+    """One reader process's side: runs ``pipeline``'s event path for share ``k`` of ``n``.
+
+    Built in the forked child from the parent's (not yet started) pipeline:
+    the child has a copy of the pod index as loaded from the state file, and
+    keeps it in step from the parent's messages.
+    """
+
+    def __init__(self, pipeline: Pipeline, k: int, n: int, conn: Connection,
+                 sysctls: tuple[bool, int | None]) -> None:
+        self.p = pipeline
+        self.k, self.n = k, n
+        self.conn = conn
+        self.sysctls = sysctls
+        self.stop = threading.Event()
+        self.go = threading.Event()
+        self.error: str | None = None
+        self._mirrors: dict[str, SourceState] = {}
+        self._next_beat = 0.0
+        m = pipeline.metrics
+        # Counters start from what the parent had counted before the fork.
+        self._sent: dict[tuple[str, tuple[str, ...]], float] = {
+            (name, labels): v for name in COUNTERS for labels, v in m.values[name].items()}
+
+    # ---- protocol ---------------------------------------------------------
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        """Send one message to the parent (blocks while the pipe is full: backpressure)."""
+        self.conn.send(msg)
+
+    def _send_batch(self, b: Batch) -> None:
+        self.send(("batch", b))
+
+    def _beat(self) -> None:
+        self._health_beat()
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self._next_beat = now + BEAT_S
+            self.send(("beat",))
+
+    def _housekeeping(self) -> None:
+        self._pipeline_housekeeping()
+        self.send_counts()
+
+    def send_counts(self) -> None:
+        """Counter deltas since the last report, and the gauges a worker owns."""
+        m = self.p.metrics
+        deltas: dict[str, dict[tuple[str, ...], float]] = {}
+        sent = self._sent
+        for name in COUNTERS:
+            for labels, v in m.values[name].items():
+                d = v - sent.get((name, labels), 0.0)
+                if d:
+                    deltas.setdefault(name, {})[labels] = d
+                    sent[(name, labels)] = v
+        gauges = {name: m.value(name) for name in SUMMED_GAUGES}
+        self.send(("counts", deltas, gauges))
+
+    def _control(self) -> None:
+        """The control thread: apply the parent's messages until ``stop`` or EOF."""
+        p = self.p
+        try:
+            while True:
+                msg = self.conn.recv()
+                kind = msg[0]
+                if kind == "index":
+                    getattr(p.index, msg[1])(*msg[2])
+                elif kind == "cidrs":
+                    try:
+                        p.filter.set_cidrs(*msg[1])
+                    except SourceError as exc:  # the share could not be kept
+                        self.error = str(exc)
+                        self.stop.set()
+                elif kind in ("states", "go"):
+                    self._apply_states(msg[1])
+                    if kind == "go":
+                        self.go.set()
+                elif kind == "stop":
+                    self.stop.set()
+        except (EOFError, OSError):
+            self.stop.set()  # the parent is gone, or closed our pipe
+
+    def _apply_states(self, states: list[StateTuple]) -> None:
+        for name, stale, since, recovered, reason, recoveries in states:
+            st = self._mirrors.get(name)
+            if st is None:
+                st = self._mirrors[name] = SourceState(name)
+                self.p.wait.states.append(st)
+            st.stale_since_ns, st.recovered_ns = since, recovered
+            st.reason, st.recoveries = reason, recoveries
+            st.stale = stale  # last: the event loop reads this flag
+
+    # ---- run ----------------------------------------------------------------
+
+    def main(self) -> int:
+        """Run the worker until the parent says stop; return the exit code."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda _s, _f: self.stop.set())
+        _die_with_parent()
+        p, cfg = self.p, self.p.cfg
+        p.out.stop = self.stop
+        p.out.submit = self._send_batch  # type: ignore[method-assign]
+        self._health_beat = p.health.beat
+        p.health.beat = self._beat  # type: ignore[method-assign]
+        self._pipeline_housekeeping = p._housekeeping
+        p._housekeeping = self._housekeeping  # type: ignore[method-assign]
+        src = p.source
+        src.share = (self.k, self.n)
+        threading.Thread(target=self._control, name="shard-control", daemon=True).start()
+        code = 0
+        try:
+            p.starts.size(*self.sysctls)
+            src.open()
+            self.send(("subscribed",))
+            while not self.go.wait(0.2) and not self.stop.is_set():
+                self._beat()
+            if not self.stop.is_set():
+                p.wait.tick(time.time_ns(), time.monotonic())
+                n = p.handle_all(src.dump()) if cfg.conntrack.dump_at_start else 0
+                self.send(("dumped", n))
+                self.send(("running",))
+                p._loop(self.stop)
+            p._drain_at_stop()
+        except SourceError as exc:
+            self.error = str(exc)
+        finally:
+            src.close()
+            p.wait.flush()
+            p._flush_counters()
+            self.send_counts()
+            b = p.out.batcher.flush()
+            if b is not None:
+                self.send(("batch", b))
+        if self.error is not None:
+            log.error("reader failed", extra={"fields": {"worker": self.k, "error": self.error}})
+            self.send(("error", self.error))
+            code = 3
+        self.send(("done",))
+        self.conn.close()
+        return code
+
+
+# ------------------------------------------------------------------- parent
+@dataclass
+class _Handle:
+    """The parent's view of one worker."""
+
+    k: int
+    pid: int
+    conn: Connection
+    heard: float = field(default_factory=time.monotonic)
+    heard_ns: int = field(default_factory=time.time_ns)
+    subscribed: bool = False
+    dumped: bool = False
+    running: bool = False
+    done: bool = False
+    gone: bool = False  # its pipe closed
+    error: str | None = None
+    gauges: dict[str, float] = field(default_factory=dict)
+    thread: threading.Thread | None = None
+
+
+class Shards:
+    """The parent of N reader processes: build with a pipeline, :meth:`fork`, :meth:`run`."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.p = pipeline
+        self.n = pipeline.cfg.conntrack.workers
+        self.workers: list[_Handle] = []
+        self._sysctls: tuple[bool, int | None] = (False, None)
+        self._repl_lock = threading.Lock()  # replication order = application order
+        self._out_lock = threading.Lock()  # the parent's RecordOutput and health.blocked
+        self._fold_lock = threading.Lock()
+        self._seq = 0
+        self.failure: str | None = None
+        self.stop: threading.Event | None = None
+
+    # ---- start --------------------------------------------------------------
+
+    def fork(self, child_main: Callable[[Worker], int] | None = None) -> None:
+        """Load the pod history, set the sysctls, and fork the workers (each opens
+        its own socket). Call before any thread exists. ``child_main`` (tests)
+        replaces :meth:`Worker.main` in the children."""
+        p = self.p
+        tune_malloc()
+        p.pods.load_state()  # every worker starts with the history
+        self._sysctls = p.source.sysctls()
+        for k in range(self.n):
+            ours, theirs = socket.socketpair()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # the worker
+                code = 1
+                try:
+                    ours.close()
+                    for h in self.workers:
+                        h.conn.close()
+                    w = Worker(p, k, self.n, Connection(theirs.detach()), self._sysctls)
+                    code = (child_main or Worker.main)(w)
+                except BaseException:
+                    log.exception("reader crashed", extra={"fields": {"worker": k}})
+                finally:
+                    with contextlib.suppress(Exception):
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                    os._exit(code)
+            theirs.close()
+            self.workers.append(_Handle(k, pid, Connection(ours.detach())))
+            log.info("reader started", extra={"fields": {"worker": k, "pid": pid}})
+
+    def _hook_replication(self) -> None:
+        """From now on every change the pod sources make is replayed in the workers."""
+        index, filt, lock = self.p.index, self.p.filter, self._repl_lock
+
+        def replicated(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any) -> Any:
+                if name == "reconcile":
+                    args = (list(args[0]), *args[1:])  # may be a one-shot iterable
+                with lock:
+                    result = orig(*args)
+                    self.broadcast(("index", name, args))
+                return result
+            return call
+
+        for name in REPLICATED:
+            setattr(index, name, replicated(name, getattr(index, name)))
+        set_cidrs = filt.set_cidrs
+
+        def set_cidrs_replicated(*args: Any) -> None:
+            with lock:
+                set_cidrs(*args)  # ConfigError: nothing changed, nothing sent
+                self.broadcast(("cidrs", args))
+
+        filt.set_cidrs = set_cidrs_replicated  # type: ignore[method-assign,assignment]
+
+    def broadcast(self, msg: tuple[Any, ...]) -> None:
+        """Send ``msg`` to every worker still there (pickled once)."""
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        for h in self.workers:
+            if not h.gone:
+                try:
+                    h.conn.send_bytes(data)
+                except OSError:
+                    h.gone = True  # its reader thread reports why
+
+    # ---- the parent's loop ------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> int:
+        """Run until ``stop``; stop the workers, flush delivery; return an exit code
+        (0 clean, 1 undelivered records). Raises SourceError when a worker failed
+        or exited unasked (after the rest was shut down cleanly)."""
+        p, cfg = self.p, self.p.cfg
+        self.stop = stop
+        p.out.stop = stop
+        self._hook_replication()
+        try:
+            p.delivery.start()
+        except BaseException:
+            self._stop_workers(cfg.shutdown_grace_s)
+            raise
+        for h in self.workers:
+            h.thread = threading.Thread(target=self._read, args=(h,), name=f"shard-{h.k}",
+                                        daemon=True)
+            h.thread.start()
+        clean = False
+        try:
+            p.pods.start(p.wait.states, stop)
+            states = [_state_tuple(st) for st in p.wait.states]
+            self.broadcast(("go", states))
+            self._loop(stop, states)
+        finally:
+            self._stop_workers(cfg.shutdown_grace_s * 0.75)
+            with self._out_lock:
+                clean = p._shutdown()
+        if self.failure is not None:
+            raise SourceError(self.failure)
+        return 0 if clean else 1
+
+    def _loop(self, stop: threading.Event, states: list[StateTuple]) -> None:
+        p = self.p
+        health, monotonic = p.health, time.monotonic
+        next_house = monotonic() + 1.0
+        next_prune = monotonic() + 60.0
+        while not stop.wait(STATE_POLL_S):
+            now = monotonic()
+            now_states = [_state_tuple(st) for st in p.wait.states]
+            if now_states != states:
+                states = now_states
+                self.broadcast(("states", states))
+            if all(now - h.heard <= health.stall_s for h in self.workers):
+                health.beat()  # progress only while every worker makes progress
+            with self._out_lock:
+                p.out.due(now)
+            if now >= next_house:
+                next_house = now + 1.0
+                p.wait.tick(time.time_ns(), now)  # the pods-stale gauge and /readyz
+                with self._fold_lock:
+                    p._housekeeping()
+                    for name in SUMMED_GAUGES:
+                        p.metrics.set(name, sum(h.gauges.get(name, 0.0) for h in self.workers))
+                if now >= next_prune:
+                    next_prune = now + 60.0
+                    p.index.prune(time.time_ns())
+
+    def _read(self, h: _Handle) -> None:
+        """One worker's messages, until its pipe closes."""
+        p, m = self.p, self.p.metrics
+        try:
+            while True:
+                msg = h.conn.recv()
+                h.heard = time.monotonic()
+                h.heard_ns = time.time_ns()
+                kind = msg[0]
+                if kind == "batch":
+                    b: Batch = msg[1]
+                    with self._out_lock:
+                        self._seq += 1
+                        b.seq = self._seq  # one numbering across workers (the spool's)
+                        p.out.submit(b)
+                elif kind == "counts":
+                    self._fold(h, m, msg[1], msg[2])
+                elif kind == "beat":
+                    pass
+                elif kind == "subscribed":
+                    h.subscribed = True
+                    self._ready("subscribed", lambda x: x.subscribed)
+                elif kind == "dumped":
+                    h.dumped = True
+                    log.info("initial table dump", extra={"fields": {
+                        "worker": h.k, "entries": msg[1]}})
+                    self._ready("initial_dump", lambda x: x.dumped)
+                elif kind == "running":
+                    h.running = True
+                    self._ready("running", lambda x: x.running)
+                elif kind == "error":
+                    h.error = msg[1]
+                elif kind == "done":
+                    h.done = True
+        except (EOFError, OSError):
+            pass
+        h.gone = True
+        if h.done and h.error is None and self.stop is not None and self.stop.is_set():
+            return
+        # Exited unasked, or failed: the agent stops (module docstring, "Failure").
+        why = h.error or "exited unexpectedly"
+        self.failure = self.failure or f"reader {h.k} (pid {h.pid}): {why}"
+        m.inc("shipper_errors_total", "worker", "failed" if h.error else "exited")
+        log.error("reader failed: stopping the shipper (a restart re-dumps the table)",
+                  extra={"fields": {"worker": h.k, "pid": h.pid, "error": why}})
+        if not h.done:
+            with self._out_lock:  # its share is missing from its last sign of life
+                p.out.gap(h.heard_ns, time.time_ns(), None, 0, False)
+        if self.stop is not None:
+            self.stop.set()
+
+    def _fold(self, h: _Handle, m: Metrics, deltas: dict[str, dict[tuple[str, ...], float]],
+              gauges: dict[str, float]) -> None:
+        with self._fold_lock:
+            for name, by_labels in deltas.items():
+                for labels, d in by_labels.items():
+                    m.inc(name, *labels, n=d)
+            events = sum(deltas.get("shipper_events_total", {}).values())
+            if events:
+                m.inc("shipper_worker_events_total", str(h.k), n=events)
+            h.gauges = gauges
+
+    def _ready(self, name: str, cond: Callable[[_Handle], bool]) -> None:
+        done = sum(1 for h in self.workers if cond(h))
+        self.p.health.set_ready(name, done == self.n, f"{done} of {self.n} readers")
+
+    # ---- stop ---------------------------------------------------------------
+
+    def _stop_workers(self, grace_s: float) -> None:
+        """Tell every worker to stop and wait (bounded) until each drained, flushed and
+        exited; kill those that did not within ``grace_s``."""
+        self.broadcast(("stop",))
+        deadline = time.monotonic() + grace_s
+        for h in self.workers:
+            if h.thread is not None:
+                h.thread.join(max(0.0, deadline - time.monotonic()))
+        for h in self.workers:
+            if (h.thread is not None and h.thread.is_alive()) or not _reaped(
+                    h.pid, max(deadline, time.monotonic() + 1.0)):
+                log.error("reader did not stop within the grace period; killed",
+                          extra={"fields": {"worker": h.k, "pid": h.pid}})
+                self.p.metrics.inc("shipper_errors_total", "worker", "stop_timeout")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(h.pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(h.pid, 0)
+            with contextlib.suppress(OSError):
+                h.conn.close()
+
+    def pids(self) -> Iterator[int]:
+        """The workers' process ids."""
+        return (h.pid for h in self.workers)
+
+
+def _reaped(pid: int, deadline: float) -> bool:
+    """Wait (bounded) for child ``pid`` to exit and reap it; True if it did."""
+    while True:
+        try:
+            done, _status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if done:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
