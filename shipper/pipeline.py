@@ -230,11 +230,12 @@ class Pipeline:
             self.starts.evicted = 0
         self.wait.fold_counters()
 
-    def _shutdown(self) -> bool:
+    def _shutdown(self, grace_s: float | None = None) -> bool:
+        """Flush and stop delivery within ``grace_s`` (default ``shutdown_grace_s``)."""
         self.health.set_ready("running", False, "stopping")
         self.wait.flush()
         self._flush_counters()
-        clean = self.out.close(self.cfg.shutdown_grace_s)
+        clean = self.out.close(self.cfg.shutdown_grace_s if grace_s is None else grace_s)
         self.pods.stop()  # and the state saver, with a last save
         log.info("stopped", extra={"fields": {"clean": clean}})
         return clean

@@ -47,6 +47,9 @@ of the single-process shipper for its share of the flows, and the main process
   reliable-DESTROY redeliveries) as one process does, flushes its batch and
   counters, and exits; then the parent flushes delivery. A worker ignores
   SIGINT (a terminal's Ctrl-C reaches the whole group: the parent coordinates).
+  One ``shutdown_grace_s`` budget covers both: workers get three quarters at
+  most (they drain within half, as one process does), delivery the rest.
+- **Logs**: a worker's lines carry ``"worker": k``.
 
 Fork happens before any thread exists (the CLI starts the metrics server
 after :meth:`Shards.fork`): a child of a threaded process may inherit locks
@@ -125,6 +128,20 @@ def _die_with_parent() -> None:
     an orphaned worker could only read and throw away."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+class _WorkerField(logging.Filter):
+    """Adds ``"worker": k`` to every log line of a worker process."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = getattr(record, "fields", None)
+        record.fields = {**fields, "worker": self.k} if isinstance(fields, dict) else {
+            "worker": self.k}
+        return True
 
 
 # ------------------------------------------------------------------- worker
@@ -224,6 +241,8 @@ class Worker:
 
     def main(self) -> int:
         """Run the worker until the parent says stop; return the exit code."""
+        for handler in logging.getLogger("shipper").handlers:
+            handler.addFilter(_WorkerField(self.k))
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, lambda _s, _f: self.stop.set())
         _die_with_parent()
@@ -400,9 +419,13 @@ class Shards:
             self.broadcast(("go", states))
             self._loop(stop, states)
         finally:
-            self._stop_workers(cfg.shutdown_grace_s * 0.75)
+            # One budget for the whole stop: the workers drain within half of it (as
+            # one process does), delivery gets what is left, at least a quarter.
+            grace = cfg.shutdown_grace_s
+            t0 = time.monotonic()
+            self._stop_workers(grace * 0.75)
             with self._out_lock:
-                clean = p._shutdown()
+                clean = p._shutdown(max(grace * 0.25, grace - (time.monotonic() - t0)))
         if self.failure is not None:
             raise SourceError(self.failure)
         return 0 if clean else 1

@@ -151,14 +151,17 @@ def udp(action: str) -> Callable[[Record], bool]:
 
 
 @pytest.mark.lab(pods=1)
-@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize(("family", "reliable"), [(4, False), (6, False), (4, True)])
 def test_two_workers_ship_every_flow_exactly_once(lab: Lab, tmp_path: Path,
-                                                  family: int) -> None:
+                                                  family: int, reliable: bool) -> None:
     """conntrack.workers: 2 -> two reader processes; FLOWS flows' NEW and DESTROY records
     are each shipped exactly once in the one output file, attributed to the pod (the pods
     file is loaded by the parent after the fork and replicated), both readers had a
-    non-empty share, nothing is counted lost, and SIGTERM ends it with exit 0."""
-    sp = ShipperProcess(lab, tmp_path, config={"conntrack.workers": 2})
+    non-empty share (each its own share program, its log lines marked), nothing is
+    counted lost, and SIGTERM ends it with exit 0. Also with reliable DESTROY (its
+    second socket gets the same share)."""
+    sp = ShipperProcess(lab, tmp_path, config={"conntrack.workers": 2,
+                                               "conntrack.reliable_destroy": reliable})
     try:
         body = wait_readyz(sp)
         assert body["conditions"]["subscribed"]["reason"] == "2 of 2 readers"
@@ -188,6 +191,9 @@ def test_two_workers_ship_every_flow_exactly_once(lab: Lab, tmp_path: Path,
         assert {get(r, "kubernetes.pod.name") for r in mine} == {pod}
     assert sorted(ids["new"]) == sorted(ids["destroy"])
     assert {i % 2 for i in ids["new"]} == {0, 1}  # both shares shipped
+    attached = {(line.get("worker"), tuple(line.get("share") or ())) for line in sp.logs()
+                if line.get("msg") == "in-kernel filter attached"}
+    assert attached == {(0, (0, 2)), (1, (1, 2))}
 
 
 @pytest.mark.lab(pods=1, ipv6=False)
