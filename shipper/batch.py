@@ -1,12 +1,15 @@
 """Batching policy: when does an open batch close.
 
-Pure: the caller passes the current monotonic time. A batch closes when it
-holds ``max_records`` entries, when adding one more entry would pass
-``max_bytes`` (a single larger record still gets a batch of its own), or when
-its oldest entry is ``max_age_s`` old.
+The caller passes the current monotonic time, or, to :meth:`Batcher.add`, None:
+then the clock is read only when a batch opens (not once per record). A batch
+closes when it holds ``max_records`` entries, when adding one more entry would
+pass ``max_bytes`` (a single larger record still gets a batch of its own), or
+when its oldest entry is ``max_age_s`` old.
 """
 
 from __future__ import annotations
+
+import time
 
 from shipper.sinks.base import Batch
 
@@ -23,27 +26,32 @@ class Batcher:
         self._seq = 0
         self._open: Batch | None = None
 
-    def add(self, entry: bytes, time_ns: int, now_mono: float) -> tuple[Batch, ...]:
+    def add(self, entry: bytes, time_ns: int, now_mono: float | None = None
+            ) -> tuple[Batch, ...]:
         """Add one entry; return the batches this addition closed (usually none).
 
         When the entry does not fit the open batch by bytes, the open batch is
-        closed and the entry starts the next one.
+        closed and the entry starts the next one. ``now_mono`` None: read the
+        monotonic clock if a batch opens.
         """
         closed: tuple[Batch, ...] = ()
         b = self._open
-        if b is not None and b.nbytes + len(entry) > self.max_bytes:
+        size = len(entry)
+        if b is not None and b.nbytes + size > self.max_bytes:
             closed = (b,)
             b = None
         if b is None:
             self._seq += 1
-            b = Batch(seq=self._seq, opened_mono=now_mono)
-        b.entries.append(entry)
+            b = Batch(seq=self._seq,
+                      opened_mono=time.monotonic() if now_mono is None else now_mono)
+            self._open = b
+        entries = b.entries
+        entries.append(entry)
         b.times.append(time_ns)
-        b.nbytes += len(entry)
-        if len(b.entries) >= self.max_records:
+        b.nbytes += size
+        if len(entries) >= self.max_records:
             self._open = None
             return (*closed, b)
-        self._open = b
         return closed
 
     def due(self, now_mono: float) -> Batch | None:

@@ -230,19 +230,20 @@ _ATTRIBUTION = {a: a for a in ATTRIBUTIONS}  # a lookup that rejects an unknown 
 # straight-line code, so a record costs what the hand-written builder cost.
 build_record: Callable[..., dict[str, Any]] = schema.compile_dict(
     schema.FLOW,
-    "ev, pod, host, *, flow_start_ns=None, attribution=None",
+    "ev, pod, host, *, flow_start_ns=None, attribution=None, t_ns=None",
     schema.FLOW_PRELUDE,
     globals(),
     "build_record",
     """Build the record of one flow event (the fields of ``schema.FLOW``).
 
-    ``build_record(ev, pod, host, *, flow_start_ns=None, attribution=None)``.
+    ``build_record(ev, pod, host, *, flow_start_ns=None, attribution=None, t_ns=None)``.
     ``pod`` is the owner of the original source address at the flow's start
     (None: no ``kubernetes`` object). ``attribution`` is written to
     ``flowlog.attribution``: one of ``record.ATTRIBUTIONS``, as
     ``PodIndex.attribute`` returned it; None means ``resolved`` with a pod,
     ``unresolved`` without. ``flow_start_ns`` is the best known start of the
-    flow when the kernel sent none.
+    flow when the kernel sent none. ``t_ns`` is ``event_time(ev)`` if the caller
+    has it already (None: computed here).
     """,
 )
 

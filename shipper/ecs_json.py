@@ -51,10 +51,6 @@ _ATTRIBUTION = {a: a for a in ATTRIBUTIONS}  # a lookup that rejects an unknown 
 _MAX_CACHE = 65536
 
 
-def _n(v: int | None) -> str:
-    return "null" if v is None else str(v)
-
-
 def _quoted(v: int) -> str:
     return f'"{v}"'
 
@@ -92,13 +88,14 @@ class JsonLineEncoder:
     # straight-line code (``schema.source_of("shipper.ecs_json.encode")`` shows it).
     encode: Callable[..., bytes] = schema.compile_line(
         schema.FLOW,
-        "self, ev, pod, flow_start_ns, attribution=None",
+        "self, ev, pod, flow_start_ns, attribution=None, t_ns=None",
         schema.FLOW_PRELUDE,
         globals(),
         "encode",
         """The NDJSON line (with its newline) of one event; see ``ecs.build_record``.
 
-        ``encode(ev, pod, flow_start_ns, attribution=None)``: ``attribution`` as in
-        ``ecs.build_record`` (None: derived from ``pod``).
+        ``encode(ev, pod, flow_start_ns, attribution=None, t_ns=None)``: ``attribution``
+        as in ``ecs.build_record`` (None: derived from ``pod``); ``t_ns`` is
+        ``ecs.event_time(ev)`` if the caller has it already (None: computed here).
         """,
     )

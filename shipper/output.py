@@ -18,6 +18,7 @@ from shipper import ecs
 from shipper.batch import Batch, Batcher
 from shipper.config import Config
 from shipper.delivery import Delivery
+from shipper.ecs import event_time
 from shipper.ecs_json import JsonLineEncoder
 from shipper.health import Health
 from shipper.metrics import Metrics
@@ -49,15 +50,19 @@ class RecordOutput:
 
     def record(self, ev: FlowEvent, pod: Any, remembered: int | None, attribution: str) -> None:
         """Encode and batch the record of one attributed event."""
-        self.records[ev.action] = self.records.get(ev.action, 0) + 1
-        t_ev = ecs.event_time(ev)
-        if self._lines is not None:
-            entry = self._lines.encode(ev, pod, remembered, attribution)
+        records, action = self.records, ev.action
+        records[action] = records.get(action, 0) + 1
+        t_ev = event_time(ev)  # once: the encoder and the batch both need it
+        lines = self._lines
+        if lines is not None:
+            entry = lines.encode(ev, pod, remembered, attribution, t_ev)
         else:
             entry = self.encode(ecs.build_record(ev, pod, self.host, flow_start_ns=remembered,
-                                                 attribution=attribution), t_ev)
-        for b in self.batcher.add(entry, t_ev, time.monotonic()):
-            self.submit(b)
+                                                 attribution=attribution, t_ns=t_ev), t_ev)
+        closed = self.batcher.add(entry, t_ev)
+        if closed:
+            for b in closed:
+                self.submit(b)
 
     def gap(self, since_ns: int, until_ns: int, lost: int | None, overruns: int,
             resync: bool) -> None:

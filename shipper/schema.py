@@ -79,12 +79,14 @@ class Field:
 F = Field
 
 #: The event tuple unpacked once, and the texts several fields need. Both compiled
-#: functions of a flow record start with this (``host`` is the dict path's argument).
+#: functions of a flow record start with this (``host`` is the dict path's argument;
+#: ``t_ns``, the event time, is the NDJSON path's argument when its caller knows it).
 FLOW_PRELUDE = """\
 (action, fam, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport,
  itype, icode, iid, ct_id, status, tcp_state, mark, zone, timeout,
  opk, oby, rpk, rby, ts_start, ts_stop, _ts_event, received) = ev
-t_ns = event_time(ev)
+if t_ns is None:
+    t_ns = event_time(ev)
 v6 = fam != 4
 src_key = osrc | _V6_TAG if v6 else osrc
 src_ip = _ip_text.get(src_key) or ip_to_str(fam, osrc)
@@ -389,8 +391,8 @@ def _json_value(g: _Gen, f: Field, indent: str) -> str:
         return '"{' + f.value + '}"'
     if f.kind == "int":
         return "{" + f.value + "}"
-    if f.kind == "intn":
-        return "{_n(" + f.value + ")}"
+    if f.kind == "intn":  # inline, not a call: it is on every record
+        return '{"null" if ' + f.value + " is None else " + f.value + "}"
     raise ValueError(f"field {f.name!r}: kind {f.kind!r} needs a json fragment")
 
 
