@@ -41,6 +41,14 @@ if [ "${1:-}" = "--test" ]; then
     rsyslog rsyslog-gnutls rsyslog-openssl rsyslog-relp >/dev/null
   # GNU time: peak RSS of the commands the benchmarks compare (bench/bench_dump.py).
   retry apt-get install -y -qq --no-install-recommends time >/dev/null
+  # ulogd2 with its JSON output plugin: the second peer of bench/bench_events.py, which
+  # starts its own ulogd with a private config in the lab's namespace. The package's
+  # system service (the NFLOG stack of /etc/ulogd.conf) is not needed: stop it where
+  # systemd runs.
+  retry apt-get install -y -qq --no-install-recommends ulogd2 ulogd2-json >/dev/null
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl disable --now ulogd2.service >/dev/null 2>&1 || true
+  fi
   retry .venv/bin/python -m pip install -q -e ".[test]"
 else
   retry .venv/bin/python -m pip install -q -e .
