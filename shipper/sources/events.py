@@ -81,6 +81,7 @@ class ConntrackSource:
         self._resync_at: float | None = None  # monotonic time of the next due resync
         self._last_resync = float("-inf")
         self._log_limit = LogLimit(per_s=60.0)
+        self._backlog = False  # the last burst left events queued (read on without a pause)
         # Sharded readers (conntrack.workers): this reader's share (k, n) of the flows,
         # kept by the socket's BPF program and, for dumps, in dump(); None: every flow.
         self.share: tuple[int, int] | None = None
@@ -178,6 +179,9 @@ class ConntrackSource:
         """Sleep until events are queued or ``timeout_ms`` passed; with events, let a
         burst gather: draining many events per wake-up costs far less CPU per event
         than waking for each one."""
+        if self._backlog:
+            # The last burst stopped at MAX_BURST with events still queued: no pause.
+            return
         drain_pause = self.cfg.drain_interval_ms / 1000.0
         if self._poller.poll(timeout_ms) and drain_pause:
             time.sleep(drain_pause)
@@ -217,6 +221,7 @@ class ConntrackSource:
             burst += 1
         if burst:
             self._last_ok_ns = time_ns()
+        self._backlog = burst >= MAX_BURST
         return burst
 
     def after_burst(self, burst: int, handle_all: Callable[[Iterable[FlowEvent]], int]
