@@ -35,12 +35,10 @@ Threading: ``deliver`` is called by one delivery worker; ``abort`` and
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
 import ssl
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,15 +57,13 @@ from shipper.sinks.forward_format import (
     pong_digest,
 )
 from shipper.sinks.net import (
+    Connections,
     Endpoint,
     StepFailure,
     build_ssl_context,
     close_quietly,
-    endpoints,
-    failover_order,
     open_connection,
     oserror_text,
-    stale,
 )
 
 if TYPE_CHECKING:
@@ -124,8 +120,6 @@ class ForwardSink:
         self.metrics = metrics
         #: With ``ack`` on, ``deliver`` returns only after the receiver's ``{"ack": chunk}``.
         self.acknowledged = cfg.ack
-        self._clock = clock
-        self._endpoints = endpoints(cfg.addresses)
         self._tag = pack_str(cfg.tag)
         self._ssl = build_ssl_context(cfg.tls) if cfg.tls.enabled else None
         if cfg.tls.enabled and not cfg.tls.verify:
@@ -134,11 +128,13 @@ class ForwardSink:
         self._hostname = cfg.self_hostname or os.environ.get("NODE_NAME") or socket.gethostname()
         if cfg.shared_key_file is not None:
             read_secret(cfg.shared_key_file, "shared_key")  # fail early if unreadable
-        self._conn: _Conn | None = None
-        self._lock = threading.Lock()  # guards _conn against abort()/close() from other threads
-        self._aborted = False
-        for ep in self._endpoints:
-            metrics.set("shipper_forward_connected", 0, ep.label)
+        self._clock = clock
+        self._conns: Connections[_Conn] = Connections(
+            "forward", cfg.addresses, metrics=metrics, log=log,
+            cooldown_s=cfg.endpoint_cooldown_s, clock=clock, open=self._open,
+            connected_fields=lambda: {"tls": self._ssl is not None,
+                                      "shared_key": cfg.shared_key_file is not None},
+            on_failure=_log_auth_failure)
 
     # --- the Sink protocol ------------------------------------------------------------
 
@@ -150,7 +146,7 @@ class ForwardSink:
         chunk = new_chunk_id() if cfg.ack else None
         data = build_message(cfg.mode, self._tag, batch.entries, chunk,
                              compression_level=cfg.compression_level)
-        conn = self._connect()
+        conn = self._conns.get()
         ep = conn.endpoint
         n = len(batch.entries)
         try:
@@ -162,7 +158,7 @@ class ForwardSink:
             sent_at = self._clock()
             self._await_ack(conn, chunk.encode("ascii"))
         except _Failure as f:
-            self._fail(conn, f)
+            self._conns.fail(conn, f)
             raise SinkError(f"forward to {ep.label}: {f}", retriable=True) from None
         self.metrics.observe("shipper_forward_ack_latency_seconds", self._clock() - sent_at,
                              ep.label)
@@ -171,59 +167,15 @@ class ForwardSink:
 
     def abort(self) -> None:
         """Interrupt a blocked ``deliver`` from another thread (shutdown grace over)."""
-        with self._lock:
-            self._aborted = True
-            if self._conn is not None:
-                with contextlib.suppress(OSError):
-                    self._conn.sock.shutdown(socket.SHUT_RDWR)
+        self._conns.abort()
 
     def close(self) -> None:
         """Close the connection, if any."""
-        with self._lock:
-            conn, self._conn = self._conn, None
+        conn, _aborted = self._conns.take()
         if conn is not None:
-            self._close_conn(conn)
+            self._conns.close(conn, broken=False)
 
     # --- connections ------------------------------------------------------------------
-
-    def _order(self) -> list[Endpoint]:
-        return failover_order(self._endpoints, self._clock())
-
-    def _connect(self) -> _Conn:
-        with self._lock:
-            if self._aborted:
-                raise SinkError("forward sink is shutting down", retriable=True)
-            conn = self._conn
-        if conn is not None:
-            if not stale(conn.sock):
-                return conn
-            self._drop_conn(conn)
-            log.info("forward connection closed by receiver, reconnecting",
-                     extra={"fields": {"endpoint": conn.endpoint.label}})
-        problems = []
-        for ep in self._order():
-            try:
-                conn = self._open(ep)
-            except _Failure as f:
-                self.metrics.inc("shipper_forward_errors_total", ep.label, f.kind)
-                ep.down_until = self._clock() + self.cfg.endpoint_cooldown_s
-                problems.append(f"{ep.label}: {f}")
-                if f.kind == "auth":
-                    log.error("forward authentication failed", extra={"fields": {
-                        "endpoint": ep.label, "error": str(f)}})
-                continue
-            with self._lock:
-                if self._aborted:
-                    self._close_conn(conn)
-                    raise SinkError("forward sink is shutting down", retriable=True)
-                self._conn = conn
-            self.metrics.inc("shipper_forward_connections_total", ep.label)
-            self.metrics.set("shipper_forward_connected", 1, ep.label)
-            log.info("forward connected", extra={"fields": {
-                "endpoint": ep.label, "tls": self._ssl is not None,
-                "shared_key": self.cfg.shared_key_file is not None}})
-            return conn
-        raise SinkError("no forward receiver reachable: " + "; ".join(problems), retriable=True)
 
     def _open(self, ep: Endpoint) -> _Conn:
         timeout = self.cfg.connect_timeout_s
@@ -358,24 +310,13 @@ class ForwardSink:
         except OSError as exc:
             raise _Failure("send", f"write failed: {oserror_text(exc)}") from exc
 
-    def _fail(self, conn: _Conn, f: _Failure) -> None:
-        ep = conn.endpoint
-        self.metrics.inc("shipper_forward_errors_total", ep.label, f.kind)
-        ep.down_until = self._clock() + self.cfg.endpoint_cooldown_s
-        self._drop_conn(conn)
-        if f.kind == "auth":
-            log.error("forward authentication failed", extra={"fields": {
-                "endpoint": ep.label, "error": str(f)}})
 
-    def _drop_conn(self, conn: _Conn) -> None:
-        with self._lock:
-            if self._conn is conn:
-                self._conn = None
-        self._close_conn(conn)
-
-    def _close_conn(self, conn: _Conn) -> None:
-        close_quietly(conn.sock)
-        self.metrics.set("shipper_forward_connected", 0, conn.endpoint.label)
+def _log_auth_failure(ep: Endpoint, f: StepFailure) -> None:
+    """A refused handshake does not fix itself: say so at ERROR (other failures are
+    counted, and reported when no receiver is reachable)."""
+    if f.kind == "auth":
+        log.error("forward authentication failed", extra={"fields": {
+            "endpoint": ep.label, "error": str(f)}})
 
 
 def _secret(path: Path, what: str) -> bytes:

@@ -1,21 +1,29 @@
 """Connection helpers shared by the network sinks (forward, syslog).
 
-One TLS client context builder and the small socket chores both sinks need, so
-the two protocols cannot drift apart on how TLS is verified or how a dead idle
-connection is recognised.
+One TLS client context builder, the small socket chores both sinks need and
+:class:`Connections`, the one open connection with failover across the
+configured receivers, so the two protocols cannot drift apart on how TLS is
+verified, how a dead idle connection is recognised, in which order receivers
+are tried, or what is counted and logged when a step fails.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import select
 import socket
 import ssl
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from shipper.config import TLSClientConfig
 from shipper.errors import SinkError
+
+if TYPE_CHECKING:
+    from shipper.metrics import Metrics
 
 
 def build_ssl_context(tls: TLSClientConfig) -> ssl.SSLContext:
@@ -160,3 +168,143 @@ def failover_order(eps: list[Endpoint], now: float) -> list[Endpoint]:
     healthy = [e for e in eps if e.down_until <= now]
     cooling = sorted((e for e in eps if e.down_until > now), key=lambda e: e.down_until)
     return healthy + cooling
+
+
+class Conn(Protocol):
+    """What :class:`Connections` needs of a sink's connection object."""
+
+    sock: socket.socket
+    endpoint: Endpoint
+
+
+C = TypeVar("C", bound=Conn)
+
+
+class Connections(Generic[C]):
+    """The one open connection of a network sink, with failover across its receivers.
+
+    :meth:`get` returns the open connection, or (when there is none, or the
+    receiver closed it while idle) opens one, trying the receivers in
+    :func:`failover_order`; a receiver whose step failed cools down for
+    ``cooldown_s``. Every failed step is counted in
+    ``shipper_<sink>_errors_total{endpoint, error}``, every connection in
+    ``shipper_<sink>_connections_total`` and ``shipper_<sink>_connected``.
+
+    The sink supplies the protocol: ``open(endpoint)`` connects and runs its
+    handshake (raising :class:`StepFailure`), ``before_close(conn, broken)`` (optional)
+    settles what the connection still held before its socket closes (``broken``: the
+    peer broke it), ``connected_fields()`` adds the sink's fields to the "connected"
+    log line, ``on_failure(endpoint, failure)`` (optional) adds the sink's own report
+    of a failed step.
+
+    Threading: :meth:`get`, :meth:`fail` and :meth:`drop` run on the delivery
+    worker; :meth:`abort` and :meth:`take` may come from another thread (shutdown).
+    """
+
+    def __init__(
+        self,
+        sink: str,
+        addresses: Iterable[str],
+        *,
+        metrics: Metrics,
+        log: logging.Logger,
+        cooldown_s: float,
+        clock: Callable[[], float],
+        open: Callable[[Endpoint], C],
+        connected_fields: Callable[[], dict[str, Any]],
+        before_close: Callable[[C, bool], None] | None = None,
+        on_failure: Callable[[Endpoint, StepFailure], None] | None = None,
+    ) -> None:
+        self.sink = sink
+        self.endpoints = endpoints(addresses)
+        self.metrics = metrics
+        self._log = log
+        self._cooldown_s = cooldown_s
+        self._clock = clock
+        self._open = open
+        self._connected_fields = connected_fields
+        self._before_close = before_close
+        self._on_failure = on_failure
+        self.current: C | None = None
+        self._lock = threading.Lock()  # guards current/aborted against abort() and take()
+        self.aborted = False
+        for ep in self.endpoints:
+            metrics.set(f"shipper_{sink}_connected", 0, ep.label)
+
+    def get(self) -> C:
+        """The open connection, or a new one; SinkError(retriable) if no receiver can be
+        reached (each one's failure named) or the sink is shutting down."""
+        with self._lock:
+            if self.aborted:
+                raise SinkError(f"{self.sink} sink is shutting down", retriable=True)
+            conn = self.current
+        if conn is not None:
+            if not stale(conn.sock):
+                return conn
+            self.drop(conn, broken=True)
+            self._log.info(f"{self.sink} connection closed by receiver, reconnecting",
+                           extra={"fields": {"endpoint": conn.endpoint.label}})
+        problems = []
+        for ep in failover_order(self.endpoints, self._clock()):
+            try:
+                conn = self._open(ep)
+            except StepFailure as f:
+                self._step_failed(ep, f)
+                problems.append(f"{ep.label}: {f}")
+                continue
+            with self._lock:
+                if self.aborted:
+                    self._close(conn, broken=False)
+                    raise SinkError(f"{self.sink} sink is shutting down", retriable=True)
+                self.current = conn
+            self.metrics.inc(f"shipper_{self.sink}_connections_total", ep.label)
+            self.metrics.set(f"shipper_{self.sink}_connected", 1, ep.label)
+            self._log.info(f"{self.sink} connected", extra={"fields": {
+                "endpoint": ep.label, **self._connected_fields()}})
+            return conn
+        raise SinkError(f"no {self.sink} receiver reachable: " + "; ".join(problems),
+                        retriable=True)
+
+    def fail(self, conn: C, f: StepFailure) -> None:
+        """A step on ``conn`` failed: count it, cool its receiver down, drop the connection
+        (broken by the peer when the failure is of kind ``closed``)."""
+        self._step_failed(conn.endpoint, f)
+        self.drop(conn, broken=f.kind == "closed")
+
+    def drop(self, conn: C, *, broken: bool) -> None:
+        """Forget ``conn`` (if it is the current one) and close it."""
+        with self._lock:
+            if self.current is conn:
+                self.current = None
+        self._close(conn, broken=broken)
+
+    def abort(self) -> None:
+        """Interrupt a blocked step from another thread: no new connection is opened."""
+        with self._lock:
+            self.aborted = True
+            if self.current is not None:
+                with contextlib.suppress(OSError):
+                    self.current.sock.shutdown(socket.SHUT_RDWR)
+
+    def take(self) -> tuple[C | None, bool]:
+        """Detach the current connection for the sink to close (with :meth:`close`), and
+        whether the sink was aborted."""
+        with self._lock:
+            conn, self.current = self.current, None
+            return conn, self.aborted
+
+    def close(self, conn: C, *, broken: bool) -> None:
+        """Close a connection detached by :meth:`take`."""
+        self._close(conn, broken=broken)
+
+    def _close(self, conn: C, *, broken: bool) -> None:
+        if self._before_close is not None:
+            self._before_close(conn, broken)
+        close_quietly(conn.sock)
+        self.metrics.set(f"shipper_{self.sink}_connected", 0, conn.endpoint.label)
+
+    def _step_failed(self, ep: Endpoint, f: StepFailure) -> None:
+        self.metrics.inc(f"shipper_{self.sink}_errors_total", ep.label, f.kind)
+        ep.down_until = self._clock() + self._cooldown_s
+        if self._on_failure is not None:
+            self._on_failure(ep, f)

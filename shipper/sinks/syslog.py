@@ -61,7 +61,6 @@ import re
 import socket
 import ssl
 import struct
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -74,12 +73,11 @@ from shipper.ecs import rfc3339
 from shipper.errors import SinkError
 from shipper.sinks.base import Batch, EntryFormat
 from shipper.sinks.net import (
+    Connections,
     Endpoint,
     StepFailure,
     build_ssl_context,
     close_quietly,
-    endpoints,
-    failover_order,
     open_connection,
     oserror_text,
     stale,
@@ -164,8 +162,6 @@ class SyslogSink:
         #: RELP: ``deliver`` returns only after ``rsp 200 OK`` for every message; tcp/tls
         #: have no acknowledgement (see the module docstring for what that can lose).
         self.acknowledged = cfg.protocol == "relp"
-        self._clock = clock
-        self._endpoints = endpoints(cfg.addresses)
         self._tls = cfg.protocol == "tls" or (cfg.protocol == "relp" and cfg.relp_tls)
         self._ssl = build_ssl_context(cfg.tls) if self._tls else None
         if self._tls and not cfg.tls.verify:
@@ -180,12 +176,13 @@ class SyslogSink:
                                                                  SEV_INFO)}
         self._mid = b" " + header_field(cfg.app_name, 48) + b" %d " % os.getpid()
         self._headers: dict[tuple[int, Any, Any], tuple[bytes, bytes]] = {}
-        self._conn: _Conn | None = None
-        self._lock = threading.Lock()  # guards _conn against abort()/close() from other threads
-        self._aborted = False
         self._partial: tuple[Batch, int] | None = None  # RELP: batch and its acked prefix
-        for ep in self._endpoints:
-            metrics.set("shipper_syslog_connected", 0, ep.label)
+        self._clock = clock
+        self._conns: Connections[_Conn] = Connections(
+            "syslog", cfg.addresses, metrics=metrics, log=log,
+            cooldown_s=cfg.endpoint_cooldown_s, clock=clock, open=self._open,
+            connected_fields=lambda: {"protocol": cfg.protocol, "tls": self._tls},
+            before_close=self._settle)
 
     # --- encoding (pure, on the event path) ----------------------------------------------
 
@@ -224,7 +221,7 @@ class SyslogSink:
         if big:
             entries = [m for m in entries if len(m) <= limit]
         if entries:
-            conn = self._connect()
+            conn = self._conns.get()
             ep = conn.endpoint
             try:
                 if conn.relp is not None:
@@ -232,7 +229,7 @@ class SyslogSink:
                 else:
                     self._deliver_stream(conn, entries)
             except _Failure as f:
-                self._fail(conn, f)
+                self._conns.fail(conn, f)
                 raise SinkError(f"syslog to {ep.label}: {f}", retriable=True) from None
         if not big:
             return None
@@ -285,20 +282,14 @@ class SyslogSink:
 
     def abort(self) -> None:
         """Interrupt a blocked ``deliver`` from another thread (shutdown grace over)."""
-        with self._lock:
-            self._aborted = True
-            if self._conn is not None:
-                with contextlib.suppress(OSError):
-                    self._conn.sock.shutdown(socket.SHUT_RDWR)
+        self._conns.abort()
 
     def close(self) -> None:
         """Close the connection: RELP says ``close``; tcp/tls wait (at most 5 s) until the
         receiver's TCP acknowledged what was written; what it did not is counted lost if
         the receiver closed or reset the connection, else logged (the kernel keeps
         sending after our close)."""
-        with self._lock:
-            conn, self._conn = self._conn, None
-            aborted = self._aborted
+        conn, aborted = self._conns.take()
         if conn is None:
             return
         timeout = min(self.cfg.send_timeout_s, 5.0)
@@ -315,44 +306,9 @@ class SyslogSink:
                 if conn.unconfirmed:
                     time.sleep(0.01)
         # Still unacknowledged and the peer closed or reset: the kernel drops it, count it.
-        self._close_conn(conn, broken=bool(conn.unconfirmed) and stale(conn.sock))
+        self._conns.close(conn, broken=bool(conn.unconfirmed) and stale(conn.sock))
 
     # --- connections ------------------------------------------------------------------
-
-    def _order(self) -> list[Endpoint]:
-        return failover_order(self._endpoints, self._clock())
-
-    def _connect(self) -> _Conn:
-        with self._lock:
-            if self._aborted:
-                raise SinkError("syslog sink is shutting down", retriable=True)
-            conn = self._conn
-        if conn is not None:
-            if not stale(conn.sock):
-                return conn
-            self._drop_conn(conn, broken=True)
-            log.info("syslog connection closed by receiver, reconnecting",
-                     extra={"fields": {"endpoint": conn.endpoint.label}})
-        problems = []
-        for ep in self._order():
-            try:
-                conn = self._open(ep)
-            except _Failure as f:
-                self.metrics.inc("shipper_syslog_errors_total", ep.label, f.kind)
-                ep.down_until = self._clock() + self.cfg.endpoint_cooldown_s
-                problems.append(f"{ep.label}: {f}")
-                continue
-            with self._lock:
-                if self._aborted:
-                    close_quietly(conn.sock)
-                    raise SinkError("syslog sink is shutting down", retriable=True)
-                self._conn = conn
-            self.metrics.inc("shipper_syslog_connections_total", ep.label)
-            self.metrics.set("shipper_syslog_connected", 1, ep.label)
-            log.info("syslog connected", extra={"fields": {
-                "endpoint": ep.label, "protocol": self.cfg.protocol, "tls": self._tls}})
-            return conn
-        raise SinkError("no syslog receiver reachable: " + "; ".join(problems), retriable=True)
 
     def _open(self, ep: Endpoint) -> _Conn:
         timeout = self.cfg.connect_timeout_s
@@ -374,23 +330,11 @@ class SyslogSink:
             raise
         return conn
 
-    def _fail(self, conn: _Conn, f: _Failure) -> None:
-        ep = conn.endpoint
-        self.metrics.inc("shipper_syslog_errors_total", ep.label, f.kind)
-        ep.down_until = self._clock() + self.cfg.endpoint_cooldown_s
-        self._drop_conn(conn, broken=f.kind == "closed")
-
-    def _drop_conn(self, conn: _Conn, *, broken: bool) -> None:
-        with self._lock:
-            if self._conn is conn:
-                self._conn = None
-        self._close_conn(conn, broken=broken)
-
-    def _close_conn(self, conn: _Conn, *, broken: bool) -> None:
-        """Close the socket. On a connection the peer broke (EOF, reset, write error) the
-        kernel discards what the peer's TCP did not acknowledge: count those records lost.
-        When we close a live one (write timeout, shutdown) the kernel keeps sending after
-        the close, so their fate is unknown: logged, not counted."""
+    def _settle(self, conn: _Conn, broken: bool) -> None:
+        """Before the socket closes. On a connection the peer broke (EOF, reset, write
+        error) the kernel discards what the peer's TCP did not acknowledge: count those
+        records lost. When we close a live one (write timeout, shutdown) the kernel keeps
+        sending after the close, so their fate is unknown: logged, not counted."""
         if conn.unconfirmed and not broken:
             log.warning("syslog connection closed with records the receiver's TCP had not "
                         "acknowledged yet; the kernel keeps sending them", extra={"fields": {
@@ -410,8 +354,6 @@ class SyslogSink:
                           "reached the receiver", extra={"fields": {
                               "endpoint": conn.endpoint.label, "records": lost,
                               "protocol": self.cfg.protocol}})
-        close_quietly(conn.sock)
-        self.metrics.set("shipper_syslog_connected", 0, conn.endpoint.label)
 
 
 

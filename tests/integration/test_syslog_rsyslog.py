@@ -258,7 +258,7 @@ class TestTcpLoss:
             for b in batches[1:150]:
                 sink.deliver(b)
                 shipped += 1
-                acked, written = _tcp_info(sink._conn.sock)  # type: ignore[union-attr,misc]
+                acked, written = _tcp_info(sink._conns.current.sock)  # type: ignore[union-attr,misc]
                 if written - acked > 50_000:
                     break
             assert written - acked > 50_000, "the receiver's window never filled"
