@@ -6,11 +6,8 @@ polls. TLS material is generated per session with the ``openssl`` CLI.
 
 from __future__ import annotations
 
-import os
 import signal
 import ssl
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +25,7 @@ from shipper.sinks.forward import ForwardSink
 from shipper.sinks.retry import RetryPolicy
 from shipper.sinks.spool import Spool
 from tests.fakes.forward_receiver import PROFILES, ForwardReceiver, Received
+from tests.integration.spool_child import child_stderr, kill, read_line, start_child
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = 1_700_000_000_000_000_000
@@ -138,49 +136,23 @@ class TestSpoolOutage:
         assert m.total("shipper_records_dropped_total") == 0
 
 
-def _child(address: str, spool: Path, *args: str) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    # stderr (retry warnings) to a file: a full pipe would block the child.
-    with open(spool.parent / "child.stderr", "a") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.forward_child", "--address", address,
-             "--spool", str(spool), *args],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
-        )
 
 
-def _stderr(spool: Path) -> str:
-    f = spool.parent / "child.stderr"
-    return f.read_text()[-2000:] if f.exists() else ""
 
 
-def _kill(proc: subprocess.Popen[str]) -> None:
-    """SIGKILL a child of ours if it still runs, and reap it."""
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(5)
 
 
 def _drain(rx: ForwardReceiver, spool: Path) -> None:
     """Start a fresh child on ``spool`` that only delivers what is spooled; wait until done."""
-    p2 = _child(rx.address, spool, "--drain", "--timeout", "60")
+    p2 = start_child("forward", rx.address, spool, "--drain", "--timeout", "60")
     try:
-        assert _read_line(p2, 30) == "SUBMITTED 0"
-        assert _read_line(p2, 90) == "DRAINED", _stderr(spool)
+        assert read_line(p2, 30) == "SUBMITTED 0"
+        assert read_line(p2, 90) == "DRAINED", child_stderr(spool)
         assert p2.wait(10) == 0
     finally:
-        _kill(p2)
+        kill(p2)
 
 
-def _read_line(p: subprocess.Popen[str], timeout: float) -> str:
-    out: list[str] = []
-    t = threading.Thread(target=lambda: out.append(p.stdout.readline() if p.stdout else ""))
-    t.start()
-    t.join(timeout)
-    if not out:
-        p.kill()
-        raise TimeoutError(f"child printed nothing in {timeout}s")
-    return out[0].strip()
 
 
 class TestCrash:
@@ -190,16 +162,16 @@ class TestCrash:
         rx = ForwardReceiver().start()
         rx.stop()
         spool = tmp_path / "spool"
-        p = _child(rx.address, spool, "--count", "1000", "--batch", "50")
+        p = start_child("forward", rx.address, spool, "--count", "1000", "--batch", "50")
         try:
-            assert _read_line(p, 30) == "SUBMITTED 1000"
+            assert read_line(p, 30) == "SUBMITTED 1000"
             p.send_signal(signal.SIGKILL)
             p.wait(10)
             assert list(spool.glob("*.seg"))
             rx.start()
             _drain(rx, spool)
         finally:
-            _kill(p)
+            kill(p)
             rx.close()
         ids = _ids(rx.records())
         assert _first_seen(ids) == list(range(1000))
@@ -209,7 +181,7 @@ class TestCrash:
         unacknowledged ones: all records arrive, in first-seen order, duplicates allowed."""
         rx = ForwardReceiver(mode="ack_late", ack_delay_s=0.05).start()
         spool = tmp_path / "spool"
-        p = _child(rx.address, spool, "--count", "2000", "--batch", "20")
+        p = start_child("forward", rx.address, spool, "--count", "2000", "--batch", "20")
         try:
             rx.wait_records(200, timeout=30)
             p.send_signal(signal.SIGKILL)
@@ -217,7 +189,7 @@ class TestCrash:
             rx.mode = "ack"
             _drain(rx, spool)
         finally:
-            _kill(p)
+            kill(p)
             rx.close()
         ids = _ids(rx.records())
         # The first run may have been killed before spooling all 2000: what it spooled arrives.

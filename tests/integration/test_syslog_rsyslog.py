@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +30,7 @@ from shipper.sinks.retry import RetryPolicy
 from shipper.sinks.spool import Spool
 from shipper.sinks.syslog import SyslogSink, _tcp_info
 from tests.integration.rsyslog import Rsyslog, require_rsyslog
+from tests.integration.spool_child import child_stderr, kill, read_line, start_child
 from tests.unit.test_ecs import make_event, make_pod
 
 REPO = Path(__file__).resolve().parents[2]
@@ -397,42 +396,20 @@ class TestRelpRestart:
         assert m.total("shipper_delivery_retries_total") >= 1  # the restart was noticed
 
 
-def _child(address: str, spool: Path, *args: str) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    with open(spool.parent / "child.stderr", "a") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.syslog_child", "--address", address,
-             "--spool", str(spool), *args],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
-        )
 
 
-def _read_line(p: subprocess.Popen[str], timeout: float) -> str:
-    out: list[str] = []
-    t = threading.Thread(target=lambda: out.append(p.stdout.readline() if p.stdout else ""))
-    t.start()
-    t.join(timeout)
-    if not out:
-        p.kill()
-        raise TimeoutError(f"child printed nothing in {timeout}s")
-    return out[0].strip()
 
 
-def _kill(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(5)
 
 
 def _drain(address: str, spool: Path) -> None:
-    p = _child(address, spool, "--drain", "--timeout", "60")
+    p = start_child("syslog", address, spool, "--drain", "--timeout", "60")
     try:
-        assert _read_line(p, 30) == "SUBMITTED 0"
-        err = spool.parent / "child.stderr"
-        assert _read_line(p, 90) == "DRAINED", err.read_text()[-2000:]
+        assert read_line(p, 30) == "SUBMITTED 0"
+        assert read_line(p, 90) == "DRAINED", child_stderr(spool)
         assert p.wait(10) == 0
     finally:
-        _kill(p)
+        kill(p)
 
 
 class TestRelpCrash:
@@ -444,9 +421,9 @@ class TestRelpCrash:
         rs = Rsyslog(tmp_path / "rs", "relp").start()
         rs.stop()
         spool = tmp_path / "spool"
-        p = _child(rs.address, spool, "--count", "1000", "--batch", "50")
+        p = start_child("syslog", rs.address, spool, "--count", "1000", "--batch", "50")
         try:
-            assert _read_line(p, 30) == "SUBMITTED 1000"
+            assert read_line(p, 30) == "SUBMITTED 1000"
             p.send_signal(signal.SIGKILL)
             p.wait(10)
             assert list(spool.glob("*.seg"))
@@ -454,7 +431,7 @@ class TestRelpCrash:
             _drain(rs.address, spool)
             lines = rs.wait_lines(1000)
         finally:
-            _kill(p)
+            kill(p)
             rs.stop()
         assert _first_seen(_ids(lines)) == [f"{i:08d}" for i in range(1000)]
 
@@ -465,7 +442,7 @@ class TestRelpCrash:
         require_rsyslog("imrelp")
         rs = Rsyslog(tmp_path / "rs", "relp").start()
         spool = tmp_path / "spool"
-        p = _child(rs.address, spool, "--count", "2000", "--batch", "20")
+        p = start_child("syslog", rs.address, spool, "--count", "2000", "--batch", "20")
         assert rs.proc is not None
         frozen = False
         try:
@@ -488,7 +465,7 @@ class TestRelpCrash:
         finally:
             if frozen and rs.proc is not None:
                 rs.proc.send_signal(signal.SIGCONT)
-            _kill(p)
+            kill(p)
             rs.stop()
         ids = _ids(lines)
         spooled = int(max(ids)) + 1  # the first run may have been killed before spooling all
