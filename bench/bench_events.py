@@ -120,6 +120,8 @@ class ListenerRun:
     #: Events the kernel dropped on the listener's event socket(s) (overruns).
     socket_drops: int | None = None
     live_flows: int | None = None
+    #: Shipper records whose event.id had been shipped already (not counted as seen).
+    duplicates: int | None = None
     #: ``conntrack.workers`` given to the shipper (the workers row), else None.
     workers: int | None = None
     warnings: int = 0
@@ -274,17 +276,34 @@ def _net_matcher(cidrs: Sequence[str]) -> Callable[[str], bool]:
     return inside
 
 
-def count_shipper_records(path: Path) -> tuple[int, int]:
-    """``(new, destroy)`` records in the shipper's file sink output (``path``, ``path.1``...)."""
-    new = destroy = 0
+def count_shipper_records(path: Path) -> tuple[int, int, int]:
+    """``(new, destroy, duplicates)`` records in the shipper's file sink output (``path``,
+    ``path.1``...). A record whose ``event.id`` (the first ``"id"`` of the line: node,
+    conntrack id, action and event time, unique per event) was seen before is a
+    duplicate, counted apart and not as seen: with sharded readers an event read by two
+    workers would show here."""
+    new = destroy = dups = 0
+    ids: set[bytes] = set()
     for f in sorted(path.parent.glob(path.name + "*")):
         with f.open("rb") as fh:
             for line in fh:
                 if b'"action":"new"' in line:
-                    new += 1
+                    is_new = True
                 elif b'"action":"destroy"' in line:
+                    is_new = False
+                else:
+                    continue
+                start = line.find(b'"id":"') + 6
+                eid = line[start:line.find(b'"', start)]
+                if eid in ids:
+                    dups += 1
+                    continue
+                ids.add(eid)
+                if is_new:
+                    new += 1
+                else:
                     destroy += 1
-    return new, destroy
+    return new, destroy, dups
 
 
 def count_conntrack_lines(lines: Iterable[bytes], sources: Sequence[str],
@@ -661,7 +680,7 @@ def run_listener(args: argparse.Namespace, row: str, listener: str) -> ListenerR
                 res.shipper_metrics = _loss_metrics(_scrape(metrics) or {})
             _stop(proc, args.stop_grace)
             if listener == "shipper":
-                res.seen_new, res.seen_destroy = count_shipper_records(out)
+                res.seen_new, res.seen_destroy, res.duplicates = count_shipper_records(out)
             elif listener == "conntrack":
                 res.seen_new, res.seen_destroy = count_conntrack_lines(
                     _read_lines(out), lab.pod_cidrs(), EXT_CIDRS)
@@ -893,6 +912,7 @@ def format_table(t: Table) -> str:
             f"{_pct(r.loss)}  cpu {r.cpu_s if r.cpu_s is not None else float('nan'):.2f} s  "
             f"VmHWM {_mib(r.vmhwm_kb)}  procs {r.processes}  rb {r.socket_rb}  "
             f"dropped {r.socket_drops}"
+            + (f"  dup {r.duplicates}" if r.duplicates is not None else "")
             + (f"  live {r.live_flows}" if r.live_flows is not None else "")
             + (f"  warnings {r.warnings}" if r.warnings else "")
             + (f"  shipper reported {r.shipper_metrics}" if r.shipper_metrics else "")

@@ -71,6 +71,36 @@ class TestCounting:
         assert bench.count_table_entries(listing, PODS, EXT) == 1
 
 
+    def test_shipper_records_counted_once_per_event_id(self, bench: ModuleType,
+                                                       tmp_path: Path) -> None:
+        """Shipper output (the file and its rotated files): NEW and DESTROY records are
+        counted by action, a record whose event.id was already seen counts as a duplicate,
+        not as seen; other records (gap) are not counted."""
+        import json
+
+        from shipper.ecs import gap_record
+        from shipper.ecs_json import JsonLineEncoder
+        from shipper.sources.decode import LayoutDecoder
+
+        msgs = json.loads((REPO / "tests" / "data" / "ctnetlink_messages.json").read_text())
+        dec, enc = LayoutDecoder(), JsonLineEncoder("node-1")
+        lines = []
+        for m in msgs:
+            raw = bytes.fromhex(m["hex"])
+            ev, _ = dec.decode(raw, 0, 1_800_000_000_000_000_000)
+            if ev is not None and ev.action in ("new", "destroy"):
+                lines.append((ev.action, enc.encode(ev, None, None)))
+        n_new = sum(a == "new" for a, _ in lines)
+        n_destroy = len(lines) - n_new
+        assert n_new and n_destroy
+        gap = json.dumps(gap_record("node-1", since_ns=1, until_ns=2, lost=3, overruns=1,
+                                    resync=False)).encode() + b"\n"
+        out = tmp_path / "flows.json"
+        (tmp_path / "flows.json.1").write_bytes(b"".join(line for _, line in lines[:5]) + gap)
+        out.write_bytes(b"".join(line for _, line in lines[3:]))  # 2 shipped twice
+        assert bench.count_shipper_records(out) == (n_new, n_destroy, 2)
+
+
 class TestEventSockets:
     def test_event_socket_is_the_one_with_groups(self, bench: ModuleType) -> None:
         """Of conntrack's two netfilter sockets, only the subscribed one (groups != 0) is
