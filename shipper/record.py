@@ -7,6 +7,8 @@ Two immutable types flow through the pipeline:
   it is built once per event on the hot path and tuple construction is several
   times cheaper than a frozen dataclass ``__init__``.
 * :class:`PodMeta` - who owned an IP: namespace, name, uid, labels, owner, node.
+  Once the pod's interval on an address has closed, the pod index keeps a
+  :class:`PodTombstone` instead: the same record objects in less memory.
 
 Addresses are plain integers (``family`` says 4 or 6); string forms are made
 only when a record is built. ``ip_key`` folds the family into the integer so
@@ -18,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field
 from itertools import chain
 from typing import Any, NamedTuple
 
@@ -226,11 +228,7 @@ class PodMeta:
         once), so it is for tests and tools; the event path calls
         :meth:`kubernetes_for` for the one address it needs.
         """
-        for fam, ip in self.ips:
-            key = ip_key(fam, ip)
-            if key not in self.record_objects:
-                self.kubernetes_for(key, ip_to_str(fam, ip))
-        return self.record_objects
+        return _kubernetes_by_ip(self)
 
     def kubernetes_for(self, key: int, ip_text: str) -> dict[str, Any]:
         """The record's ``kubernetes`` object for the pod's address ``key`` (text ``ip_text``).
@@ -244,25 +242,7 @@ class PodMeta:
         which a node's flows name few. An address the pod does not list (it
         should not happen) gets a new object each time, not kept.
         """
-        objs = self.record_objects
-        obj = objs.get(key)
-        if obj is not None:
-            return obj
-        for i, (fam, ip) in enumerate(self.ips):
-            if ip_key(fam, ip) != key:
-                continue
-            pod_obj: dict[str, Any] = {"name": self.name, "uid": self.uid, "ip": ip_text}
-            if len(self.ip_sources) == len(self.ips):
-                pod_obj["ip_source"] = self.ip_sources[i]
-            obj = {"namespace": self.namespace, "pod": pod_obj}
-            obj.update(self._parts())
-            # Copy, add, replace: a reader on another thread sees the old dict or
-            # the new one, never one being changed. Frozen dataclass: this cache
-            # is the one attribute ever set after construction.
-            object.__setattr__(self, "record_objects", {**objs, key: obj})
-            return obj
-        k = self.kubernetes
-        return {**k, "pod": {**k["pod"], "ip": ip_text}}
+        return _kubernetes_for(self, key, ip_text)
 
     @property
     def kubernetes(self) -> dict[str, Any]:
@@ -273,27 +253,7 @@ class PodMeta:
         not list, which does not happen in practice. Its sub-objects are the
         shared ones: do not mutate them.
         """
-        obj: dict[str, Any] = {
-            "namespace": self.namespace,
-            "pod": {"name": self.name, "uid": self.uid},
-        }
-        obj.update(self._parts())
-        return obj
-
-    def _parts(self) -> dict[str, Any]:
-        """The record object's keys after ``namespace`` and ``pod``, in the schema's order."""
-        parts: dict[str, Any] = {}
-        if self.labels:
-            parts["labels"] = self.labels
-        if self.annotations:
-            parts["annotations"] = self.annotations
-        if self.node:
-            parts["node"] = _shared_obj("name", self.node)
-        if self.owner_kind and self.owner_name:
-            parts["owner"] = _shared_obj("kind", self.owner_kind, "name", self.owner_name)
-        if self.logical_switch:
-            parts["ovn"] = _shared_obj("logical_switch", self.logical_switch)
-        return parts
+        return _kubernetes(self)
 
     def with_record_object(self) -> PodMeta:
         """Return a copy whose repeated values are shared with other pods.
@@ -343,3 +303,304 @@ _NO_OBJECTS: dict[int, dict[str, Any]] = {}
 
 # The labels/annotations of every pod that has none (shared: never mutate).
 _EMPTY: dict[str, str] = {}
+
+
+class PodTombstone:
+    """A pod whose interval on an address has closed, kept as the records of its
+    past flows need it (usually a deleted pod).
+
+    When an interval closes (the pod was deleted or finished, or lost the
+    address) the pod index (:class:`~shipper.enrich.pod_index.PodIndex`) keeps
+    this instead of the interval's :class:`PodMeta` (one per pod for all its
+    addresses closing together). It reads like that PodMeta (``namespace``, ``name``, ``uid``,
+    ``ips``, ``labels``, ``annotations``, ``node``, ``owner_*``,
+    ``logical_switch``, ``phase``, ``host_network``, ``ip_sources``) and yields
+    the same ``kubernetes`` objects (:meth:`kubernetes_for`, the same code), so
+    a late DESTROY's record is byte for byte what it was while the pod lived;
+    it inherits the record objects already built. Not kept:
+    ``created_ns`` (None: only a live pod's address claims compare creation
+    times).
+
+    Smaller than the PodMeta (about 180 bytes rather than 450 for a pod with
+    one address): seven slots instead of fifteen; the values that repeat across
+    pods (namespace, annotations, owner kind, switch, phase, host network,
+    ``ip_sources``) in one shared tuple; name and a canonical UUID uid in one
+    bytes object (16 raw bytes + the name), their strings made on access;
+    one address as its integer key (:func:`ip_key`) rather than a tuple of
+    pairs. Read-only; equal to a tombstone of equal values, never to a PodMeta.
+    """
+
+    __slots__ = ("_addrs", "_common", "_id", "labels", "node", "owner_name", "record_objects")
+
+    _id: bytes | tuple[str, str]
+    _addrs: int | tuple[tuple[int, int], ...]
+    node: str | None
+    labels: dict[str, str]
+    owner_name: str | None
+    _common: tuple[Any, ...]
+    record_objects: dict[int, dict[str, Any]]
+
+    def __init__(self, pod: PodMeta) -> None:
+        """The tombstone of ``pod`` (a PodMeta whose values are shared already)."""
+        self._set(pod.namespace, pod.name, pod.uid, pod.ips, pod.node, pod.labels,
+                  pod.annotations, pod.owner_kind, pod.owner_name, pod.logical_switch,
+                  pod.host_network, pod.phase, pod.ip_sources, pod.record_objects)
+
+    @classmethod
+    def of(
+        cls, namespace: str, name: str, uid: str, ips: tuple[tuple[int, int], ...],
+        node: str | None, labels: dict[str, str], annotations: dict[str, str],
+        owner_kind: str | None, owner_name: str | None, logical_switch: str | None,
+        host_network: bool, phase: str | None, ip_sources: tuple[str, ...],
+    ) -> PodTombstone:
+        """The tombstone of the PodMeta with these values (without making that PodMeta:
+        the state file's loader makes hundreds of thousands)."""
+        tomb = cls.__new__(cls)
+        tomb._set(namespace, name, uid, ips, node, labels, annotations, owner_kind,
+                  owner_name, logical_switch, host_network, phase, ip_sources, _NO_OBJECTS)
+        return tomb
+
+    def _set(
+        self, namespace: str, name: str, uid: str, ips: tuple[tuple[int, int], ...],
+        node: str | None, labels: dict[str, str], annotations: dict[str, str],
+        owner_kind: str | None, owner_name: str | None, logical_switch: str | None,
+        host_network: bool, phase: str | None, ip_sources: tuple[str, ...],
+        record_objects: dict[int, dict[str, Any]],
+    ) -> None:
+        init = object.__setattr__
+        init(self, "_id", _pack_id(name, uid))
+        init(self, "_addrs", ip_key(*ips[0]) if len(ips) == 1 else ips)
+        init(self, "node", node)
+        init(self, "labels", labels)
+        init(self, "owner_name", owner_name)
+        init(self, "_common", _shared_common(
+            namespace, annotations, owner_kind, logical_switch, phase, host_network, ip_sources))
+        init(self, "record_objects", record_objects)
+
+    @property
+    def name(self) -> str:
+        """``metadata.name``."""
+        i = self._id
+        return i[16:].decode("ascii") if isinstance(i, bytes) else i[0]
+
+    @property
+    def uid(self) -> str:
+        """``metadata.uid``."""
+        i = self._id
+        return _uid_text(i) if isinstance(i, bytes) else i[1]
+
+    @property
+    def ips(self) -> tuple[tuple[int, int], ...]:
+        """The pod's ``(family, integer)`` addresses, as its PodMeta listed them."""
+        a = self._addrs
+        if isinstance(a, int):
+            return ((4, a),) if a < _V6_TAG else ((6, a ^ _V6_TAG),)
+        return a
+
+    @property
+    def namespace(self) -> str:
+        """``metadata.namespace``."""
+        ns: str = self._common[0]
+        return ns
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        """The shipped annotations (shared: never mutate)."""
+        a: dict[str, str] = self._common[1]
+        return a
+
+    @property
+    def owner_kind(self) -> str | None:
+        """The owner's kind (``Deployment`` for a ReplicaSet's pods)."""
+        k: str | None = self._common[2]
+        return k
+
+    @property
+    def logical_switch(self) -> str | None:
+        """Kube-OVN's logical switch."""
+        s: str | None = self._common[3]
+        return s
+
+    @property
+    def phase(self) -> str | None:
+        """``status.phase`` as last seen."""
+        p: str | None = self._common[4]
+        return p
+
+    @property
+    def host_network(self) -> bool:
+        """``spec.hostNetwork``."""
+        h: bool = self._common[5]
+        return h
+
+    @property
+    def ip_sources(self) -> tuple[str, ...]:
+        """Parallel to ``ips``: how each address was learnt (see PodMeta)."""
+        s: tuple[str, ...] = self._common[6]
+        return s
+
+    @property
+    def created_ns(self) -> None:
+        """Not kept in a tombstone (see the class docstring)."""
+        return None
+
+    @property
+    def kubernetes_by_ip(self) -> dict[int, dict[str, Any]]:
+        """As :attr:`PodMeta.kubernetes_by_ip`."""
+        return _kubernetes_by_ip(self)
+
+    def kubernetes_for(self, key: int, ip_text: str) -> dict[str, Any]:
+        """As :meth:`PodMeta.kubernetes_for`: the same object the pod's PodMeta gives."""
+        return _kubernetes_for(self, key, ip_text)
+
+    @property
+    def kubernetes(self) -> dict[str, Any]:
+        """As :attr:`PodMeta.kubernetes`."""
+        return _kubernetes(self)
+
+    def with_record_object(self) -> PodMeta:
+        """A PodMeta with this tombstone's values (``created_ns`` None), values shared."""
+        return PodMeta(
+            namespace=self.namespace, name=self.name, uid=self.uid, ips=self.ips,
+            node=self.node, labels=self.labels, annotations=self.annotations,
+            owner_kind=self.owner_kind, owner_name=self.owner_name,
+            logical_switch=self.logical_switch, host_network=self.host_network,
+            phase=self.phase, ip_sources=self.ip_sources,
+        ).with_record_object()
+
+    def _values(self) -> tuple[Any, ...]:
+        return (self._id, self._addrs, self.node, self.labels, self.owner_name, self._common)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PodTombstone):
+            return NotImplemented
+        return self._values() == other._values()
+
+    __hash__ = None  # type: ignore[assignment]  # like PodMeta: its dicts are not hashable
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from the equal PodMeta (pickle, copy); record objects are not carried.
+        return (PodTombstone, (self.with_record_object(),))
+
+    def __repr__(self) -> str:
+        return (f"PodTombstone(namespace={self.namespace!r}, name={self.name!r}, "
+                f"uid={self.uid!r}, ips={self.ips!r}, node={self.node!r}, "
+                f"labels={self.labels!r}, annotations={self.annotations!r}, "
+                f"owner_kind={self.owner_kind!r}, owner_name={self.owner_name!r}, "
+                f"logical_switch={self.logical_switch!r}, phase={self.phase!r}, "
+                f"ip_sources={self.ip_sources!r})")
+
+
+#: A pod as the pod index names an address's owner: live (or not yet buried)
+#: :class:`PodMeta`, or the :class:`PodTombstone` of a deleted one. Both give
+#: ``record_objects``, ``kubernetes_for`` and the PodMeta attributes.
+IndexedPod = PodMeta | PodTombstone
+
+
+def _pack_id(name: str, uid: str) -> bytes | tuple[str, str]:
+    """``name`` and ``uid`` in one bytes object when both round-trip exactly, else a pair."""
+    if (len(uid) == 36 and uid[8] == uid[13] == uid[18] == uid[23] == "-"
+            and name.isascii()):
+        digits = uid.replace("-", "")
+        try:
+            raw = bytes.fromhex(digits)
+        except ValueError:
+            raw = b""
+        # Only the canonical lowercase form packs (fromhex also takes upper case, spaces).
+        if raw.hex() == digits:
+            return raw + name.encode("ascii")
+    return (name, uid)
+
+
+def _uid_text(packed: bytes) -> str:
+    """The canonical UUID text of ``packed``'s first 16 bytes."""
+    h = packed[:16].hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _shared_common(
+    namespace: str, annotations: dict[str, str], owner_kind: str | None,
+    logical_switch: str | None, phase: str | None, host_network: bool,
+    ip_sources: tuple[str, ...],
+) -> tuple[Any, ...]:
+    """The shared tuple of the values tombstones have in common (see PodTombstone)."""
+    common = (namespace, annotations, owner_kind, logical_switch, phase, host_network,
+              ip_sources)
+    try:
+        key = (namespace, owner_kind, logical_switch, phase, host_network, ip_sources,
+               *chain.from_iterable(annotations.items()))
+        shared = _shared_commons.get(key)
+    except TypeError:  # an unhashable value: not ours to share
+        return common
+    if shared is None:
+        if len(_shared_commons) >= _SHARED_MAX:
+            _shared_commons.clear()
+        shared = _shared_commons[key] = common
+    return shared
+
+
+_shared_commons: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+
+def _kubernetes_by_ip(pod: IndexedPod) -> dict[int, dict[str, Any]]:
+    for fam, ip in pod.ips:
+        key = ip_key(fam, ip)
+        if key not in pod.record_objects:
+            _kubernetes_for(pod, key, ip_to_str(fam, ip))
+    return pod.record_objects
+
+
+def _kubernetes_for(pod: IndexedPod, key: int, ip_text: str) -> dict[str, Any]:
+    """PodMeta.kubernetes_for's work, for PodMeta and PodTombstone alike."""
+    objs = pod.record_objects
+    obj = objs.get(key)
+    if obj is not None:
+        return obj
+    ips = pod.ips
+    for i, (fam, ip) in enumerate(ips):
+        if ip_key(fam, ip) != key:
+            continue
+        pod_obj: dict[str, Any] = {"name": pod.name, "uid": pod.uid, "ip": ip_text}
+        sources = pod.ip_sources
+        if len(sources) == len(ips):
+            pod_obj["ip_source"] = sources[i]
+        obj = {"namespace": pod.namespace, "pod": pod_obj}
+        obj.update(_parts(pod))
+        # Copy, add, replace: a reader on another thread sees the old dict or
+        # the new one, never one being changed. Read-only types: this cache is
+        # the one attribute ever set after construction.
+        object.__setattr__(pod, "record_objects", {**objs, key: obj})
+        return obj
+    k = _kubernetes(pod)
+    return {**k, "pod": {**k["pod"], "ip": ip_text}}
+
+
+def _kubernetes(pod: IndexedPod) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "namespace": pod.namespace,
+        "pod": {"name": pod.name, "uid": pod.uid},
+    }
+    obj.update(_parts(pod))
+    return obj
+
+
+def _parts(pod: IndexedPod) -> dict[str, Any]:
+    """The record object's keys after ``namespace`` and ``pod``, in the schema's order."""
+    parts: dict[str, Any] = {}
+    if pod.labels:
+        parts["labels"] = pod.labels
+    if pod.annotations:
+        parts["annotations"] = pod.annotations
+    if pod.node:
+        parts["node"] = _shared_obj("name", pod.node)
+    if pod.owner_kind and pod.owner_name:
+        parts["owner"] = _shared_obj("kind", pod.owner_kind, "name", pod.owner_name)
+    if pod.logical_switch:
+        parts["ovn"] = _shared_obj("logical_switch", pod.logical_switch)
+    return parts

@@ -19,7 +19,13 @@ import logging
 
 from shipper import ecs
 from shipper.enrich.pod_index import PodIndex
-from shipper.record import ACTION_DESTROY, ACTION_NEW, ACTION_SNAPSHOT, FlowEvent, PodMeta
+from shipper.record import (
+    ACTION_DESTROY,
+    ACTION_NEW,
+    ACTION_SNAPSHOT,
+    FlowEvent,
+    IndexedPod,
+)
 
 log = logging.getLogger("shipper.pipeline")  # its log line keeps the logger name it had
 
@@ -106,7 +112,7 @@ class FlowStarts:
         """A flow the filter dropped ended (DESTROY): nothing to remember of it."""
         self.cache.pop(start_key(ev), None)
 
-    def attribute(self, ev: FlowEvent) -> tuple[PodMeta | None, str, int | None]:
+    def attribute(self, ev: FlowEvent) -> tuple[IndexedPod | None, str, int | None]:
         """Which pod owned the flow's source when it started, the attribution status
         (``resolved`` / ``uncertain`` / ``unresolved``) and the remembered start."""
         _, remembered, t_attr = self.when(ev)

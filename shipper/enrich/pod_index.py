@@ -18,10 +18,14 @@ at most ``max_tombstones`` of them are kept; older ones are evicted first and
 counted.
 
 Memory (docs/KUBERNETES.md, "Memory"): a tombstone is an address, a time
-range and a reference to its pod's PodMeta, whose repeated parts are shared
-between pods (see :class:`~shipper.record.PodMeta`); record objects are built
+range and a reference to what the records of its flows need of the pod. When
+an interval closes, its PodMeta is replaced by the pod's
+:class:`~shipper.record.PodTombstone` (one per pod for all its addresses): the
+same record objects, less than half the memory (no creation time, one address
+as an integer, name and uid packed, the values pods have in common in one
+shared tuple). Open intervals keep the live PodMeta. Record objects are built
 only for pods that have records. An address's history is stored flat and
-newest first, one tuple ``(start, end, meta, start, end, meta, ...)``: three
+newest first, one tuple ``(start, end, pod, start, end, pod, ...)``: three
 slots per interval rather than a tuple each, and the interval nearly every
 lookup wants at fixed small indexes. The tombstones' closing order is a deque
 of address keys alone: an address's intervals close oldest first, so its
@@ -36,7 +40,9 @@ down are not given to a pod that may already have been deleted.
 
 Concurrency: writers serialise on a lock; readers take no lock. Each address's
 history is an immutable tuple replaced as a whole, so a reader always sees
-either the old or the new history, never a half-updated one.
+either the old or the new history, never a half-updated one; a reader that
+got a pod's PodMeta just before the interval closed builds the same record
+as from its tombstone.
 """
 
 from __future__ import annotations
@@ -50,13 +56,16 @@ from shipper.record import (
     ATTR_RESOLVED,
     ATTR_UNCERTAIN,
     ATTR_UNRESOLVED,
+    IndexedPod,
     PodMeta,
+    PodTombstone,
     ip_key,
 )
 
-Interval = tuple[int, "int | None", PodMeta]
+Interval = tuple[int, "int | None", IndexedPod]
 # One address's history, flat and newest first: start, end (None while open),
-# PodMeta, repeated. Only the newest interval can be open.
+# the pod (PodMeta, or PodTombstone once the pod is gone), repeated. Only the
+# newest interval can be open.
 Flat = tuple[Any, ...]
 
 DEFAULT_RETENTION_NS = 5 * 24 * 3600 * 1_000_000_000
@@ -98,12 +107,14 @@ class PodIndex:
         # window either pod may have used the address (creation times are whole
         # seconds), so a flow starting there is uncertain. Rare: outages only.
         self._handovers: dict[int, tuple[tuple[int, int], ...]] = {}
+        # The PodMeta whose tombstone _tombstone made last, and that tombstone.
+        self._last_tombstone: tuple[PodMeta, PodTombstone] | None = None
         self.evicted_total = 0
         self.version = 0
 
     # ---- readers -------------------------------------------------------------
 
-    def attribute(self, family: int, ip: int, t_ns: int) -> tuple[PodMeta | None, str]:
+    def attribute(self, family: int, ip: int, t_ns: int) -> tuple[IndexedPod | None, str]:
         """Return the pod that owned ``ip`` at ``t_ns`` and how sure that is.
 
         ``(pod, ATTR_RESOLVED)``: ``t_ns`` lies in the pod's ownership interval.
@@ -150,7 +161,7 @@ class PodIndex:
             return hist[-1], ATTR_UNCERTAIN
         return None, ATTR_UNRESOLVED
 
-    def lookup(self, family: int, ip: int, t_ns: int) -> PodMeta | None:
+    def lookup(self, family: int, ip: int, t_ns: int) -> IndexedPod | None:
         """The pod :meth:`attribute` names (resolved or uncertain), or None."""
         return self.attribute(family, ip, t_ns)[0]
 
@@ -177,7 +188,7 @@ class PodIndex:
 
         Taken under the writer lock, so they are consistent with each other; the
         copies are shallow (C-level dict copies, milliseconds at 100k pods):
-        histories are immutable tuples and PodMeta values never change.
+        histories are immutable tuples and PodMeta/PodTombstone values never change.
         """
         with self._lock:
             return dict(self._hist), dict(self._live)
@@ -362,7 +373,7 @@ class PodIndex:
                 if pod.created_ns is not None and pod.created_ns < last_end:
                     window = (max(pod.created_ns, last_start), last_end)
                     self._handovers[key] = (*self._handovers.get(key, ()), window)
-                hist = (last_start, last_end, last_meta, *hist[3:])
+                hist = (last_start, last_end, self._tombstone(last_meta), *hist[3:])
                 self._closed_keys.append(key)
                 stale = self._live.get(last_meta.uid)
                 if stale is not None:
@@ -388,8 +399,23 @@ class PodIndex:
             known_until = self._restored.get(uid)
             if known_until is not None:
                 now_ns = min(now_ns, known_until)  # see restore()
-            self._hist[key] = (start, max(now_ns, start), meta, *hist[3:])
+            self._hist[key] = (start, max(now_ns, start), self._tombstone(meta), *hist[3:])
             self._closed_keys.append(key)
+
+    def _tombstone(self, meta: IndexedPod) -> IndexedPod:
+        """The :class:`PodTombstone` a closing interval of ``meta`` keeps.
+
+        A pod's addresses close one after another (``delete`` of a dual-stack
+        pod): the last one made is remembered, so they share one tombstone.
+        """
+        if not isinstance(meta, PodMeta):
+            return meta
+        last = self._last_tombstone
+        if last is not None and last[0] is meta:
+            return last[1]
+        tomb = PodTombstone(meta)
+        self._last_tombstone = (meta, tomb)
+        return tomb
 
 
 def _share_ips(pod: PodMeta, ips: tuple[tuple[int, int], ...] | None) -> None:
@@ -404,7 +430,7 @@ def _share_ips(pod: PodMeta, ips: tuple[tuple[int, int], ...] | None) -> None:
         object.__setattr__(pod, "ips", ips)
 
 
-def _newer(claimant: PodMeta, owner: PodMeta) -> bool:
+def _newer(claimant: PodMeta, owner: IndexedPod) -> bool:
     """True if ``claimant`` may take an address from ``owner`` (newer, or age unknown)."""
     if claimant.created_ns is None or owner.created_ns is None:
         return True

@@ -11,13 +11,23 @@ File ``<state_dir>/pod-index.state``, written whole each time::
     header  8s magic b"FLOWLOGS", u32 format version, u64 payload length,
             u32 CRC-32 of the payload (big-endian, 24 bytes)
     payload msgpack map (see ``_encode``): node name, write time, a string
-            table, a label-map table, the pods (flat), the live pods, and
-            every address's intervals referring to pods by index
+            table, a label-map table, the distinct ``ip_sources`` tuples and
+            each pod's, the live pods, the pods (flat), and every address's
+            intervals referring to pods by index
 
 Pods are written once however many intervals name them, and equal
 label/annotation maps once, so loading rebuilds the sharing the index has in
 memory (``PodMeta.with_record_object`` interns the rest; record objects are
-built on a pod's first record).
+built on a pod's first record). A pod that is not live is restored as the
+:class:`~shipper.record.PodTombstone` the index kept (tombstones are written
+like pods, without a creation time).
+
+Format version 1 throughout: ``source_sets`` and ``pod_sources`` (the
+``ip_sources``) were added later, with ``live`` moved before ``pods``. A
+reader skips keys it does not know, so older shippers read these files (their
+pods lose ``ip_sources``, as before); a file without them loads with no
+``ip_sources``, and one with ``live`` after ``pods`` makes the tombstones when
+it reaches ``addrs``.
 
 Writes are atomic: temp file, fsync, rename, fsync of the directory; a crash
 leaves the old file or the new one. The CPU work (serialising) runs outside
@@ -52,7 +62,15 @@ import msgpack
 
 from shipper.enrich.pod_index import Flat, PodIndex
 from shipper.metrics import Metrics
-from shipper.record import _EMPTY, _V6_TAG, PodMeta, _shared_map
+from shipper.record import (
+    _EMPTY,
+    _V6_TAG,
+    IndexedPod,
+    PodMeta,
+    PodTombstone,
+    _shared_map,
+    _shared_tuple,
+)
 
 log = logging.getLogger("shipper.state")
 
@@ -96,6 +114,9 @@ def _encode(
     map_list: list[list[str]] = []
     pod_idx: dict[int, int] = {}
     pods: list[Any] = []
+    # Each pod's ip_sources as an index into source_sets (0: none).
+    source_sets: dict[tuple[str, ...], int] = {(): 0}
+    pod_sources: list[int] = []
 
     def s(text: str | None) -> int:
         i = strings.get(text)
@@ -116,7 +137,7 @@ def _encode(
             map_list.append(flat)
         return i
 
-    def p(meta: PodMeta) -> int:
+    def p(meta: IndexedPod) -> int:
         i = pod_idx.get(id(meta))
         if i is None:
             i = pod_idx[id(meta)] = len(pod_idx)
@@ -129,6 +150,11 @@ def _encode(
                 m(meta.annotations), s(meta.owner_kind), s(meta.owner_name),
                 s(meta.logical_switch), meta.host_network, s(meta.phase), meta.created_ns,
             ))
+            sources = meta.ip_sources
+            j = source_sets.get(sources)
+            if j is None:
+                j = source_sets[sources] = len(source_sets)
+            pod_sources.append(j)
         return i
 
     addrs: list[Any] = []
@@ -145,6 +171,7 @@ def _encode(
             addrs.append(flat[i + 1])
             addrs.append(p(flat[i + 2]))
     live_idx = [p(meta) for meta in live.values()]
+    source_list = [[s(x) for x in t] for t in source_sets]  # before the string table
     string_list: list[str | None] = [None] * len(strings)
     for text, i in strings.items():
         string_list[i] = text
@@ -153,8 +180,14 @@ def _encode(
         "written_ns": written_ns,
         "strings": string_list,
         "maps": map_list,
-        "pods": pods,
+        # Added after format version 1 was first written: older readers skip
+        # keys they do not know, and a file without them has no ip_sources.
+        "source_sets": source_list,
+        "pod_sources": pod_sources,
+        # Before "pods" (since ip_sources were added; older files have it after):
+        # a reader can then make deleted pods' tombstones as it reads them.
         "live": live_idx,
+        "pods": pods,
         "addrs": addrs,
     }, use_bin_type=True)
 
@@ -175,7 +208,7 @@ def _decode(
         up = msgpack.Unpacker(_Chunks(payload), raw=False, strict_map_key=True,
                               max_buffer_size=max(len(payload), 1))
         doc: dict[str, Any] = {}
-        metas: list[PodMeta] = []
+        metas: list[IndexedPod] = []
         hist: dict[int, Flat] = {}
         # Equal values decoded once each, as the live index shares them: the
         # addresses of pods that had the same address (PodIndex._share_ips),
@@ -184,8 +217,20 @@ def _decode(
         for _ in range(up.read_map_header()):
             name = up.unpack()
             if name == "pods":  # after "strings" and "maps", as _encode writes them
-                metas = _decode_pods(up, doc["strings"], doc["maps"], shared_ns)
-            elif name == "addrs":  # after "pods"
+                sets = _source_sets(doc.get("source_sets", ()), doc["strings"])
+                live_rows = set(doc["live"]) if "live" in doc else None
+                metas = _decode_pods(up, doc["strings"], doc["maps"], shared_ns,
+                                     [sets[j] for j in doc.get("pod_sources", ())], live_rows)
+            elif name == "addrs":  # after "pods" and "live"
+                if "live" not in doc:
+                    raise ValueError("addresses before the live pods")
+                # A pod that is not live is gone: its intervals keep its tombstone,
+                # as they did in the index that wrote the file (a file with "live"
+                # after "pods" leaves this to here).
+                live_rows = set(doc["live"])
+                for i, m in enumerate(metas):
+                    if i not in live_rows and isinstance(m, PodMeta):
+                        metas[i] = PodTombstone(m)
                 hist = _decode_addrs(up, metas, shared_ns)
             elif name == "strings":
                 # Interned and shared as the pod sources do (record._shared_map), so
@@ -203,7 +248,12 @@ def _decode(
             raise ValueError(f"{len(payload) - up.tell()} bytes after the payload's map")
         node = doc["node"]
         written_ns = doc["written_ns"]
-        live = {metas[pi].uid: metas[pi] for pi in doc["live"]}
+        live: dict[str, PodMeta] = {}
+        for pi in doc["live"]:
+            m = metas[pi]
+            if not isinstance(m, PodMeta):
+                raise ValueError("a live pod is a tombstone")
+            live[m.uid] = m
         if not isinstance(node, str) or not isinstance(written_ns, int):
             raise ValueError("node/written_ns")
     except (ValueError, TypeError, KeyError, IndexError, AttributeError,
@@ -226,16 +276,35 @@ class _Chunks:
         return chunk
 
 
+def _source_sets(sets: list[list[int]], strings: list[str | None]) -> list[tuple[str, ...]]:
+    """The distinct ip_sources tuples (string-table indexes in the file), shared."""
+    out: list[tuple[str, ...]] = []
+    for t in sets:
+        texts = tuple(strings[x] for x in t)
+        if not all(isinstance(x, str) for x in texts):
+            raise ValueError("an ip_source is not a string")
+        out.append(_shared_tuple(texts) if texts else ())  # type: ignore[arg-type]
+    return out
+
+
 def _decode_pods(
     up: msgpack.Unpacker, strings: list[str | None], maps: list[dict[str, str]],
-    shared_ns: dict[int, int],
-) -> list[PodMeta]:
-    """The flat pod table, one field at a time; raises ValueError on a malformed row."""
+    shared_ns: dict[int, int], ip_sources: list[tuple[str, ...]], live: set[int] | None,
+) -> list[IndexedPod]:
+    """The flat pod table, one field at a time; raises ValueError on a malformed row.
+
+    ``ip_sources``: each pod's, by its row (empty: a file written without them).
+    ``live``: the rows of live pods, if known yet; the others are made
+    :class:`PodTombstone` here, without a PodMeta first (fewer transient
+    objects, less time).
+    """
     n = up.read_array_header()
     if n % _POD_FIELDS:
         raise ValueError("pod table length is not a multiple of its row")
     unpack = up.unpack
-    metas: list[PodMeta] = []
+    metas: list[IndexedPod] = []
+    if ip_sources and len(ip_sources) != n // _POD_FIELDS:
+        raise ValueError("pod_sources and the pod table differ in length")
     shared_ips: dict[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]] = {}
     for _ in range(n // _POD_FIELDS):
         (ns, name, uid, ips_flat, node_s, labels_m, ann_m, okind, oname, ls, hostnet,
@@ -248,28 +317,41 @@ def _decode_pods(
             if fam == 4:
                 if not isinstance(ip, int):
                     raise ValueError("IPv4 address is not an integer")
-                ips.append((4, ip))
+                # One int per address, as in the index (also the history's key).
+                ips.append((4, shared_ns.setdefault(ip, ip)))
             elif fam == 6:
                 ips.append((6, int.from_bytes(ip, "big")))
             else:
                 raise ValueError(f"address family {fam!r}")
         ips_t = tuple(ips)
-        if created is not None:
+        dead = live is not None and len(metas) not in live
+        if not dead or len(ips_t) > 1:  # a tombstone keeps one address as an int
+            ips_t = shared_ips.setdefault(ips_t, ips_t)
+        if created is not None and not dead:  # a tombstone does not keep it
             created = shared_ns.setdefault(created, created)
         # Record objects are built on the pod's first record (PodMeta.kubernetes_for).
+        if dead:
+            metas.append(PodTombstone.of(
+                strings[ns], name, uid, ips_t, strings[node_s],
+                maps[labels_m] if labels_m >= 0 else _EMPTY,
+                maps[ann_m] if ann_m >= 0 else _EMPTY, strings[okind], strings[oname],
+                strings[ls], bool(hostnet), strings[phase],
+                ip_sources[len(metas)] if ip_sources else ()))
+            continue
         metas.append(PodMeta(
-            namespace=strings[ns], name=name, uid=uid, ips=shared_ips.setdefault(ips_t, ips_t),
+            namespace=strings[ns], name=name, uid=uid, ips=ips_t,
             node=strings[node_s], labels=maps[labels_m] if labels_m >= 0 else _EMPTY,
             annotations=maps[ann_m] if ann_m >= 0 else _EMPTY,
             owner_kind=strings[okind], owner_name=strings[oname],
             logical_switch=strings[ls], host_network=bool(hostnet), phase=strings[phase],
             created_ns=created,
+            ip_sources=ip_sources[len(metas)] if ip_sources else (),
         ))
     return metas
 
 
 def _decode_addrs(
-    up: msgpack.Unpacker, metas: list[PodMeta], shared_ns: dict[int, int]
+    up: msgpack.Unpacker, metas: list[IndexedPod], shared_ns: dict[int, int]
 ) -> dict[int, Flat]:
     """Every address's intervals (oldest first in the file, newest first in the index)."""
     unpack = up.unpack
@@ -280,7 +362,8 @@ def _decode_addrs(
         left -= 2 + 3 * n
         if left < 0:
             raise ValueError("address table ends inside an address")
-        key = addr if isinstance(addr, int) else int.from_bytes(addr, "big") | _V6_TAG
+        key = (shared_ns.setdefault(addr, addr) if isinstance(addr, int)
+               else int.from_bytes(addr, "big") | _V6_TAG)
         ivs: list[Any] = []
         for _ in range(n):
             start, end, pi = unpack(), unpack(), unpack()

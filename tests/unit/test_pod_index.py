@@ -8,11 +8,19 @@ import threading
 from dataclasses import replace
 from typing import Any
 
+import orjson
 import pytest
 
 from shipper.config import EnrichConfig
 from shipper.enrich.pod_index import DEFAULT_RETENTION_NS, DEFAULT_SKEW_NS, PodIndex
-from shipper.record import ATTR_RESOLVED, ATTR_UNCERTAIN, ATTR_UNRESOLVED, PodMeta
+from shipper.record import (
+    ATTR_RESOLVED,
+    ATTR_UNCERTAIN,
+    ATTR_UNRESOLVED,
+    FlowEvent,
+    PodMeta,
+    PodTombstone,
+)
 
 S = 1_000_000_000
 T = 1_714_557_600 * S  # 2024-05-01T10:00:00Z
@@ -363,7 +371,7 @@ class TestAttribute:
         idx.update(a, T)
         b = pod("b", "10.16.0.5", created=T + 100 * S)
         idx.update(b, T + 200 * S)  # a's deletion was missed: b's arrival cuts a
-        assert idx.attribute(4, X4, T + 99 * S) == (a, ATTR_RESOLVED)
+        assert idx.attribute(4, X4, T + 99 * S) == (PodTombstone(a), ATTR_RESOLVED)
         assert idx.attribute(4, X4, T + 102 * S) == (b, ATTR_RESOLVED)
 
     def test_gap_between_owners_is_unresolved(self) -> None:
@@ -499,9 +507,11 @@ class TestPrune:
         idx = PodIndex()
         a = pod("a", "10.16.0.5", created=T)
         idx.update(a, T)
+        built = a.kubernetes_for(X4, "10.16.0.5")  # a record while the pod lived
         idx.delete("a", T + S)
         meta = idx.lookup(4, X4, T)
-        assert meta is a
+        assert meta == PodTombstone(a)  # the pod's tombstone (see TestTombstones)
+        assert meta is not None and meta.record_objects[X4] is built
         assert meta.kubernetes_by_ip[X4]["pod"]["ip"] == "10.16.0.5"
 
     def test_default_cap_is_the_config_default(self) -> None:
@@ -524,7 +534,7 @@ class TestConcurrency:
                 while not stop.is_set():
                     for a in addrs:
                         res = idx.lookup(4, a, T + (n % 400) * S)
-                        assert res is None or isinstance(res, PodMeta)
+                        assert res is None or isinstance(res, PodMeta | PodTombstone)
                         n += 1
                     idx.history(4, addrs[n % len(addrs)])
                     idx.live_pods()
@@ -617,3 +627,111 @@ class TestMissedDeletion:
         idx.update(pod("b", "10.16.0.5", created=None), T + 1000 * S)
         assert owner(idx, "10.16.0.5", T + 500 * S) == "a"
         assert owner(idx, "10.16.0.5", T + 1001 * S) == "b"
+
+
+UID_A = "0c6f3d0e-8b1a-4c2e-9f4d-2a7b5e1c9d30"
+
+
+def metas(idx: PodIndex, addr: int, fam: int = 4) -> list[Any]:
+    """The pod of each interval of ``addr``, oldest first."""
+    return [m for _, _, m in idx.history(fam, addr)]
+
+
+class TestTombstones:
+    """A closed interval keeps its pod as a PodTombstone (records unchanged)."""
+
+    def full(self, uid: str = UID_A, **over: Any) -> PodMeta:
+        fields: dict[str, Any] = {
+            "node": "node-1", "labels": {"app": "web"}, "annotations": {"k": "v"},
+            "owner_kind": "Deployment", "owner_name": "web", "logical_switch": "ovn-default",
+            "ip_sources": ("status", "kube-ovn+status"), **over}
+        return pod(uid, "10.16.0.5", "fd00:10:16::5", created=T, **fields)
+
+    def test_deleted_pod_becomes_its_tombstone(self) -> None:
+        """After delete, both addresses' intervals hold one tombstone equal to the pod's, and
+        a late flow's record is byte for byte the one the live pod gave."""
+        from shipper import ecs
+
+        idx = PodIndex()
+        a = self.full()
+        idx.update(a, T)
+        events = [(fam, addr, TestTombstones.event(fam, addr)) for fam, addr in ((4, X4), (6, X6))]
+        before = [orjson.dumps(ecs.build_record(ev, idx.lookup(fam, addr, T + S), "n"))
+                  for fam, addr, ev in events]
+        idx.delete(UID_A, T + 10 * S)
+        (t4,), (t6,) = metas(idx, X4), metas(idx, X6, 6)
+        assert isinstance(t4, PodTombstone) and t4 is t6 and t4 == PodTombstone(a)
+        after = [orjson.dumps(ecs.build_record(ev, idx.lookup(fam, addr, T + S), "n"))
+                 for fam, addr, ev in events]
+        assert after == before
+
+    @staticmethod
+    def event(fam: int, addr: int) -> FlowEvent:
+        return FlowEvent(
+            action="destroy", family=fam, proto=17, orig_src=addr, orig_dst=addr + 1,
+            orig_sport=1, orig_dport=53, reply_src=addr + 1, reply_dst=addr, reply_sport=53,
+            reply_dport=1, icmp_type=None, icmp_code=None, icmp_id=None, ct_id=9, status=None,
+            tcp_state=None, mark=None, zone=None, timeout=None, orig_packets=1, orig_bytes=60,
+            reply_packets=1, reply_bytes=90, ts_start=T + S, ts_stop=T + 2 * S, ts_event=None,
+            received_ns=T + 3600 * S)
+
+    def test_reconcile_finished_and_displaced_pods_become_tombstones(self) -> None:
+        """A pod missing from a full list, a pod that finished, and a pod whose one address a
+        newer pod took (deletion missed) are all kept as tombstones; live pods are not."""
+        idx = PodIndex()
+        idx.update(pod("gone", "10.16.0.1", created=T), T)
+        idx.update(pod("done", "10.16.0.2", created=T), T)
+        idx.update(pod("old", "10.16.0.3", created=T), T)
+        idx.update(pod("keep", "10.16.0.4", created=T), T)
+        idx.update(pod("done", "10.16.0.2", created=T, phase="Succeeded"), T + S)
+        idx.update(pod("new", "10.16.0.3", created=T + 5 * S), T + 6 * S)
+        idx.reconcile([pod("keep", "10.16.0.4", created=T), pod("new", "10.16.0.3",
+                                                                created=T + 5 * S)], T + 7 * S)
+        for addr, uid in (("10.16.0.1", "gone"), ("10.16.0.2", "done"), ("10.16.0.3", "old")):
+            first = metas(idx, ip(addr))[0]
+            assert isinstance(first, PodTombstone) and first.uid == uid, addr
+        assert type(metas(idx, ip("10.16.0.3"))[1]) is PodMeta  # "new" lives
+        assert type(metas(idx, ip("10.16.0.4"))[0]) is PodMeta
+        assert idx.live_pods() == 2
+
+    def test_closed_interval_of_a_live_pod_is_a_tombstone(self) -> None:
+        """A dual-stack pod that lost one address to a newer pod lives on: the closed interval
+        keeps its tombstone, the open one its PodMeta; deleted, both are its tombstone."""
+        idx = PodIndex()
+        idx.update(pod("a", "10.16.0.5", "fd00:10:16::5", created=T), T)
+        idx.update(pod("b", "10.16.0.5", created=T + 5 * S), T + 6 * S)
+        a4, b4 = metas(idx, X4)
+        assert isinstance(a4, PodTombstone) and a4.uid == "a" and type(b4) is PodMeta
+        assert type(metas(idx, X6, 6)[0]) is PodMeta and idx.live_pods() == 2
+        idx.delete("a", T + 9 * S)
+        (a6,) = metas(idx, X6, 6)
+        assert isinstance(a6, PodTombstone) and a6 == a4
+        assert owner(idx, "10.16.0.5", T + S) == "a" and owner(idx, "10.16.0.5", T + 7 * S) == "b"
+
+    def test_each_version_keeps_its_own_values(self) -> None:
+        """A pod that changed address and labels: every interval, also on the address it no
+        longer lists, becomes the tombstone of the version it held."""
+        idx = PodIndex()
+        idx.update(pod("a", "10.16.0.5", created=T, labels={"v": "1"}), T)
+        idx.update(pod("a", "10.16.0.6", created=T, labels={"v": "1"}), T + 10 * S)
+        idx.update(pod("a", "10.16.0.5", created=T, labels={"v": "2"}), T + 20 * S)
+        idx.update(pod("a", "10.16.0.7", created=T, labels={"v": "3"}), T + 25 * S)
+        idx.delete("a", T + 30 * S)
+        old, new = metas(idx, X4)
+        (six,), (seven,) = metas(idx, ip("10.16.0.6")), metas(idx, ip("10.16.0.7"))
+        assert [m.labels for m in (old, six, new, seven)] == [
+            {"v": "1"}, {"v": "1"}, {"v": "2"}, {"v": "3"}]
+        assert all(isinstance(m, PodTombstone) for m in (old, six, new, seven))
+        assert owner(idx, "10.16.0.6", T + 15 * S) == "a"
+
+    def test_lookups_and_restarts_of_the_same_uid(self) -> None:
+        """A pod reported again after its deletion (a stale list) is a new live owner; its
+        tombstone stays in the earlier interval."""
+        idx = PodIndex()
+        idx.update(pod("a", "10.16.0.5", created=T), T)
+        idx.delete("a", T + 10 * S)
+        idx.update(pod("a", "10.16.0.5", created=T), T + 20 * S)
+        first, second = metas(idx, X4)
+        assert isinstance(first, PodTombstone) and type(second) is PodMeta
+        assert owner(idx, "10.16.0.5", T + 5 * S) == "a"
+        assert type(idx.lookup(4, X4, T + 15 * S)) is PodMeta  # from the deletion on

@@ -10,7 +10,19 @@ import orjson
 import pytest
 
 from shipper import ecs, record
-from shipper.record import ACTION_NEW, FlowEvent, PodMeta, ip_key, ip_to_str, parse_ip
+from shipper.ecs_json import JsonLineEncoder
+from shipper.record import (
+    ACTION_DESTROY,
+    ACTION_NEW,
+    IP_SOURCE_BOTH,
+    IP_SOURCE_KUBE_OVN,
+    FlowEvent,
+    PodMeta,
+    PodTombstone,
+    ip_key,
+    ip_to_str,
+    parse_ip,
+)
 
 V4 = "10.16.0.5"
 V6 = "fd00:10:16::5"
@@ -217,3 +229,131 @@ class TestRecordObjects:
         rec = ecs.build_record(event(V4), p, "n")
         assert rec["kubernetes"]["pod"] == {"name": "a", "uid": "uid-a", "ip": V4}
         assert rec["kubernetes"]["labels"] == {"app": "web", "tier": "backend"}
+
+
+UUID = "0c6f3d0e-8b1a-4c2e-9f4d-2a7b5e1c9d30"
+
+#: Pods whose tombstones must read and record like them: canonical uid (packed) or
+#: not, one address (kept as its key) or several, v6 alone, ip_sources mixed, etc.
+TOMBSTONE_CASES: dict[str, dict[str, Any]] = {
+    "full-dual": {"uid": UUID},
+    "v4-only": {"uid": UUID, "addrs": (V4,)},
+    "v6-only": {"uid": UUID, "addrs": (V6,)},
+    "non-canonical-uid": {"uid": "uid-x"},
+    "upper-case-uuid": {"uid": UUID.upper(), "addrs": (V4,)},
+    "non-ascii-name": {"uid": UUID, "name": "caf\u00e9-1", "addrs": (V4,)},
+    "minimal": {"uid": UUID, "addrs": (V4,), "labels": {}, "node": None, "owner_kind": None,
+                "owner_name": None, "logical_switch": None, "phase": None},
+    "annotations+sources": {"uid": UUID, "annotations": {"a": "b"},
+                            "ip_sources": (IP_SOURCE_BOTH, IP_SOURCE_KUBE_OVN)},
+}
+
+
+def tombstone_case(case: str) -> PodMeta:
+    over = dict(TOMBSTONE_CASES[case])
+    return make_pod(over.pop("name", "web-1"), over.pop("addrs", (V4, V6)), **over)
+
+
+def destroy(src: str) -> FlowEvent:
+    """A late DESTROY of a flow from ``src`` (counters and times set)."""
+    return event(src)._replace(action=ACTION_DESTROY, orig_packets=3, orig_bytes=180,
+                               reply_packets=2, reply_bytes=120, ts_start=T0, ts_stop=T0 + 5)
+
+
+class TestTombstone:
+    @pytest.mark.parametrize("case", sorted(TOMBSTONE_CASES))
+    def test_records_byte_identical_to_the_live_pods(self, case: str) -> None:
+        """Every address's record (dict path and NDJSON line) of a tombstone is byte for
+        byte the one its pod gave while it lived."""
+        live = tombstone_case(case)
+        tomb = PodTombstone(tombstone_case(case))  # no record object built before
+        for fam, ip in live.ips:
+            ev = destroy(ip_to_str(fam, ip))
+            assert orjson.dumps(ecs.build_record(ev, tomb, "n")) == orjson.dumps(
+                ecs.build_record(ev, live, "n"))
+            assert JsonLineEncoder("n").encode(ev, tomb, None) == JsonLineEncoder(
+                "n").encode(ev, live, None)
+        assert list(tomb.kubernetes_by_ip) == list(live.kubernetes_by_ip)
+        assert tomb.kubernetes == live.kubernetes
+
+    @pytest.mark.parametrize("case", sorted(TOMBSTONE_CASES))
+    def test_reads_like_its_pod(self, case: str) -> None:
+        """A tombstone has its pod's values, except the creation time it does not keep."""
+        p = replace(tombstone_case(case), created_ns=T0)
+        t = PodTombstone(p)
+        for attr in ("namespace", "name", "uid", "ips", "node", "labels", "annotations",
+                     "owner_kind", "owner_name", "logical_switch", "host_network", "phase",
+                     "ip_sources"):
+            assert getattr(t, attr) == getattr(p, attr), attr
+        assert t.created_ns is None
+        assert t.with_record_object() == replace(p, created_ns=None)
+
+    def test_inherits_the_record_objects_built(self) -> None:
+        """Record objects built while the pod lived are the tombstone's: not built again."""
+        p = make_pod("a")
+        built = p.kubernetes_for(ip_key(*parse_ip(V4)), V4)
+        t = PodTombstone(p)
+        assert t.kubernetes_for(ip_key(*parse_ip(V4)), V4) is built
+        assert ecs.build_record(event(V4), t, "n")["kubernetes"] is built
+
+    def test_builds_and_keeps_its_record_object(self) -> None:
+        """A tombstone's first record builds the object once; later ones share it."""
+        t = PodTombstone(make_pod("a"))
+        key = ip_key(*parse_ip(V6))
+        first = t.kubernetes_for(key, V6)
+        assert t.record_objects == {key: first}
+        assert t.kubernetes_for(key, V6) is first
+
+    def test_shares_the_values_pods_have_in_common(self) -> None:
+        """Tombstones of pods with equal namespace, annotations, owner kind, switch, phase and
+        ip_sources share one tuple of them; their labels dict is the pods' shared one."""
+        a, b = PodTombstone(make_pod("a")), PodTombstone(make_pod("b"))
+        assert a._common is b._common
+        assert a.labels is b.labels
+        c = PodTombstone(make_pod("c", namespace="other"))
+        assert c._common is not a._common and c.namespace == "other"
+
+    def test_one_address_kept_as_its_key(self) -> None:
+        """A pod with one address keeps it as the index's integer key, not a tuple of pairs;
+        a canonical uid and an ASCII name are packed into one bytes object."""
+        p = make_pod("a", (V4,), uid=UUID)
+        t = PodTombstone(p)
+        assert t._addrs is p.ips[0][1]
+        assert t._id == bytes.fromhex(UUID.replace("-", "")) + b"a"
+        assert PodTombstone(make_pod("a", (V6,)))._addrs == ip_key(*parse_ip(V6))
+
+    def test_equality_by_value(self) -> None:
+        """Equal pods give equal tombstones; a different value (or a PodMeta) is not equal."""
+        a = PodTombstone(make_pod("a", uid=UUID))
+        assert a == PodTombstone(make_pod("a", uid=UUID))
+        assert a != PodTombstone(make_pod("a", uid=UUID, node="node-2"))
+        assert a != PodTombstone(make_pod("a", uid=UUID, annotations={"k": "v"}))
+        assert a != make_pod("a", uid=UUID)
+
+    def test_read_only(self) -> None:
+        """No attribute can be set or deleted."""
+        t = PodTombstone(make_pod("a"))
+        with pytest.raises(AttributeError):
+            t.node = "x"  # type: ignore[misc]
+        with pytest.raises(AttributeError):
+            del t.labels
+
+    def test_pickle_and_copy_give_an_equal_tombstone(self) -> None:
+        """A pickled or copied tombstone is equal and records the same."""
+        import pickle
+
+        t = PodTombstone(make_pod("a", uid=UUID, ip_sources=(IP_SOURCE_BOTH, IP_SOURCE_BOTH)))
+        for other in (pickle.loads(pickle.dumps(t)), copy.copy(t), copy.deepcopy(t)):
+            assert isinstance(other, PodTombstone) and other == t
+            assert orjson.dumps(ecs.build_record(event(V6), other, "n")) == orjson.dumps(
+                ecs.build_record(event(V6), t, "n"))
+
+    @pytest.mark.parametrize("case", sorted(TOMBSTONE_CASES))
+    def test_of_values_equals_the_tombstone_of_the_pod(self, case: str) -> None:
+        """``PodTombstone.of`` (the state file's loader) gives the tombstone of the PodMeta
+        with those values."""
+        p = tombstone_case(case)
+        t = PodTombstone.of(
+            p.namespace, p.name, p.uid, p.ips, p.node, p.labels, p.annotations, p.owner_kind,
+            p.owner_name, p.logical_switch, p.host_network, p.phase, p.ip_sources)
+        assert t == PodTombstone(p) and t.record_objects == {}

@@ -9,8 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
+import orjson
 import pytest
 
+from shipper import ecs
 from shipper.config import Config
 from shipper.enrich.pod_index import PodIndex
 from shipper.enrich.state import (
@@ -22,7 +25,18 @@ from shipper.enrich.state import (
     StateSaver,
 )
 from shipper.metrics import Metrics
-from shipper.record import ATTR_RESOLVED, ATTR_UNCERTAIN, ATTR_UNRESOLVED, PodMeta, ip_key
+from shipper.record import (
+    ACTION_DESTROY,
+    ATTR_RESOLVED,
+    ATTR_UNCERTAIN,
+    ATTR_UNRESOLVED,
+    IP_SOURCE_BOTH,
+    IP_SOURCE_STATUS,
+    FlowEvent,
+    PodMeta,
+    PodTombstone,
+    ip_key,
+)
 
 S = 1_000_000_000
 T = 1_795_766_400 * S
@@ -44,6 +58,17 @@ def pod(uid: str, *addrs: str, created: int | None = None, **over: Any) -> PodMe
     }
     fields.update(over)
     return PodMeta(**fields).with_record_object()
+
+
+def late_destroy(fam: int, ip: int, start: int) -> FlowEvent:
+    """A DESTROY, read an hour after ``start``, of a UDP flow from ``ip`` that began then."""
+    return FlowEvent(
+        action=ACTION_DESTROY, family=fam, proto=17, orig_src=ip, orig_dst=ip + 1,
+        orig_sport=1000, orig_dport=53, reply_src=ip + 1, reply_dst=ip, reply_sport=53,
+        reply_dport=1000, icmp_type=None, icmp_code=None, icmp_id=None, ct_id=5, status=None,
+        tcp_state=None, mark=None, zone=None, timeout=None, orig_packets=1, orig_bytes=70,
+        reply_packets=1, reply_bytes=110, ts_start=start, ts_stop=start + S, ts_event=None,
+        received_ns=start + 3600 * S)
 
 
 def who(index: PodIndex, addr: str, t: int) -> tuple[str | None, str]:
@@ -110,6 +135,77 @@ class TestRoundTrip:
                 assert meta.kubernetes_by_ip == meta.with_record_object().kubernetes_by_ip
                 assert list(meta.kubernetes_by_ip[ip_key(*ipi(addr))]) == list(
                     meta.with_record_object().kubernetes_by_ip[ip_key(*ipi(addr))])
+
+    def test_tombstones_come_back_as_tombstones(self, tmp_path: Path, metrics: Metrics) -> None:
+        """Deleted pods are restored as the tombstones the index kept (equal, one per pod for
+        all its addresses), live pods as PodMeta."""
+        sf = state(tmp_path, metrics)
+        old = saved_index()
+        sf.save(old, T + 300 * S)
+        new = PodIndex()
+        sf.load(new, T + 300 * S)
+        a4, b4 = (m for _, _, m in new.history(*ipi(A4)))
+        assert isinstance(a4, PodTombstone) and a4 is new.history(*ipi(A6))[0][2]
+        assert a4 == old.history(*ipi(A4))[0][2]
+        assert type(b4) is PodMeta
+
+    def test_late_records_identical_after_restart(
+        self, tmp_path: Path, metrics: Metrics
+    ) -> None:
+        """A late DESTROY of a deleted pod's flow (and a live pod's flow) gives byte for byte
+        the record it gave before the restart, ip_source included."""
+        idx = PodIndex()
+        sources = (IP_SOURCE_STATUS, IP_SOURCE_BOTH)
+        idx.update(pod("a", A4, A6, created=T, ip_sources=sources,
+                       annotations={"k": "v"}), T)
+        idx.delete("a", T + 100 * S)
+        idx.update(pod("b", A4, A6, created=T + 200 * S, ip_sources=sources),
+                   T + 200 * S)
+
+        def records(index: PodIndex) -> list[bytes]:
+            out = []
+            for addr, t in ((A4, T + 50 * S), (A6, T + 50 * S), (A6, T + 250 * S)):
+                fam, ip = ipi(addr)
+                ev = late_destroy(fam, ip, t)
+                out.append(orjson.dumps(ecs.build_record(ev, index.lookup(fam, ip, t), "n")))
+            return out
+
+        before = records(idx)
+        assert b'"ip_source":"kube-ovn+status"' in before[1]
+        sf = state(tmp_path, metrics)
+        sf.save(idx, T + 300 * S)
+        new = PodIndex()
+        sf.load(new, T + 300 * S)
+        assert records(new) == before
+
+    def test_file_written_before_ip_sources_still_loads(
+        self, tmp_path: Path, metrics: Metrics
+    ) -> None:
+        """A file as shippers wrote it before ip_sources were saved (no source_sets or
+        pod_sources, "live" after "pods") loads: pods without ip_sources, deleted ones as
+        tombstones."""
+        import zlib
+
+        sf = state(tmp_path, metrics)
+        idx = PodIndex()
+        idx.update(pod("a", A4, created=T, ip_sources=(IP_SOURCE_STATUS,)), T)
+        idx.delete("a", T + 5 * S)
+        idx.update(pod("b", A4, created=T + 6 * S, ip_sources=(IP_SOURCE_STATUS,)), T + 6 * S)
+        sf.save(idx, T + 10 * S)
+        path = tmp_path / "state" / FILE_NAME
+        doc = msgpack.unpackb(path.read_bytes()[_HEADER.size:], raw=False)
+        assert doc.pop("source_sets") and doc.pop("pod_sources") == [1, 1]
+        old_order = ("node", "written_ns", "strings", "maps", "pods", "live", "addrs")
+        assert sorted(doc) == sorted(old_order)
+        payload = msgpack.packb({k: doc[k] for k in old_order}, use_bin_type=True)
+        path.write_bytes(_HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), zlib.crc32(payload))
+                         + payload)
+        new = PodIndex()
+        assert sf.load(new, T + 10 * S)
+        a, b = (m for _, _, m in new.history(*ipi(A4)))
+        assert a == PodTombstone(pod("a", A4)) and a.ip_sources == ()
+        assert b == pod("b", A4, created=T + 6 * S) and b.ip_sources == ()
+        assert who(new, A4, T + S) == ("a", ATTR_RESOLVED)
 
     def test_no_temp_file_left_and_private_mode(self, tmp_path: Path, metrics: Metrics) -> None:
         """After a save only the state file exists in the directory, readable by root only."""
@@ -287,6 +383,20 @@ class TestBadFiles:
         sf, path = self._saved(tmp_path, metrics)
         payload = path.read_bytes()[_HEADER.size:]
         payload = payload + b"\xc0" if cut == "trailing" else payload[:-1]
+        path.write_bytes(_HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), zlib.crc32(payload))
+                         + payload)
+        self._ignored(sf, metrics, "corrupt")
+
+    def test_ip_sources_not_matching_the_pods_is_corrupt(
+        self, tmp_path: Path, metrics: Metrics
+    ) -> None:
+        """A pod_sources list whose length is not the pod table's is 'corrupt'."""
+        import zlib
+
+        sf, path = self._saved(tmp_path, metrics)
+        doc = msgpack.unpackb(path.read_bytes()[_HEADER.size:], raw=False)
+        doc["pod_sources"].append(0)
+        payload = msgpack.packb(doc, use_bin_type=True)
         path.write_bytes(_HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), zlib.crc32(payload))
                          + payload)
         self._ignored(sf, metrics, "corrupt")
