@@ -5,7 +5,8 @@ its place, T times) through ``pod_from_dict`` and ``PodIndex.update/delete``,
 exactly as the API watch does, then reports tracemalloc and RSS growth and the
 event path's costs: ``PodIndex.lookup`` (live and tombstone) and
 ``ecs.build_record`` for a resolved event (a pod's first record, which builds
-its record object, and the later ones).
+its record object, and the later ones; the same for deleted pods' tombstones,
+as late DESTROYs name them).
 
 The cluster is shaped like a real one: replicas of ``--deployments``
 Deployments (default 2,000) across 20 namespaces and 100 nodes, 5-8 labels per
@@ -38,7 +39,7 @@ import orjson
 from shipper import ecs
 from shipper.enrich.pod_index import PodIndex
 from shipper.enrich.pods import LabelPolicy, pod_from_dict
-from shipper.record import ACTION_NEW, FlowEvent
+from shipper.record import ACTION_NEW, FlowEvent, PodTombstone
 
 NAMESPACES = 20
 NODES = 100
@@ -222,6 +223,21 @@ def main() -> None:
             build(ev, pod, "node-1")
     per = (time.perf_counter() - t0) / (reps * span)
     print(f"build_record (resolved) {per * 1e6:.2f} us")
+    # Late DESTROYs: the first owners of the addresses, deleted since (tombstones).
+    late = [(event(v4_int(k), t_first), idx.lookup(4, v4_int(k), t_first)) for k in range(span)]
+    late = [(ev, pod) for ev, pod in late if isinstance(pod, PodTombstone)]
+    if late:
+        t0 = time.perf_counter()
+        for ev, pod in late:
+            build(ev, pod, "node-1")
+        first_t = (time.perf_counter() - t0) / len(late)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            for ev, pod in late:
+                build(ev, pod, "node-1")
+        per_t = (time.perf_counter() - t0) / (reps * len(late))
+        print(f"build_record, a tombstone's first record {first_t * 1e6:.2f} us, later "
+              f"{per_t * 1e6:.2f} us ({len(late)} tombstones)")
     if args.state:
         bench_state(idx, args.state, now)
 
