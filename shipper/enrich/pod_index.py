@@ -36,7 +36,9 @@ Restarts: :meth:`snapshot` copies the history for the state file
 restored as live is only known to have lived until the file was written; if
 the pod source then reports it gone (or its address taken), its interval
 ends at that time, not at "now": flows that started while the shipper was
-down are not given to a pod that may already have been deleted.
+down are not given to a pod that may already have been deleted. The handover
+windows of missed deletions are saved and restored too, so a flow that started
+in one is as uncertain after a restart as before it.
 
 Concurrency: writers serialise on a lock; readers take no lock. Each address's
 history is an immutable tuple replaced as a whole, so a reader always sees
@@ -63,6 +65,8 @@ from shipper.record import (
 )
 
 Interval = tuple[int, "int | None", IndexedPod]
+# Address key -> the missed-deletion handover windows ``((from_ns, until_ns), ...)``.
+Handovers = dict[int, tuple[tuple[int, int], ...]]
 # One address's history, flat and newest first: start, end (None while open),
 # the pod (PodMeta, or PodTombstone once the pod is gone), repeated. Only the
 # newest interval can be open.
@@ -106,7 +110,7 @@ class PodIndex:
         # cut by a new pod's creation after a deletion we never saw. Inside such a
         # window either pod may have used the address (creation times are whole
         # seconds), so a flow starting there is uncertain. Rare: outages only.
-        self._handovers: dict[int, tuple[tuple[int, int], ...]] = {}
+        self._handovers: Handovers = {}
         # The PodMeta whose tombstone _tombstone made last, and that tombstone.
         self._last_tombstone: tuple[PodMeta, PodTombstone] | None = None
         self.evicted_total = 0
@@ -182,16 +186,18 @@ class PodIndex:
         h = self._hist.get(ip_key(family, ip), ())
         return tuple((h[i], h[i + 1], h[i + 2]) for i in range(len(h) - 3, -1, -3))
 
-    def snapshot(self) -> tuple[dict[int, Flat], dict[str, PodMeta]]:
+    def snapshot(self) -> tuple[dict[int, Flat], dict[str, PodMeta], Handovers]:
         """Copies of the history (address key -> flat intervals, newest first, see
-        ``Flat``) and of the live pods (by uid).
+        ``Flat``), of the live pods (by uid) and of the handover windows (address key
+        -> ``((from_ns, until_ns), ...)``: where a flow is uncertain, see
+        :meth:`attribute`).
 
         Taken under the writer lock, so they are consistent with each other; the
         copies are shallow (C-level dict copies, milliseconds at 100k pods):
         histories are immutable tuples and PodMeta/PodTombstone values never change.
         """
         with self._lock:
-            return dict(self._hist), dict(self._live)
+            return dict(self._hist), dict(self._live), dict(self._handovers)
 
     # ---- writers -------------------------------------------------------------
 
@@ -201,6 +207,7 @@ class PodIndex:
         live: dict[str, PodMeta],
         known_until_ns: int,
         now_ns: int,
+        handovers: Handovers | None = None,
     ) -> int:
         """Replace the content with a saved history (as :meth:`snapshot` gives it).
 
@@ -211,7 +218,8 @@ class PodIndex:
         until a source reports them again, closing them (deletion, a missing
         pod in a full list, a newer pod taking the address) ends their
         interval there. Closed intervals are then pruned as usual (retention,
-        ``max_tombstones``).
+        ``max_tombstones``), and the handover windows with them: a flow that started
+        in one stays uncertain after a restart, as it was before.
         """
         closed: list[tuple[int, int]] = []
         for key, flat in hist.items():
@@ -225,6 +233,7 @@ class PodIndex:
             self._live = dict(live)
             self._closed_keys = deque(c[1] for c in closed)
             self._restored = {uid: known_until_ns for uid in live}
+            self._handovers = {k: w for k, w in (handovers or {}).items() if k in hist}
             self.version += 1
         self.prune(now_ns)
         return sum(len(h) for h in self._hist.values()) // 3

@@ -12,8 +12,9 @@ File ``<state_dir>/pod-index.state``, written whole each time::
             u32 CRC-32 of the payload (big-endian, 24 bytes)
     payload msgpack map (see ``_encode``): node name, write time, a string
             table, a label-map table, the distinct ``ip_sources`` tuples and
-            each pod's, the live pods, the pods (flat), and every address's
-            intervals referring to pods by index
+            each pod's, the live pods, the pods (flat), every address's
+            intervals referring to pods by index, and the missed-deletion
+            handover windows (where a flow is uncertain)
 
 Pods are written once however many intervals name them, and equal
 label/annotation maps once, so loading rebuilds the sharing the index has in
@@ -60,7 +61,7 @@ from typing import Any
 
 import msgpack
 
-from shipper.enrich.pod_index import Flat, PodIndex
+from shipper.enrich.pod_index import Flat, Handovers, PodIndex
 from shipper.metrics import Metrics
 from shipper.record import (
     _EMPTY,
@@ -107,8 +108,10 @@ def _encode(
     node: str,
     written_ns: int,
     horizon_ns: int,
+    handovers: Handovers | None = None,
 ) -> bytes:
-    """The payload for a snapshot; closed intervals ended before ``horizon_ns`` are left out."""
+    """The payload for a snapshot; closed intervals ended before ``horizon_ns`` are left
+    out, and so are handover windows that ended before it."""
     strings: dict[str | None, int] = {None: 0}
     maps: dict[int, int] = {}
     map_list: list[list[str]] = []
@@ -170,6 +173,12 @@ def _encode(
             addrs.append(flat[i])
             addrs.append(flat[i + 1])
             addrs.append(p(flat[i + 2]))
+    windows: list[Any] = []
+    for key, ws in (handovers or {}).items():
+        kept_ws = [w for w in ws if w[1] >= horizon_ns]
+        if kept_ws and key in hist:
+            windows.append(key if key < _V6_TAG else (key ^ _V6_TAG).to_bytes(16, "big"))
+            windows.append([x for w in kept_ws for x in w])
     live_idx = [p(meta) for meta in live.values()]
     source_list = [[s(x) for x in t] for t in source_sets]  # before the string table
     string_list: list[str | None] = [None] * len(strings)
@@ -189,13 +198,17 @@ def _encode(
         "live": live_idx,
         "pods": pods,
         "addrs": addrs,
+        # Added after format version 1 was first written (older readers skip it): the
+        # missed-deletion handover windows, [address, [from, until, ...], ...].
+        "handovers": windows,
     }, use_bin_type=True)
 
 
 def _decode(
     payload: bytes | memoryview,
-) -> tuple[str, int, dict[int, Flat], dict[str, PodMeta]]:
-    """``(node, written_ns, hist, live)`` from a payload; raises StateError("corrupt").
+) -> tuple[str, int, dict[int, Flat], dict[str, PodMeta], Handovers]:
+    """``(node, written_ns, hist, live, handovers)`` from a payload; raises
+    StateError("corrupt"). A file written before handover windows were saved has none.
 
     Streamed (msgpack ``Unpacker``, one value at a time) rather than decoded
     whole: the whole document held every pod's and interval's transient
@@ -256,10 +269,33 @@ def _decode(
             live[m.uid] = m
         if not isinstance(node, str) or not isinstance(written_ns, int):
             raise ValueError("node/written_ns")
+        handovers = _decode_handovers(doc.get("handovers", []))
     except (ValueError, TypeError, KeyError, IndexError, AttributeError,
             msgpack.UnpackException, msgpack.ExtraData) as exc:
         raise StateError(REASON_CORRUPT, f"state payload cannot be decoded: {exc}") from exc
-    return node, written_ns, hist, live
+    return node, written_ns, hist, live, handovers
+
+
+def _decode_handovers(flat: Any) -> Handovers:
+    """The handover windows ``[address, [from, until, ...], ...]``; ValueError if malformed."""
+    if not isinstance(flat, list) or len(flat) % 2:
+        raise ValueError("handover table is not address/window pairs")
+    out: Handovers = {}
+    for addr, bounds in zip(flat[::2], flat[1::2], strict=True):
+        if isinstance(addr, int):
+            key = addr
+        elif isinstance(addr, bytes) and len(addr) == 16:
+            key = int.from_bytes(addr, "big") | _V6_TAG
+        else:
+            raise ValueError("handover address is neither IPv4 nor IPv6")
+        if (not isinstance(bounds, list) or not bounds or len(bounds) % 2
+                or not all(isinstance(x, int) for x in bounds)):
+            raise ValueError("handover window bounds are not integer pairs")
+        ws = tuple(zip(bounds[::2], bounds[1::2], strict=True))
+        if any(lo >= hi for lo, hi in ws):
+            raise ValueError("handover window ends before it starts")
+        out[key] = ws
+    return out
 
 
 class _Chunks:
@@ -443,11 +479,11 @@ class StateFile:
             gc.disable()
             try:
                 # A view, not a copy: the file can be tens of MiB.
-                node, written_ns, hist, live = _decode(unpack(memoryview(data)))
+                node, written_ns, hist, live, handovers = _decode(unpack(memoryview(data)))
                 if node != self.node:
                     raise StateError(REASON_FOREIGN_NODE,
                                      f"written for node {node!r}, this is {self.node!r}")
-                kept = index.restore(hist, live, min(written_ns, now_ns), now_ns)
+                kept = index.restore(hist, live, min(written_ns, now_ns), now_ns, handovers)
             finally:
                 if gc_on:
                     gc.enable()
@@ -468,9 +504,9 @@ class StateFile:
         with self._lock:
             started = time.monotonic()
             now_ns = time.time_ns() if now_ns is None else now_ns
-            hist, live = index.snapshot()
+            hist, live, handovers = index.snapshot()
             data = pack(_encode(hist, live, node=self.node, written_ns=now_ns,
-                                horizon_ns=now_ns - index.retention_ns))
+                                horizon_ns=now_ns - index.retention_ns, handovers=handovers))
             try:
                 self._write(data)
             except OSError as exc:

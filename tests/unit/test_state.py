@@ -195,6 +195,7 @@ class TestRoundTrip:
         path = tmp_path / "state" / FILE_NAME
         doc = msgpack.unpackb(path.read_bytes()[_HEADER.size:], raw=False)
         assert doc.pop("source_sets") and doc.pop("pod_sources") == [1, 1]
+        assert doc.pop("handovers") == []  # added later too; nothing was missed here
         old_order = ("node", "written_ns", "strings", "maps", "pods", "live", "addrs")
         assert sorted(doc) == sorted(old_order)
         payload = msgpack.packb({k: doc[k] for k in old_order}, use_bin_type=True)
@@ -214,6 +215,84 @@ class TestRoundTrip:
         sf.save(saved_index(), T + S)
         assert os.listdir(tmp_path / "state") == [FILE_NAME]
         assert (tmp_path / "state" / FILE_NAME).stat().st_mode & 0o777 == 0o600
+
+
+def missed_deletion_index() -> PodIndex:
+    """a (v4+v6, created T) whose deletion was never seen; b (created T+100 s) took its
+    addresses, learnt at T+1000 s: the second after b's creation is a handover window."""
+    idx = PodIndex(skew_ns=5 * S)
+    idx.update(pod("a", A4, A6, created=T), T)
+    idx.update(pod("b", A4, A6, created=T + 100 * S), T + 1000 * S)
+    return idx
+
+
+class TestHandovers:
+    """The uncertain second of a missed deletion stays uncertain across a restart."""
+
+    def test_window_survives_a_restart(self, tmp_path: Path, metrics: Metrics) -> None:
+        """Before and after the restart: a flow in the window is uncertain (a, not claimed
+        as resolved), one on either side of it resolved to its owner."""
+        idx = missed_deletion_index()
+        sf = state(tmp_path, metrics)
+        sf.save(idx, T + 1001 * S)
+        new = PodIndex(skew_ns=5 * S)
+        assert sf.load(new, T + 1002 * S)
+        for index in (idx, new):
+            for addr in (A4, A6):
+                assert who(index, addr, T + 99 * S) == ("a", ATTR_RESOLVED)
+                assert who(index, addr, T + 100 * S + S // 2) == ("a", ATTR_UNCERTAIN)
+                assert who(index, addr, T + 102 * S) == ("b", ATTR_RESOLVED)
+        assert new.snapshot()[2] == idx.snapshot()[2]
+
+    def test_windows_past_retention_are_not_written(self, tmp_path: Path,
+                                                    metrics: Metrics) -> None:
+        """A window older than the retention is left out of the file (its tombstone too)."""
+        idx = missed_deletion_index()
+        sf = state(tmp_path, metrics)
+        sf.save(idx, T + 6 * 24 * 3600 * S)  # past the 5-day retention
+        doc = msgpack.unpackb((tmp_path / "state" / FILE_NAME).read_bytes()[_HEADER.size:],
+                              raw=False)
+        assert doc["handovers"] == []
+
+    def test_file_without_windows_loads_without_them(self, tmp_path: Path,
+                                                     metrics: Metrics) -> None:
+        """A file written before the windows were saved loads; the second after b's
+        creation then looks like a plain handover (resolved), as it did before."""
+        import zlib
+
+        sf = state(tmp_path, metrics)
+        sf.save(missed_deletion_index(), T + 1001 * S)
+        path = tmp_path / "state" / FILE_NAME
+        doc = msgpack.unpackb(path.read_bytes()[_HEADER.size:], raw=False)
+        assert doc.pop("handovers")
+        payload = msgpack.packb(doc, use_bin_type=True)
+        path.write_bytes(_HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), zlib.crc32(payload))
+                         + payload)
+        new = PodIndex(skew_ns=5 * S)
+        assert sf.load(new, T + 1002 * S)
+        assert who(new, A4, T + 100 * S + S // 2) == ("a", ATTR_RESOLVED)
+        assert new.snapshot()[2] == {}
+
+    @pytest.mark.parametrize("bad", [
+        [1], ["not an address", [1, 2]], [1, [5, 3]], [1, [1, 2, 3]], [1, []], [1, ["x", 2]],
+        [b"short", [1, 2]],
+    ])
+    def test_malformed_windows_make_the_file_corrupt(self, tmp_path: Path, metrics: Metrics,
+                                                     bad: list[Any]) -> None:
+        """A handover table that is not address/[from, until, ...] pairs with from < until
+        is 'corrupt' (the file is ignored, counted)."""
+        import zlib
+
+        sf = state(tmp_path, metrics)
+        sf.save(missed_deletion_index(), T + 1001 * S)
+        path = tmp_path / "state" / FILE_NAME
+        doc = msgpack.unpackb(path.read_bytes()[_HEADER.size:], raw=False)
+        doc["handovers"] = bad
+        payload = msgpack.packb(doc, use_bin_type=True)
+        path.write_bytes(_HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), zlib.crc32(payload))
+                         + payload)
+        assert not sf.load(PodIndex(), T + 1002 * S)
+        assert metrics.value("shipper_state_load_errors_total", "corrupt") == 1
 
 
 class TestRestoreSemantics:
