@@ -149,6 +149,51 @@ class TestLayoutCache:
         assert ev2 == ev1
         assert dec.compiled_total == 2
 
+    def test_changed_attribute_header_is_rejected_and_recompiled(self) -> None:
+        """A message whose layout differs from a cached one only in one nested attribute
+        header (same length, type and flags) fails that layout's proof: it is walked and
+        compiled anew, and decodes to what the plain walk reads."""
+        raw = bytes.fromhex(MESSAGES[0]["hex"])
+        dec = LayoutDecoder()
+        ev1, _ = dec.decode(raw, 0, 0)
+        assert ev1 is not None and ev1.orig_sport is not None
+        # The original tuple's source port header (.../CTA_PROTO_SRC_PORT = 2) becomes
+        # an unknown protocol attribute (type 15) of the same size.
+        hdrs = [off for off in range(20, len(raw) - 4, 4)
+                if struct.unpack_from("=HH", raw, off) == (6, 2)]
+        changed = bytearray(raw)
+        struct.pack_into("=HH", changed, hdrs[0], 6, 15)
+        ev2, n = dec.decode(bytes(changed), 0, 0)
+        assert n == len(raw)
+        assert ev2 == decode_generic(bytes(changed), 0, 0)
+        assert ev2 is not None and ev2.orig_sport is None
+        assert dec.compiled_total == 2
+        # Both layouts stay cached under the same key, each used for its own messages.
+        assert dec.decode(raw, 0, 0)[0] == ev1
+        assert dec.decode(bytes(changed), 0, 0)[0] == ev2
+        assert dec.compiled_total == 2
+
+    def test_changed_family_is_not_misread(self) -> None:
+        """The nfgenmsg family is part of the proof: an IPv4 layout never reads a message
+        that claims another family."""
+        raw = bytes.fromhex(MESSAGES[0]["hex"])
+        dec = LayoutDecoder()
+        dec.decode(raw, 0, 0)
+        changed = bytearray(raw)
+        changed[16] = 7
+        with pytest.raises(DecodeError, match="family"):
+            dec.decode(bytes(changed), 0, 0)
+
+    def test_cached_layout_rejects_a_message_cut_short(self) -> None:
+        """With its layout cached, a message whose buffer ends before its length still
+        raises DecodeError (not struct.error, not a misread event)."""
+        raw = bytes.fromhex(MESSAGES[0]["hex"])
+        dec = LayoutDecoder()
+        dec.decode(raw, 0, 0)
+        for cut in (1, 4, 8, len(raw) - 20):
+            with pytest.raises(DecodeError, match="length"):
+                dec.decode(raw[:-cut], 0, 0)
+
     def test_cache_is_bounded(self) -> None:
         """The number of cached layouts never exceeds the bound."""
         dec = LayoutDecoder(max_layouts=3)
@@ -194,6 +239,8 @@ class TestGarbage:
             except DecodeError:
                 continue
             assert ev is None or isinstance(ev, FlowEvent)
+            if ev is not None:  # a cached layout never reads what the plain walk would not
+                assert ev == decode_generic(bytes(raw), 0, 0)
 
     def test_non_flow_message_is_skipped(self) -> None:
         """NLMSG_DONE and other types decode to None with their length."""
