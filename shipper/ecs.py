@@ -119,18 +119,28 @@ def status_names(status: int) -> list[str]:
 
 # ---- time formatting ----------------------------------------------------------
 
-_sec_text: dict[int, str] = {}
+# The text of each millisecond seen lately (``2026-11-27T08:00:00.123``) and of
+# each microsecond within one (``456Z``): a timestamp is then two lookups and a
+# concatenation, about half the instructions of formatting its remainder.
+_ms_text: dict[int, str] = {}
+_US_TEXT = tuple(f"{i:03d}Z" for i in range(1000))
 
 
 def rfc3339(ns: int) -> str:
     """RFC 3339 UTC with microseconds, e.g. ``2026-11-27T08:00:00.123456Z``."""
-    sec, rem = divmod(ns, 1_000_000_000)
-    prefix = _sec_text.get(sec)
+    ms = ns // 1_000_000
+    prefix = _ms_text.get(ms)
     if prefix is None:
-        if len(_sec_text) >= 4096:
-            _sec_text.clear()
-        prefix = _sec_text[sec] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    return f"{prefix}.{rem // 1000:06d}Z"
+        prefix = _ms_prefix(ms)
+    return prefix + _US_TEXT[ns // 1000 % 1000]
+
+
+def _ms_prefix(ms: int) -> str:
+    if len(_ms_text) >= 4096:
+        _ms_text.clear()
+    sec, rem = divmod(ms, 1000)
+    text = _ms_text[ms] = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(sec))}.{rem:03d}"
+    return text
 
 
 # ---- community id -------------------------------------------------------------

@@ -50,6 +50,18 @@ _N_STATES = len(_STATE_JSON)
 _ATTRIBUTION = {a: a for a in ATTRIBUTIONS}  # a lookup that rejects an unknown status
 _MAX_CACHE = 65536
 
+# The text of each port number seen (kinds ``port``/``portn`` of the schema): a list
+# lookup instead of formatting an int, on three or four fields of every record.
+# Indexed by the port, which is 0-65535 (16 bits on the wire, as the decoder reads
+# it). Filled on first use, so it holds the ports a node really sees (at most
+# 65536 short strings, about 4 MB, when every port occurs).
+_PORT_TEXT: list[str | None] = [None] * 65536
+
+
+def _port_text(port: int) -> str:
+    text = _PORT_TEXT[port] = str(port)
+    return text
+
 
 def _quoted(v: int) -> str:
     return f'"{v}"'
@@ -63,18 +75,18 @@ class JsonLineEncoder:
         self._host_json = orjson.dumps(host).decode()
         self._host_esc = self._host_json[1:-1]
         self._status: dict[int, str] = {}
-        # id(kubernetes object) -> (the object, its JSON). Holding the object keeps
-        # its id from being reused while cached.
+        # Source address (ip_key) -> (its pod's kubernetes object, that object's JSON).
+        # The encoder uses the text only while the object is the very one the record
+        # has (``is``): a new owner of the address, or a pod updated since, is a miss.
+        # Read inline by the compiled encoder (the declaration's JSON fragment).
         self._kube: dict[int, tuple[dict[str, Any], str]] = {}
 
-    def _kube_json(self, k: dict[str, Any]) -> str:
-        hit = self._kube.get(id(k))
-        if hit is not None and hit[0] is k:
-            return hit[1]
+    def _kube_json(self, src_key: int, k: dict[str, Any]) -> str:
+        """The JSON of the kubernetes object ``k`` for address ``src_key`` (a cache miss)."""
         if len(self._kube) >= _MAX_CACHE:
             self._kube.clear()
         text = orjson.dumps(k).decode()
-        self._kube[id(k)] = (k, text)
+        self._kube[src_key] = (k, text)
         return text
 
     def _status_json(self, status: int) -> str:
@@ -89,7 +101,7 @@ class JsonLineEncoder:
     encode: Callable[..., bytes] = schema.compile_line(
         schema.FLOW,
         "self, ev, pod, flow_start_ns, attribution=None, t_ns=None",
-        schema.FLOW_PRELUDE,
+        schema.FLOW_PRELUDE + schema.FLOW_LINE_PRELUDE,
         globals(),
         "encode",
         """The NDJSON line (with its newline) of one event; see ``ecs.build_record``.

@@ -35,7 +35,10 @@ compiled from it.
 
 Kinds (how a value is written in JSON): ``text`` - a string that needs no JSON
 escaping (our own keywords, address and time texts, base64); ``int`` - an int
-(never None where present); ``intn`` - an int or None (``null``); ``const`` - a
+(never None where present); ``intn`` - an int or None (``null``); ``port`` /
+``portn`` - a port (0-65535: 16 bits on the wire; the NDJSON path indexes a
+table of texts with it rather than formatting an int), ``portn`` also None
+(``null``); ``const`` - a
 constant (``const``), encoded once; ``raw`` - ``json`` is given explicitly (a
 pre-encoded or escaped text); ``object`` - ``children``. ``doc_only`` fields are
 documented but not built here (they are inside a value built elsewhere: the
@@ -98,6 +101,11 @@ if attribution is None:
     attribution = ATTR_RESOLVED if pod is not None else ATTR_UNRESOLVED
 """
 
+#: What the NDJSON path adds to :data:`FLOW_PRELUDE`: the texts it writes twice.
+FLOW_LINE_PRELUDE = """\
+ct_text = f"{ct_id}"
+"""
+
 _KUBE_LET = """\
 k = pod.record_objects.get(src_key)
 if k is None:  # the pod's first record from this address: build its object once
@@ -123,7 +131,7 @@ FLOW: tuple[Field, ...] = (
         F("action", value="action", type="keyword", present="always",
           meaning="`new`, `update`, `destroy`, `snapshot`, `gap`"),
         F("id", kind="raw", value="event_id(host, ev, t_ns)",
-          json='"{self._host_esc}:{ct_id}:{action}:{t_ns}"', type="keyword",
+          json='"{self._host_esc}:{ct_text}:{action}:{t_ns}"', type="keyword",
           present="always",
           meaning="stable id of this event: `<host.name>:<conntrack.id>:<action>:<event time "
           "ns>`; a batch delivered twice (at-least-once delivery) carries the same ids, so a "
@@ -156,13 +164,13 @@ FLOW: tuple[Field, ...] = (
     F("source", kind="object", children=(
         F("ip", value="src_ip", type="ip", present="always",
           meaning="the pod's address (original tuple source)"),
-        F("port", kind="int", when="osport is not None", value="osport", type="integer",
+        F("port", kind="port", when="osport is not None", value="osport", type="integer",
           present="TCP/UDP/SCTP/...", meaning="the pod's source port (original tuple)"),
         F("nat", kind="object", children=(
             F("ip", value="nat_ip", type="ip", present="always",
               meaning="address after SNAT/MASQUERADE (reply tuple destination): "
               "**the join key**"),
-            F("port", kind="intn", when="osport is not None", value="rdport", type="integer",
+            F("port", kind="portn", when="osport is not None", value="rdport", type="integer",
               present="when the protocol has ports",
               meaning="port after SNAT/MASQUERADE (reply tuple destination port): "
               "**the join key**"),
@@ -175,13 +183,13 @@ FLOW: tuple[Field, ...] = (
     F("destination", kind="object", children=(
         F("ip", value="dst_ip", type="ip", present="always",
           meaning="the remote end as the pod addressed it"),
-        F("port", kind="intn", when="osport is not None", value="odport", type="integer",
+        F("port", kind="portn", when="osport is not None", value="odport", type="integer",
           present="with ports", doc_join=True),
         F("nat", kind="object", when="rsrc != odst or rsport != odport",
           let="dnat = ip_to_str(fam, rsrc)", children=(
               F("ip", value="dnat", type="ip", present="when DNATed",
                 meaning="where the flow really went (reply tuple source)"),
-              F("port", kind="int", when="rsport is not None", value="rsport", type="integer",
+              F("port", kind="port", when="rsport is not None", value="rsport", type="integer",
                 present="when DNATed", doc_join=True),
           )),
         F("bytes", kind="intn", when="oby is not None", value="rby", type="integer",
@@ -194,7 +202,8 @@ FLOW: tuple[Field, ...] = (
           present="always", meaning="the node that shipped the record (`node_name`)"),
     )),
     F("conntrack", kind="object", children=(
-        F("id", kind="intn", value="ct_id", type="long", present="always",
+        F("id", kind="raw", value="ct_id", json='{"null" if ct_id is None else ct_text}',
+          type="long", present="always",
           meaning="kernel conntrack id (same for all events of one entry)"),
         F("state", kind="raw", when="tcp_state is not None",
           value="TCP_STATES[tcp_state] if tcp_state < _N_STATES else str(tcp_state)",
@@ -221,7 +230,8 @@ FLOW: tuple[Field, ...] = (
         )),
     )),
     F("kubernetes", kind="raw", when="pod is not None", let=_KUBE_LET, value="k",
-      json="{self._kube_json(k)}", children=(
+      json="{kt[1] if (kt := self._kube.get(src_key)) is not None and kt[0] is k "
+      "else self._kube_json(src_key, k)}", children=(
           F("namespace", doc_only=True, type="keyword", present="resolved, uncertain",
             meaning="pod namespace"),
           F("pod", kind="object", doc_only=True, children=(
@@ -306,6 +316,8 @@ class _Gen:
         self.lines: list[str] = []
         self.consts: dict[str, Any] = {}
         self.n = 0
+        self.conds: dict[str, int] = {}  # top-level condition -> how often it is tested
+        self.cond_vars: dict[str, str] = {}
 
     def name(self, prefix: str) -> str:
         self.n += 1
@@ -319,6 +331,36 @@ class _Gen:
 
     def emit(self, indent: str, code: str) -> None:
         self.lines.extend(indent + line for line in code.splitlines())
+
+    def when(self, cond: str, indent: str) -> str:
+        """The test for ``cond`` at ``indent``: a condition the function tests more than
+        once at its top level is computed once, into a local, where it is first tested
+        (conditions read only the prelude's locals, which never change after it)."""
+        if indent != _TOP or self.conds.get(cond, 0) < 2:
+            return cond
+        var = self.cond_vars.get(cond)
+        if var is None:
+            var = self.cond_vars[cond] = self.name("_w")
+            self.emit(indent, f"{var} = {cond}")
+        return var
+
+
+_TOP = "    "  # the indent of a compiled function's top level
+
+
+def _top_conds(fields: tuple[Field, ...], counts: dict[str, int]) -> dict[str, int]:
+    """Count the conditions tested at the top level of the compiled line function: each
+    run of members under one condition is one test; an always-present object's members
+    are at the top level too."""
+    prev = None
+    for f in fields:
+        if f.when is not None:
+            if f.when != prev:
+                counts[f.when] = counts.get(f.when, 0) + 1
+        elif f.kind == "object":
+            _top_conds(_built(f.children), counts)
+        prev = f.when
+    return counts
 
 
 def _built(fields: tuple[Field, ...]) -> tuple[Field, ...]:
@@ -393,6 +435,11 @@ def _json_value(g: _Gen, f: Field, indent: str) -> str:
         return "{" + f.value + "}"
     if f.kind == "intn":  # inline, not a call: it is on every record
         return '{"null" if ' + f.value + " is None else " + f.value + "}"
+    if f.kind == "port":
+        return "{_PORT_TEXT[" + f.value + "] or _port_text(" + f.value + ")}"
+    if f.kind == "portn":
+        return ('{"null" if ' + f.value + " is None else _PORT_TEXT[" + f.value
+                + "] or _port_text(" + f.value + ")}")
     raise ValueError(f"field {f.name!r}: kind {f.kind!r} needs a json fragment")
 
 
@@ -420,7 +467,7 @@ def _json_object(g: _Gen, fields: tuple[Field, ...], indent: str) -> str:
         while i + len(group) < len(fields) and fields[i + len(group)].when == f.when:
             group.append(fields[i + len(group)])
         var = g.name("_c")
-        g.emit(indent, f"if {f.when}:")
+        g.emit(indent, f"if {g.when(f.when, indent)}:")
         inner = indent + "    "
         text = ""
         for m in group:
@@ -439,8 +486,9 @@ def compile_line(fields: tuple[Field, ...], signature: str, prelude: str,
                  namespace: dict[str, Any], name: str, doc: str) -> Callable[..., Any]:
     """Compile the function writing a record of ``fields`` as one NDJSON line (bytes)."""
     g = _Gen(name)
-    g.emit("    ", prelude)
-    text = _json_object(g, _built(fields), "    ")
+    g.conds = _top_conds(_built(fields), {})
+    g.emit(_TOP, prelude)
+    text = _json_object(g, _built(fields), _TOP)
     g.emit("    ", f"return f'{text}\\n'.encode()")
     src = f"def {name}({signature}):\n" + "\n".join(g.lines) + "\n"
     return _define(src, name, namespace, g.consts, doc)

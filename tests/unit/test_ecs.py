@@ -302,6 +302,19 @@ class TestRfc3339:
         for ns in (0, 1, T0, T0 + 1, 4_102_444_800_000_000_000 - 1):
             assert RFC3339_RE.match(rfc3339(ns)), rfc3339(ns)
 
+    def test_millisecond_cache_agrees_with_independent_formatting(self) -> None:
+        """Through the per-millisecond prefix cache (hits, misses, across millisecond and
+        second boundaries, and after the cache was cleared for size) every time text is
+        the independent formatting's."""
+        import random
+
+        rng = random.Random(7)
+        times = [T0 + d for d in (0, 999, 1000, 999_999, 1_000_000, 999_999_999)]
+        times += [T0 + rng.randrange(3_000_000_000) for _ in range(3000)]
+        times += [rng.randrange(4_102_444_800_000_000_000) for _ in range(6000)]
+        for ns in times + times[::-1]:
+            assert rfc3339(ns) == ref_rfc3339(ns), ns
+
     def test_second_boundary_with_cache(self) -> None:
         """The cached seconds prefix is replaced when the second changes, in either direction."""
         before = T0 + 999_999_999

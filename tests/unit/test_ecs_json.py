@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -84,3 +85,33 @@ class TestSameAsRecord:
         rec = orjson.loads(line)
         assert rec == orjson.loads(orjson.dumps(ecs.build_record(ev, pod, "n")))
         assert rec["kubernetes"]["pod"]["ip"] == ip_to_str(ev.family, ev.orig_src)
+
+
+class TestCaches:
+    """The encoder's caches never put one pod's or one port's text into another record."""
+
+    def test_new_owner_of_an_address_gets_its_own_kubernetes_object(self) -> None:
+        """Two pods taking turns at one address (and an updated pod value): every line
+        carries the kubernetes object of the pod it was encoded with."""
+        ev = EVENTS[0]
+        first = _pod_for(ev)
+        second = replace(first, name="other-pod", uid="u-2", labels={"app": "other"})
+        updated = replace(first, labels={"app": "checkout", "v": "2"})
+        enc = JsonLineEncoder("n")
+        for pod in (first, second, first, updated, updated, second):
+            line = enc.encode(ev, pod, None)
+            assert orjson.loads(line) == orjson.loads(orjson.dumps(
+                ecs.build_record(ev, pod, "n")))
+
+    def test_ports_written_from_the_table_are_the_ports(self) -> None:
+        """Every port number, first seen or again, is written as its decimal text."""
+        base = next(e for e in EVENTS if e.orig_sport is not None)
+        enc = JsonLineEncoder("n")
+        for port in (*range(0, 70), 1023, 1024, 32768, 65534, 65535, 0, 65535, 443):
+            ev = base._replace(orig_sport=port, reply_dport=65535 - port,
+                               orig_dport=port ^ 0x5555)
+            rec = orjson.loads(enc.encode(ev, None, None))
+            assert rec["source"]["port"] == port
+            assert rec["source"]["nat"]["port"] == 65535 - port
+            assert rec["destination"]["port"] == port ^ 0x5555
+            assert rec == orjson.loads(orjson.dumps(ecs.build_record(ev, None, "n")))
