@@ -241,7 +241,7 @@ _ATTRIBUTION = {a: a for a in ATTRIBUTIONS}  # a lookup that rejects an unknown 
 build_record: Callable[..., dict[str, Any]] = schema.compile_dict(
     schema.FLOW,
     "ev, pod, host, *, flow_start_ns=None, attribution=None, t_ns=None",
-    schema.FLOW_PRELUDE,
+    schema.FLOW_PRELUDE + schema.FLOW_DICT_PRELUDE,
     globals(),
     "build_record",
     """Build the record of one flow event (the fields of ``schema.FLOW``).

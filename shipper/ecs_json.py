@@ -19,7 +19,6 @@ string that was escaped once by orjson (the host name, the pod's
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import orjson
 
@@ -31,7 +30,7 @@ from shipper.ecs import (  # F401: read by the code compiled from shipper/schema
     TCP_STATES,
     community_id,  # noqa: F401
     event_time,  # noqa: F401
-    rfc3339,  # noqa: F401
+    rfc3339,
     status_names,
 )
 from shipper.record import (  # F401: read by the code compiled from shipper/schema.py
@@ -40,6 +39,7 @@ from shipper.record import (  # F401: read by the code compiled from shipper/sch
     ATTR_RESOLVED,  # noqa: F401
     ATTR_UNRESOLVED,  # noqa: F401
     ATTRIBUTIONS,
+    PodMeta,
     _ip_text,  # noqa: F401
     ip_to_str,  # noqa: F401
 )
@@ -63,6 +63,21 @@ def _port_text(port: int) -> str:
     return text
 
 
+# The text of each millisecond seen lately, by the event time's decimal digits but
+# the last six (``FLOW_LINE_PRELUDE`` in shipper/schema.py).
+_ts_ms: dict[str, str] = {}
+
+
+def _ts_text(t_ns: int, t_text: str) -> str:
+    """``rfc3339(t_ns)``, caching its millisecond's text for the next (a miss)."""
+    text = rfc3339(t_ns)
+    if t_ns >= 1_000_000:  # t_text[:-6] is then the millisecond's digits
+        if len(_ts_ms) >= 4096:
+            _ts_ms.clear()
+        _ts_ms[t_text[:-6]] = text[:-4]
+    return text
+
+
 def _quoted(v: int) -> str:
     return f'"{v}"'
 
@@ -75,18 +90,23 @@ class JsonLineEncoder:
         self._host_json = orjson.dumps(host).decode()
         self._host_esc = self._host_json[1:-1]
         self._status: dict[int, str] = {}
-        # Source address (ip_key) -> (its pod's kubernetes object, that object's JSON).
-        # The encoder uses the text only while the object is the very one the record
-        # has (``is``): a new owner of the address, or a pod updated since, is a miss.
-        # Read inline by the compiled encoder (the declaration's JSON fragment).
-        self._kube: dict[int, tuple[dict[str, Any], str]] = {}
+        # Source address (ip_key) -> (the pod, the JSON of its kubernetes object for
+        # that address). The text is used only for the very pod value it was made
+        # from (``is``; PodMeta is immutable, and the entry holds it, so its id is
+        # never reused while cached): a new owner of the address, or a pod updated
+        # since, is a miss. Read inline by the compiled encoder (the declaration's
+        # JSON fragment).
+        self._kube: dict[int, tuple[PodMeta, str]] = {}
 
-    def _kube_json(self, src_key: int, k: dict[str, Any]) -> str:
-        """The JSON of the kubernetes object ``k`` for address ``src_key`` (a cache miss)."""
+    def _kube_json(self, pod: PodMeta, src_key: int, src_ip: str) -> str:
+        """The JSON of ``pod``'s kubernetes object for address ``src_key`` (a cache miss)."""
+        k = pod.record_objects.get(src_key)
+        if k is None:  # the pod's first record from this address: build its object once
+            k = pod.kubernetes_for(src_key, src_ip)
         if len(self._kube) >= _MAX_CACHE:
             self._kube.clear()
         text = orjson.dumps(k).decode()
-        self._kube[src_key] = (k, text)
+        self._kube[src_key] = (pod, text)
         return text
 
     def _status_json(self, status: int) -> str:

@@ -68,6 +68,7 @@ class Field:
     json: str = ""
     when: str | None = None
     let: str = ""
+    line_let: str | None = None  # the NDJSON path's ``let`` when it differs (None: ``let``)
     const: Any = None
     children: tuple[Field, ...] = ()
     # Documentation: the columns of SCHEMA.md's field table.
@@ -83,7 +84,9 @@ F = Field
 
 #: The event tuple unpacked once, and the texts several fields need. Both compiled
 #: functions of a flow record start with this (``host`` is the dict path's argument;
-#: ``t_ns``, the event time, is the NDJSON path's argument when its caller knows it).
+#: ``t_ns``, the event time, is the NDJSON path's argument when its caller knows it),
+#: followed by :data:`FLOW_DICT_PRELUDE` or :data:`FLOW_LINE_PRELUDE`: both define
+#: ``ts``, the event time's text.
 FLOW_PRELUDE = """\
 (action, fam, proto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport,
  itype, icode, iid, ct_id, status, tcp_state, mark, zone, timeout,
@@ -95,15 +98,27 @@ src_key = osrc | _V6_TAG if v6 else osrc
 src_ip = _ip_text.get(src_key) or ip_to_str(fam, osrc)
 dst_ip = _ip_text.get(odst | _V6_TAG if v6 else odst) or ip_to_str(fam, odst)
 nat_ip = _ip_text.get(rdst | _V6_TAG if v6 else rdst) or ip_to_str(fam, rdst)
-ts = rfc3339(t_ns)
 start = ts_start or flow_start_ns
 if attribution is None:
     attribution = ATTR_RESOLVED if pod is not None else ATTR_UNRESOLVED
 """
 
-#: What the NDJSON path adds to :data:`FLOW_PRELUDE`: the texts it writes twice.
+#: What the dict path adds to :data:`FLOW_PRELUDE`.
+FLOW_DICT_PRELUDE = """\
+ts = rfc3339(t_ns)
+"""
+
+#: What the NDJSON path adds to :data:`FLOW_PRELUDE`: the texts it writes twice, and
+#: ``ts`` from the event time's decimal text (which ``event.id`` needs anyway): the
+#: text of its millisecond (all digits but the last six) looked up, its microsecond
+#: digits sliced out; ``_ts_text`` on a miss (and for a time below a millisecond or
+#: negative, never cached). The same text as ``rfc3339(t_ns)``, with less arithmetic
+#: on a 61-bit int.
 FLOW_LINE_PRELUDE = """\
 ct_text = f"{ct_id}"
+t_text = f"{t_ns}"
+ts = _ts_ms.get(t_text[:-6])
+ts = _ts_text(t_ns, t_text) if ts is None else f"{ts}{t_text[-6:-3]}Z"
 """
 
 _KUBE_LET = """\
@@ -131,7 +146,7 @@ FLOW: tuple[Field, ...] = (
         F("action", value="action", type="keyword", present="always",
           meaning="`new`, `update`, `destroy`, `snapshot`, `gap`"),
         F("id", kind="raw", value="event_id(host, ev, t_ns)",
-          json='"{self._host_esc}:{ct_text}:{action}:{t_ns}"', type="keyword",
+          json='"{self._host_esc}:{ct_text}:{action}:{t_text}"', type="keyword",
           present="always",
           meaning="stable id of this event: `<host.name>:<conntrack.id>:<action>:<event time "
           "ns>`; a batch delivered twice (at-least-once delivery) carries the same ids, so a "
@@ -230,8 +245,9 @@ FLOW: tuple[Field, ...] = (
         )),
     )),
     F("kubernetes", kind="raw", when="pod is not None", let=_KUBE_LET, value="k",
-      json="{kt[1] if (kt := self._kube.get(src_key)) is not None and kt[0] is k "
-      "else self._kube_json(src_key, k)}", children=(
+      line_let="",
+      json="{kt[1] if (kt := self._kube.get(src_key)) is not None and kt[0] is pod "
+      "else self._kube_json(pod, src_key, src_ip)}", children=(
           F("namespace", doc_only=True, type="keyword", present="resolved, uncertain",
             meaning="pod namespace"),
           F("pod", kind="object", doc_only=True, children=(
@@ -443,41 +459,49 @@ def _json_value(g: _Gen, f: Field, indent: str) -> str:
     raise ValueError(f"field {f.name!r}: kind {f.kind!r} needs a json fragment")
 
 
+def _line_let(f: Field) -> str:
+    return f.let if f.line_let is None else f.line_let
+
+
 def _json_object(g: _Gen, fields: tuple[Field, ...], indent: str) -> str:
     """Emit the statements of one object's optional members; return its f-string fragment.
 
     Members present only under a condition are computed before into a local text
-    (empty when absent); runs of members under the same condition share one.
+    (empty when absent); runs of members under the same condition share one test,
+    and consecutive optional members (no always-present one between them) one text,
+    appended to: fewer pieces for the final f-string to join.
     """
     if not fields or fields[0].when is not None:
         raise ValueError(f"{fields[0].name if fields else '?'}: an object's first member "
                          "must always be present (the comma rule relies on it)")
     out = "{{"
+    acc: str | None = None  # the text the current run of optional members appends to
     i = 0
     while i < len(fields):
         f = fields[i]
         sep = "" if i == 0 else ","
         if f.when is None:
-            if f.let:
-                g.emit(indent, f.let)
+            acc = None
+            if _line_let(f):
+                g.emit(indent, _line_let(f))
             out += sep + _static(orjson.dumps(f.name).decode()) + ":" + _json_value(g, f, indent)
             i += 1
             continue
         group = [f]
         while i + len(group) < len(fields) and fields[i + len(group)].when == f.when:
             group.append(fields[i + len(group)])
-        var = g.name("_c")
+        if acc is None:
+            acc = g.name("_c")
+            g.emit(indent, f"{acc} = ''")
+            out += "{" + acc + "}"
         g.emit(indent, f"if {g.when(f.when, indent)}:")
         inner = indent + "    "
         text = ""
         for m in group:
-            if m.let:
-                g.emit(inner, m.let)
+            if _line_let(m):
+                g.emit(inner, _line_let(m))
             text += "," + _static(orjson.dumps(m.name).decode()) + ":" + _json_value(g, m, inner)
-        g.emit(inner, f"{var} = f'{text}'")
-        g.emit(indent, "else:")
-        g.emit(inner, f"{var} = ''")
-        out += "{" + var + "}"
+        g.emit(inner, f"{acc} += f'{text}'")
         i += len(group)
     return out + "}}"
 

@@ -115,3 +115,21 @@ class TestCaches:
             assert rec["source"]["nat"]["port"] == 65535 - port
             assert rec["destination"]["port"] == port ^ 0x5555
             assert rec == orjson.loads(orjson.dumps(ecs.build_record(ev, None, "n")))
+
+    def test_event_time_texts_through_the_millisecond_cache(self) -> None:
+        """@timestamp and event.id are build_record's for every event time: small ones (no
+        millisecond digits to cache by), across millisecond and second boundaries, and
+        the same milliseconds again (cache hits), also after the cache was cleared."""
+        import random
+
+        ev = EVENTS[0]
+        rng = random.Random(3)
+        base = 1_795_766_503_887_525_603
+        times = [0, 1, 999, 999_999, 1_000_000, 1_000_001, 123_456_789_012, base,
+                 base - base % 1_000_000, base - base % 1_000_000 - 1,
+                 base - base % 1_000_000_000 + 999_999_999]
+        times += [base + rng.randrange(5_000_000_000) for _ in range(5000)]
+        enc = JsonLineEncoder("n")
+        for t in times + times[::-1]:
+            rec = orjson.loads(enc.encode(ev, None, None, None, t))
+            assert rec == orjson.loads(orjson.dumps(ecs.build_record(ev, None, "n", t_ns=t)))
