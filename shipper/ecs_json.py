@@ -50,16 +50,30 @@ _N_STATES = len(_STATE_JSON)
 _ATTRIBUTION = {a: a for a in ATTRIBUTIONS}  # a lookup that rejects an unknown status
 _MAX_CACHE = 65536
 
-# The text of each port number seen (kinds ``port``/``portn`` of the schema): a list
-# lookup instead of formatting an int, on three or four fields of every record.
-# Indexed by the port, which is 0-65535 (16 bits on the wire, as the decoder reads
-# it). Filled on first use, so it holds the ports a node really sees (at most
-# 65536 short strings, about 4 MB, when every port occurs).
-_PORT_TEXT: list[str | None] = [None] * 65536
+# The member text of each port number seen (``,"port":443``; kinds ``port``/``portn``
+# of the schema): a list lookup instead of formatting an int into a fragment, for
+# three or four members of most records. Indexed by the port, which is 0-65535
+# (16 bits on the wire, as the decoder reads it). Filled on first use, so it holds
+# the ports a node really sees (at most 65536 short strings, about 4.5 MB, when
+# every port occurs).
+_PORT_MEMBER: list[str | None] = [None] * 65536
 
 
-def _port_text(port: int) -> str:
-    text = _PORT_TEXT[port] = str(port)
+def _port_member(port: int) -> str:
+    text = _PORT_MEMBER[port] = f',"port":{port}'
+    return text
+
+
+# The member text of each timeout value seen lately (a few: each protocol state's
+# timeout, on NEW and UPDATE events).
+_TIMEOUT_MEMBER: dict[int, str] = {}
+
+
+def _timeout_member(timeout: int) -> str:
+    text = f',"timeout":{timeout}'
+    if len(_TIMEOUT_MEMBER) >= 4096:
+        _TIMEOUT_MEMBER.clear()
+    _TIMEOUT_MEMBER[timeout] = text
     return text
 
 
@@ -89,28 +103,29 @@ class JsonLineEncoder:
         self.host = host
         self._host_json = orjson.dumps(host).decode()
         self._host_esc = self._host_json[1:-1]
-        self._status: dict[int, str] = {}
-        # Source address (ip_key) -> (the pod, the JSON of its kubernetes object for
-        # that address). The text is used only for the very pod value it was made
-        # from (``is``; PodMeta is immutable, and the entry holds it, so its id is
-        # never reused while cached): a new owner of the address, or a pod updated
-        # since, is a miss. Read inline by the compiled encoder (the declaration's
-        # JSON fragment).
+        self._status: dict[int, str] = {}  # status bits -> their member text
+        # Source address (ip_key) -> (the pod, the member text of its kubernetes
+        # object for that address: ``,"kubernetes":{...}``). The text is used only
+        # for the very pod value it was made from (``is``; PodMeta is immutable, and
+        # the entry holds it, so its id is never reused while cached): a new owner
+        # of the address, or a pod updated since, is a miss. Read inline by the
+        # compiled encoder (the declaration's ``member`` expression).
         self._kube: dict[int, tuple[PodMeta, str]] = {}
 
-    def _kube_json(self, pod: PodMeta, src_key: int, src_ip: str) -> str:
-        """The JSON of ``pod``'s kubernetes object for address ``src_key`` (a cache miss)."""
+    def _kube_member(self, pod: PodMeta, src_key: int, src_ip: str) -> str:
+        """The member text of ``pod``'s kubernetes object for address ``src_key`` (a cache
+        miss)."""
         k = pod.record_objects.get(src_key)
         if k is None:  # the pod's first record from this address: build its object once
             k = pod.kubernetes_for(src_key, src_ip)
         if len(self._kube) >= _MAX_CACHE:
             self._kube.clear()
-        text = orjson.dumps(k).decode()
+        text = ',"kubernetes":' + orjson.dumps(k).decode()
         self._kube[src_key] = (pod, text)
         return text
 
-    def _status_json(self, status: int) -> str:
-        text = orjson.dumps(status_names(status)).decode()
+    def _status_member(self, status: int) -> str:
+        text = ',"status":' + orjson.dumps(status_names(status)).decode()
         if len(self._status) < 4096:
             self._status[status] = text
         return text

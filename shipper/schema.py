@@ -36,9 +36,11 @@ compiled from it.
 Kinds (how a value is written in JSON): ``text`` - a string that needs no JSON
 escaping (our own keywords, address and time texts, base64); ``int`` - an int
 (never None where present); ``intn`` - an int or None (``null``); ``port`` /
-``portn`` - a port (0-65535: 16 bits on the wire; the NDJSON path indexes a
-table of texts with it rather than formatting an int), ``portn`` also None
-(``null``); ``const`` - a
+``portn`` - a member named ``port``, an int 0-65535 (16 bits on the wire;
+``portn`` also None, ``null``): the NDJSON path takes the whole member's text
+(``,"port":443``) from a table indexed by the port rather than formatting it
+(four of them on most records; see ``member`` for the same with any cache);
+``const`` - a
 constant (``const``), encoded once; ``raw`` - ``json`` is given explicitly (a
 pre-encoded or escaped text); ``object`` - ``children``. ``doc_only`` fields are
 documented but not built here (they are inside a value built elsewhere: the
@@ -69,6 +71,10 @@ class Field:
     when: str | None = None
     let: str = ""
     line_let: str | None = None  # the NDJSON path's ``let`` when it differs (None: ``let``)
+    # The NDJSON path's expression for the whole member (``,"key":value``: comma and
+    # key included; never an object's first member), instead of ``json``: lets a
+    # cache hold members, not just values.
+    member: str = ""
     const: Any = None
     children: tuple[Field, ...] = ()
     # Documentation: the columns of SCHEMA.md's field table.
@@ -227,7 +233,7 @@ FLOW: tuple[Field, ...] = (
           meaning="TCP state: `SYN_SENT`, `ESTABLISHED`, `TIME_WAIT`, ..."),
         F("status", kind="raw", when="status is not None",
           value="_status_cache.get(status) or status_names(status)",
-          json="{self._status.get(status) or self._status_json(status)}",
+          member="self._status.get(status) or self._status_member(status)",
           type="array", present="always",
           meaning="set status bits: `SEEN_REPLY`, `ASSURED`, `CONFIRMED`, `SRC_NAT`, "
           "`SRC_NAT_DONE`, ..."),
@@ -236,6 +242,7 @@ FLOW: tuple[Field, ...] = (
         F("zone", kind="int", when="zone is not None", value="zone", type="integer",
           present="when not the default zone", meaning="conntrack zone"),
         F("timeout", kind="int", when="timeout is not None", value="timeout",
+          member="_TIMEOUT_MEMBER.get(timeout) or _timeout_member(timeout)",
           type="integer, s", present="when sent", meaning="seconds until the entry expires"),
         F("icmp", kind="object", when="itype is not None", children=(
             F("type", kind="int", value="itype", type="integer", present="ICMP/ICMPv6",
@@ -246,8 +253,8 @@ FLOW: tuple[Field, ...] = (
     )),
     F("kubernetes", kind="raw", when="pod is not None", let=_KUBE_LET, value="k",
       line_let="",
-      json="{kt[1] if (kt := self._kube.get(src_key)) is not None and kt[0] is pod "
-      "else self._kube_json(pod, src_key, src_ip)}", children=(
+      member="kt[1] if (kt := self._kube.get(src_key)) is not None and kt[0] is pod "
+      "else self._kube_member(pod, src_key, src_ip)", children=(
           F("namespace", doc_only=True, type="keyword", present="resolved, uncertain",
             meaning="pod namespace"),
           F("pod", kind="object", doc_only=True, children=(
@@ -451,12 +458,21 @@ def _json_value(g: _Gen, f: Field, indent: str) -> str:
         return "{" + f.value + "}"
     if f.kind == "intn":  # inline, not a call: it is on every record
         return '{"null" if ' + f.value + " is None else " + f.value + "}"
-    if f.kind == "port":
-        return "{_PORT_TEXT[" + f.value + "] or _port_text(" + f.value + ")}"
-    if f.kind == "portn":
-        return ('{"null" if ' + f.value + " is None else _PORT_TEXT[" + f.value
-                + "] or _port_text(" + f.value + ")}")
     raise ValueError(f"field {f.name!r}: kind {f.kind!r} needs a json fragment")
+
+
+def _member(f: Field) -> str:
+    """The expression of a member's whole text, comma included (``member``, kinds port
+    and portn); "" when the member is written as key and ``json`` value."""
+    if f.member:
+        return f"({f.member})"
+    if f.kind not in ("port", "portn"):
+        return ""
+    if f.name != "port":
+        raise ValueError(f"{f.name!r}: kind {f.kind!r} is the member named 'port'")
+    v = f.value
+    text = f"(_PORT_MEMBER[{v}] or _port_member({v}))"
+    return text if f.kind == "port" else f"""(',"port":null' if {v} is None else {text})"""
 
 
 def _line_let(f: Field) -> str:
@@ -484,7 +500,11 @@ def _json_object(g: _Gen, fields: tuple[Field, ...], indent: str) -> str:
             acc = None
             if _line_let(f):
                 g.emit(indent, _line_let(f))
-            out += sep + _static(orjson.dumps(f.name).decode()) + ":" + _json_value(g, f, indent)
+            if _member(f):  # never first (see above): its text has the comma
+                out += "{" + _member(f) + "}"
+            else:
+                out += (sep + _static(orjson.dumps(f.name).decode()) + ":"
+                        + _json_value(g, f, indent))
             i += 1
             continue
         group = [f]
@@ -500,8 +520,15 @@ def _json_object(g: _Gen, fields: tuple[Field, ...], indent: str) -> str:
         for m in group:
             if _line_let(m):
                 g.emit(inner, _line_let(m))
+            if _member(m):
+                if text:
+                    g.emit(inner, f"{acc} += f'{text}'")
+                    text = ""
+                g.emit(inner, f"{acc} += {_member(m)}")
+                continue
             text += "," + _static(orjson.dumps(m.name).decode()) + ":" + _json_value(g, m, inner)
-        g.emit(inner, f"{acc} += f'{text}'")
+        if text:
+            g.emit(inner, f"{acc} += f'{text}'")
         i += len(group)
     return out + "}}"
 
