@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from shipper import ecs
+from shipper.ecs import event_time
 from shipper.enrich.pod_index import PodIndex
 from shipper.record import (
     ACTION_DESTROY,
@@ -28,6 +28,9 @@ from shipper.record import (
 )
 
 log = logging.getLogger("shipper.pipeline")  # its log line keeps the logger name it had
+
+
+_STARTS = frozenset((ACTION_NEW, ACTION_SNAPSHOT))  # the actions that start a flow
 
 
 def start_key(ev: FlowEvent) -> int:
@@ -91,10 +94,10 @@ class FlowStarts:
         key = (ev.orig_src << 32 | ct) if ev.family == 4 else (ev.orig_src << 33 | ct << 1 | 1)
         starts = self.cache
         remembered: int | None
-        if action in (ACTION_NEW, ACTION_SNAPSHOT):
+        if action in _STARTS:
             remembered = starts.get(key)
             if remembered is None:
-                remembered = ev.ts_start or ecs.event_time(ev)
+                remembered = ev.ts_start or event_time(ev)
                 if self.max_entries and (
                     self.remember_new or (action == ACTION_SNAPSHOT and ev.ts_start is None)
                 ):

@@ -48,6 +48,10 @@ class _Tables(NamedTuple):
     pod_cidrs: tuple[Cidr, ...]
     cluster_cidrs: tuple[Cidr, ...]
     nat_policy: NatPolicy | None  # None when no rule can forward (nothing to evaluate)
+    # Per family, what reason() reads, unpacked in one step: pod starts, pod ends,
+    # cluster starts, cluster ends.
+    v4: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+    v6: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
 def _parse(values: Iterable[Any], what: str) -> tuple[Cidr, ...]:
@@ -77,7 +81,9 @@ class CidrFilter:
         cluster = _parse(cluster_cidrs, "cluster CIDRs")
         pod4, pod6 = ranges(pod)
         cluster4, cluster6 = ranges(cluster)
-        return _Tables(pod4, pod6, cluster4, cluster6, pod, cluster, nat_policy or None)
+        return _Tables(pod4, pod6, cluster4, cluster6, pod, cluster, nat_policy or None,
+                       (pod4.starts, pod4.ends, cluster4.starts, cluster4.ends),
+                       (pod6.starts, pod6.ends, cluster6.starts, cluster6.ends))
 
     def set_cidrs(
         self,
@@ -132,17 +138,14 @@ class CidrFilter:
     def reason(self, ev: FlowEvent) -> str | None:
         """None to keep the event, else the reason it is filtered out."""
         t = self._t
-        if ev.family == 4:
-            pod, cluster = t.pod4, t.cluster4
-        else:
-            pod, cluster = t.pod6, t.cluster6
+        pod_starts, pod_ends, cluster_starts, cluster_ends = t.v4 if ev.family == 4 else t.v6
         src = ev.orig_src
-        i = bisect_right(pod.starts, src) - 1
-        if i < 0 or src > pod.ends[i]:
+        i = bisect_right(pod_starts, src) - 1
+        if i < 0 or src > pod_ends[i]:
             return REASON_SOURCE_NOT_POD
         dst = ev.orig_dst
-        i = bisect_right(cluster.starts, dst) - 1
-        if i >= 0 and dst <= cluster.ends[i]:
+        i = bisect_right(cluster_starts, dst) - 1
+        if i >= 0 and dst <= cluster_ends[i]:
             return REASON_DESTINATION_IN_CLUSTER
         if self.only_snat and not (
             (ev.status or 0) & IPS_SRC_NAT or ev.reply_dst != src
