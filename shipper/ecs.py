@@ -121,9 +121,13 @@ def status_names(status: int) -> list[str]:
 
 # The text of each millisecond seen lately (``2026-11-27T08:00:00.123``) and of
 # each microsecond within one (``456Z``): a timestamp is then two lookups and a
-# concatenation, about half the instructions of formatting its remainder.
+# concatenation, about half the instructions of formatting its remainder. A new
+# millisecond is its second's text (cached too: strftime once per second) and
+# its digits.
 _ms_text: dict[int, str] = {}
+_sec_text: dict[int, str] = {}
 _US_TEXT = tuple(f"{i:03d}Z" for i in range(1000))
+_MS_TEXT = tuple(f".{i:03d}" for i in range(1000))
 
 
 def rfc3339(ns: int) -> str:
@@ -131,15 +135,24 @@ def rfc3339(ns: int) -> str:
     ms = ns // 1_000_000
     prefix = _ms_text.get(ms)
     if prefix is None:
-        prefix = _ms_prefix(ms)
+        prefix = ms_prefix(ms)
     return prefix + _US_TEXT[ns // 1000 % 1000]
 
 
-def _ms_prefix(ms: int) -> str:
+def ms_prefix(ms: int) -> str:
+    """The text of millisecond ``ms`` since the epoch, ``2026-11-27T08:00:00.123`` (cached)."""
+    text = _ms_text.get(ms)
+    if text is not None:
+        return text
+    sec, rem = divmod(ms, 1000)
+    sec_text = _sec_text.get(sec)
+    if sec_text is None:
+        if len(_sec_text) >= 1024:
+            _sec_text.clear()
+        sec_text = _sec_text[sec] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
     if len(_ms_text) >= 4096:
         _ms_text.clear()
-    sec, rem = divmod(ms, 1000)
-    text = _ms_text[ms] = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(sec))}.{rem:03d}"
+    text = _ms_text[ms] = sec_text + _MS_TEXT[rem]
     return text
 
 

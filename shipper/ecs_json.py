@@ -30,6 +30,7 @@ from shipper.ecs import (  # F401: read by the code compiled from shipper/schema
     TCP_STATES,
     community_id,  # noqa: F401
     event_time,  # noqa: F401
+    ms_prefix,
     rfc3339,
     status_names,
 )
@@ -84,12 +85,13 @@ _ts_ms: dict[str, str] = {}
 
 def _ts_text(t_ns: int, t_text: str) -> str:
     """``rfc3339(t_ns)``, caching its millisecond's text for the next (a miss)."""
-    text = rfc3339(t_ns)
-    if t_ns >= 1_000_000:  # t_text[:-6] is then the millisecond's digits
-        if len(_ts_ms) >= 4096:
-            _ts_ms.clear()
-        _ts_ms[t_text[:-6]] = text[:-4]
-    return text
+    if t_ns < 1_000_000:  # no millisecond digits to key by: not cached
+        return rfc3339(t_ns)
+    prefix = ms_prefix(t_ns // 1_000_000)
+    if len(_ts_ms) >= 4096:
+        _ts_ms.clear()
+    _ts_ms[t_text[:-6]] = prefix
+    return f"{prefix}{t_text[-6:-3]}Z"
 
 
 def _quoted(v: int) -> str:

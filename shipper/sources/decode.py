@@ -15,9 +15,9 @@ family and every attribute header are the same bytes), and one precomputed
 ``struct`` format unpacks, in a single C call, just the values we use. A
 mismatch falls back to the generic walk and compiles a new layout. Layouts are
 cached by the message's first 8 bytes (length, type, flags) with a bounded
-number of entries. Measured with callgrind on 10k real NEW events: about 12k
-instructions per message, against 28k when the proof unpacked and compared
-every attribute header (docs/BENCHMARK.md).
+number of entries. Measured with callgrind on 5k real NEW messages: about 15k
+instructions per message, against 25k when the proof unpacked and compared every
+attribute header (docs/BENCHMARK.md, "CPU per event, instruction counts").
 
 Wire format notes: the netlink and attribute headers are host-endian
 (little-endian on the machines we run on: the format below assumes it and
