@@ -19,6 +19,7 @@ string that was escaped once by orjson (the host name, the pod's
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import MethodType
 
 import orjson
 
@@ -105,6 +106,8 @@ class JsonLineEncoder:
         self.host = host
         self._host_json = orjson.dumps(host).decode()
         self._host_esc = self._host_json[1:-1]
+        # This encoder's own compiled encode, its host name written as static text.
+        self.encode = MethodType(_encode_for(self._host_json), self)
         self._status: dict[int, str] = {}  # status bits -> their member text
         # Source address (ip_key) -> (the pod, the member text of its kubernetes
         # object for that address: ``,"kubernetes":{...}``). The text is used only
@@ -148,3 +151,25 @@ class JsonLineEncoder:
         ``ecs.event_time(ev)`` if the caller has it already (None: computed here).
         """,
     )
+
+
+_ENCODERS: dict[str, Callable[..., bytes]] = {}
+
+
+def _encode_for(host_json: str) -> Callable[..., bytes]:
+    """``JsonLineEncoder.encode`` compiled with one host name (its JSON text) inlined:
+    the same lines, a few pieces fewer to join per record. Compiled once per host."""
+    fn = _ENCODERS.get(host_json)
+    if fn is None:
+        if len(_ENCODERS) >= 64:
+            _ENCODERS.clear()
+        fn = _ENCODERS[host_json] = schema.compile_line(
+            schema.FLOW,
+            "self, ev, pod, flow_start_ns, attribution=None, t_ns=None",
+            schema.FLOW_PRELUDE + schema.FLOW_LINE_PRELUDE,
+            globals(),
+            "encode_host",
+            JsonLineEncoder.encode.__doc__ or "",
+            inline={"self._host_json": host_json, "self._host_esc": host_json[1:-1]},
+        )
+    return fn

@@ -339,6 +339,7 @@ class _Gen:
         self.lines: list[str] = []
         self.consts: dict[str, Any] = {}
         self.n = 0
+        self.inline: dict[str, str] = {}  # json fragment -> static f-string text
         self.conds: dict[str, int] = {}  # top-level condition -> how often it is tested
         self.cond_vars: dict[str, str] = {}
 
@@ -439,9 +440,12 @@ def compile_dict(fields: tuple[Field, ...], signature: str, prelude: str,
 
 
 def _static(text: str) -> str:
-    """``text`` as literal f-string source (inside single quotes)."""
+    """``text`` as literal f-string source (inside single quotes). The characters that
+    end a line for ``str.splitlines`` but that JSON leaves unescaped are written as
+    escapes, so the source stays one line."""
     return (text.replace("\\", "\\\\").replace("'", "\\'")
-            .replace("{", "{{").replace("}", "}}"))
+            .replace("{", "{{").replace("}", "}}")
+            .replace("\x85", "\\x85").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
 def _json_value(g: _Gen, f: Field, indent: str) -> str:
@@ -451,7 +455,10 @@ def _json_value(g: _Gen, f: Field, indent: str) -> str:
     if f.kind == "object":
         return _json_object(g, _built(f.children), indent)
     if f.json:
-        return f.json
+        text = f.json
+        for frag, static in g.inline.items():
+            text = text.replace(frag, static)
+        return text
     if f.kind == "text":
         return '"{' + f.value + '}"'
     if f.kind == "int":
@@ -534,9 +541,17 @@ def _json_object(g: _Gen, fields: tuple[Field, ...], indent: str) -> str:
 
 
 def compile_line(fields: tuple[Field, ...], signature: str, prelude: str,
-                 namespace: dict[str, Any], name: str, doc: str) -> Callable[..., Any]:
-    """Compile the function writing a record of ``fields`` as one NDJSON line (bytes)."""
+                 namespace: dict[str, Any], name: str, doc: str,
+                 inline: dict[str, str] | None = None) -> Callable[..., Any]:
+    """Compile the function writing a record of ``fields`` as one NDJSON line (bytes).
+
+    ``inline`` maps expressions of ``json`` fragments (``self._host_json``) to the
+    JSON text they always have in this function (one encoder's host name): written
+    as static text, they merge into the literal around them (fewer pieces to join
+    per record).
+    """
     g = _Gen(name)
+    g.inline = {"{" + expr + "}": _static(text) for expr, text in (inline or {}).items()}
     g.conds = _top_conds(_built(fields), {})
     g.emit(_TOP, prelude)
     text = _json_object(g, _built(fields), _TOP)

@@ -87,6 +87,22 @@ class TestSameAsRecord:
         assert rec["kubernetes"]["pod"]["ip"] == ip_to_str(ev.family, ev.orig_src)
 
 
+class TestHostInlined:
+    """Each encoder writes its host name as static text of its own compiled function."""
+
+    @pytest.mark.parametrize("host", ["node-1", 'n "q" \\ {x} }{ \'s', "ünï\u2028\n\t", ""])
+    def test_any_host_name_gives_build_records_line(self, host: str) -> None:
+        """Quotes, backslashes, braces, a single quote, control and non-ASCII characters
+        in the host name: event.id and host.name are build_record's, for two encoders
+        of different hosts used in turns."""
+        other = JsonLineEncoder("other")
+        enc = JsonLineEncoder(host)
+        for ev in EVENTS[:5]:
+            for e, h in ((enc, host), (other, "other")):
+                assert orjson.loads(e.encode(ev, None, None)) == orjson.loads(
+                    orjson.dumps(ecs.build_record(ev, None, h)))
+
+
 class TestCaches:
     """The encoder's caches never put one pod's or one port's text into another record."""
 
