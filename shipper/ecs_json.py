@@ -42,6 +42,7 @@ from shipper.record import (  # F401: read by the code compiled from shipper/sch
     ATTR_UNRESOLVED,  # noqa: F401
     ATTRIBUTIONS,
     PodMeta,
+    PodTombstone,
     _ip_text,  # noqa: F401
     ip_to_str,  # noqa: F401
 )
@@ -111,13 +112,14 @@ class JsonLineEncoder:
         self._status: dict[int, str] = {}  # status bits -> their member text
         # Source address (ip_key) -> (the pod, the member text of its kubernetes
         # object for that address: ``,"kubernetes":{...}``). The text is used only
-        # for the very pod value it was made from (``is``; PodMeta is immutable, and
-        # the entry holds it, so its id is never reused while cached): a new owner
+        # for the very pod value it was made from (``is``; PodMeta and PodTombstone
+        # values never change, and the entry holds it, so its id is never reused
+        # while cached): a new owner
         # of the address, or a pod updated since, is a miss. Read inline by the
         # compiled encoder (the declaration's ``member`` expression).
-        self._kube: dict[int, tuple[PodMeta, str]] = {}
+        self._kube: dict[int, tuple[PodMeta | PodTombstone, str]] = {}
 
-    def _kube_member(self, pod: PodMeta, src_key: int, src_ip: str) -> str:
+    def _kube_member(self, pod: PodMeta | PodTombstone, src_key: int, src_ip: str) -> str:
         """The member text of ``pod``'s kubernetes object for address ``src_key`` (a cache
         miss)."""
         k = pod.record_objects.get(src_key)

@@ -90,7 +90,8 @@ class TestSameAsRecord:
 class TestHostInlined:
     """Each encoder writes its host name as static text of its own compiled function."""
 
-    @pytest.mark.parametrize("host", ["node-1", 'n "q" \\ {x} }{ \'s', "ünï\u2028\u2029\x85\n\t", ""])
+    @pytest.mark.parametrize(
+        "host", ["node-1", 'n "q" \\ {x} }{ \'s', "ünï\u2028\u2029\x85\n\t", ""])
     def test_any_host_name_gives_build_records_line(self, host: str) -> None:
         """Quotes, backslashes, braces, a single quote, control and non-ASCII characters
         in the host name: event.id and host.name are build_record's, for two encoders
