@@ -34,7 +34,9 @@ For each listener run:
   lines; ulogd2: JSON lines by ``ct.event``), ``loss`` = ``1 - seen/kernel``;
 * ``µs/event`` - utime+stime of the listener's processes (``/proc/PID/stat``,
   the shipper's worker processes included) from just before the traffic until
-  its output settled, divided by the kernel's events;
+  its output settled, divided by the events it delivered (``seen``: the
+  issue's "µs per shipped event"; equal to the kernel's events when nothing
+  was lost);
 * ``VmHWM`` - peak RSS (the sum over the shipper's processes with workers).
 
 Run as root on a Linux box with netfilter, conntrack-tools, ulogd2 and
@@ -692,7 +694,11 @@ def run_listener(args: argparse.Namespace, row: str, listener: str) -> ListenerR
                     "losing events")
             if res.kernel_events:
                 res.loss = 1 - (res.seen_new + res.seen_destroy) / res.kernel_events
-                res.us_per_event = res.cpu_s * 1e6 / res.kernel_events
+            seen = res.seen_new + res.seen_destroy
+            if seen:
+                # Per event the listener delivered (the "per shipped event"): a
+                # listener that lost events did not pay for them.
+                res.us_per_event = res.cpu_s * 1e6 / seen
     except (LabError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"
     finally:
