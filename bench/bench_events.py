@@ -381,6 +381,56 @@ def _read_lines(path: Path) -> Iterable[bytes]:
 
 
 # ----------------------------------------------------------------- listener configs
+# conntrack-tools 1.4.7's ``-b`` sizes the buffer of its socket *without* multicast groups
+# and leaves the event socket at net.core.rmem_default (read-only inside a network
+# namespace). For the issue's "equal buffers" conntrack -E runs with this LD_PRELOAD
+# shim: when a netlink socket binds with groups (libnfnetlink subscribes that way), it
+# first asks SO_RCVBUFFORCE of FLOWLOG_BENCH_RCVBUF bytes, the size -b asked for. Nothing
+# else of the tool changes; the rb column shows the buffer the kernel gave.
+RCVBUF_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <linux/netlink.h>
+
+int bind(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    static int (*real_bind)(int, const struct sockaddr *, socklen_t);
+    if (!real_bind)
+        real_bind = (int (*)(int, const struct sockaddr *, socklen_t))dlsym(RTLD_NEXT, "bind");
+    if (addr && addr->sa_family == AF_NETLINK && len >= sizeof(struct sockaddr_nl)
+        && ((const struct sockaddr_nl *)addr)->nl_groups != 0) {
+        const char *v = getenv("FLOWLOG_BENCH_RCVBUF");
+        int size = v ? atoi(v) : 0;
+        if (size > 0)
+            setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size);
+    }
+    return real_bind(fd, addr, len);
+}
+"""
+
+
+def rcvbuf_shim(workdir: Path) -> Path | None:
+    """Build the LD_PRELOAD shim above in ``workdir`` (None, with a note, without gcc)."""
+    src, lib = workdir / "rcvbuf_shim.c", workdir / "rcvbuf_shim.so"
+    if lib.exists():
+        return lib
+    src.write_text(RCVBUF_SHIM)
+    try:
+        res = subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(src),
+                              "-ldl"], capture_output=True, text=True, check=False)
+    except OSError as exc:
+        print(f"# no rcvbuf shim for conntrack -E ({exc}): its event socket keeps "
+              "rmem_default", file=sys.stderr)
+        return None
+    if res.returncode != 0:
+        print(f"# no rcvbuf shim for conntrack -E (gcc: {res.stderr.strip()[:200]}): its "
+              "event socket keeps rmem_default", file=sys.stderr)
+        return None
+    return lib
+
+
 def ulogd_plugin_dir() -> Path | None:
     """Where Debian's ulogd2 and ulogd2-json put their plugins (None when absent)."""
     for pattern in ("/usr/lib/*/ulogd/ulogd_output_JSON.so", "/usr/lib/ulogd/ulogd_output_JSON.so",
@@ -590,9 +640,13 @@ def run_listener(args: argparse.Namespace, row: str, listener: str) -> ListenerR
             metrics = ""
             if listener == "conntrack":
                 mask = ",".join(e.upper() for e in events)
+                env = dict(os.environ)
+                shim = None if args.no_conntrack_shim else rcvbuf_shim(args.shim_dir)
+                if shim is not None:
+                    env.update(LD_PRELOAD=str(shim), FLOWLOG_BENCH_RCVBUF=str(args.rcvbuf))
                 with out.open("wb") as o, err.open("wb") as e:
                     proc = lab.popen(lab.gw, "conntrack", "-E", "-e", mask, "-b",
-                                     str(args.rcvbuf), stdout=o, stderr=e)
+                                     str(args.rcvbuf), stdout=o, stderr=e, env=env)
                 _wait_subscribed(lab, proc, err, args.ready_timeout)
             elif listener == "ulogd2":
                 plugins = ulogd_plugin_dir()
@@ -965,6 +1019,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-conntrack", action="store_true", help="skip conntrack -E")
     p.add_argument("--no-ulogd2", action="store_true", help="skip ulogd2")
     p.add_argument("--no-shipper", action="store_true", help="skip the shipper")
+    p.add_argument("--no-conntrack-shim", action="store_true",
+                   help="run conntrack -E without the LD_PRELOAD shim that gives its event "
+                        "socket the --rcvbuf buffer (its -b misses it in conntrack-tools "
+                        "1.4.7): it then keeps net.core.rmem_default")
     p.add_argument("--workers", type=int, default=2,
                    help="conntrack.workers of the shipper in the workers row (default 2)")
     p.add_argument("--udp-timeout", type=int, default=1,
@@ -1003,6 +1061,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.listeners = [lis for lis in args.listeners if not skip[lis]]
     rates = [float(r) for r in args.rates.split(",")] if args.rates else [args.rate]
     tables: list[Table] = []
+    shim_dir = tempfile.TemporaryDirectory(prefix="flowlog-bench-shim-")
+    args.shim_dir = Path(shim_dir.name)
     for rate in rates:
         args.rate = rate
         est = expected_seconds(args)
@@ -1022,6 +1082,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             break
         finally:
             t.machine["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    shim_dir.cleanup()
     if args.json:
         print(json.dumps([asdict(t) for t in tables], indent=2))
     else:

@@ -41,6 +41,9 @@ if [ "${1:-}" = "--test" ]; then
     rsyslog rsyslog-gnutls rsyslog-openssl rsyslog-relp >/dev/null
   # GNU time: peak RSS of the commands the benchmarks compare (bench/bench_dump.py).
   retry apt-get install -y -qq --no-install-recommends time >/dev/null
+  # gcc: bench_events.py builds the LD_PRELOAD shim that gives conntrack -E's event socket
+  # the asked buffer (its test too); bench_callgrind.py its client-request library.
+  retry apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null
   # ulogd2 with its JSON output plugin: the second peer of bench/bench_events.py, which
   # starts its own ulogd with a private config in the lab's namespace. The package's
   # system service (the NFLOG stack of /etc/ulogd.conf) is not needed: stop it where

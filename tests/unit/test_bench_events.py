@@ -178,3 +178,39 @@ class TestTable:
         assert row[4] == "-"
         assert bench.failed(t)
         assert "| row |" in bench.format_table(t)
+
+
+class TestRcvbufShim:
+    """The LD_PRELOAD shim that gives conntrack -E's event socket the asked buffer."""
+
+    def test_socket_bound_with_groups_gets_the_buffer(self, bench: ModuleType,
+                                                      tmp_path: Path) -> None:
+        """Under the shim a netlink socket that binds with multicast groups gets
+        SO_RCVBUFFORCE of FLOWLOG_BENCH_RCVBUF bytes (the kernel reports twice that); one
+        bound without groups keeps the default."""
+        import os
+        import shutil
+        import subprocess
+
+        if shutil.which("gcc") is None:
+            pytest.skip("gcc is not installed")
+        if os.geteuid() != 0:
+            pytest.skip("SO_RCVBUFFORCE needs CAP_NET_ADMIN")
+        lib = bench.rcvbuf_shim(tmp_path)
+        assert lib is not None
+        probe = (
+            "import socket\n"
+            "def rb(groups):\n"
+            "    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)\n"
+            "    s.bind((0, groups))\n"
+            "    v = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)\n"
+            "    s.close()\n"
+            "    return v\n"
+            "print(rb(1), rb(0))\n"
+        )
+        env = dict(os.environ, LD_PRELOAD=str(lib), FLOWLOG_BENCH_RCVBUF=str(3 << 20))
+        res = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                             text=True, timeout=30, check=True)
+        with_groups, without = (int(x) for x in res.stdout.split())
+        assert with_groups == 2 * (3 << 20)
+        assert without != with_groups
