@@ -18,6 +18,7 @@ string that was escaped once by orjson (the host name, the pod's
 
 from __future__ import annotations
 
+from binascii import b2a_base64  # noqa: F401  (read by the compiled encoder)
 from collections.abc import Callable
 from types import MethodType
 
@@ -25,14 +26,16 @@ import orjson
 
 from shipper import schema
 from shipper.ecs import (  # F401: read by the code compiled from shipper/schema.py
+    _CID4P,  # noqa: F401
     _EVENT_TYPE,
-    _IANA,  # noqa: F401
-    _TRANSPORT,  # noqa: F401
+    _IANA,
+    _TRANSPORT,
     TCP_STATES,
     community_id,  # noqa: F401
     event_time,  # noqa: F401
     ms_prefix,
     rfc3339,
+    sha1,  # noqa: F401
     status_names,
 )
 from shipper.record import (  # F401: read by the code compiled from shipper/schema.py
@@ -47,7 +50,14 @@ from shipper.record import (  # F401: read by the code compiled from shipper/sch
     ip_to_str,  # noqa: F401
 )
 
-_TYPE_JSON = {a: orjson.dumps(t).decode() for a, t in _EVENT_TYPE.items()}
+# event.type's value and the action member after it (schema: ``line_skip``), and
+# event.id's ``:<action>:``, by action.
+_TYPE_ACTION_JSON = {a: f'{orjson.dumps(t).decode()},"action":{orjson.dumps(a).decode()}'
+                     for a, t in _EVENT_TYPE.items()}
+_ACTION_ID = {a: f":{a}:" for a in _EVENT_TYPE}
+# network.transport's value and the iana_number and type members after it, by protocol.
+_NET4_JSON = [f'"{_TRANSPORT[n]}","iana_number":"{_IANA[n]}","type":"ipv4"' for n in range(256)]
+_NET6_JSON = [f'"{_TRANSPORT[n]}","iana_number":"{_IANA[n]}","type":"ipv6"' for n in range(256)]
 _STATE_JSON = [orjson.dumps(s).decode() for s in TCP_STATES]
 _N_STATES = len(_STATE_JSON)
 _ATTRIBUTION = {a: a for a in ATTRIBUTIONS}  # a lookup that rejects an unknown status

@@ -87,6 +87,42 @@ class TestSameAsRecord:
         assert rec["kubernetes"]["pod"]["ip"] == ip_to_str(ev.family, ev.orig_src)
 
 
+class TestNetworkInlined:
+    """The encoder's inline Community ID (IPv4 with ports) and its one-lookup network
+    members are build_record's (``community_id``'s) for every ordering of the tuple."""
+
+    def test_community_id_and_network_members_for_every_tuple_order(self) -> None:
+        """Source above, below and equal to the destination, ports in either order or
+        equal, a missing port, ICMP and IPv6, named and unnamed protocols: the same
+        network object as build_record, and the Community ID is community_id's."""
+        v4 = next(e for e in EVENTS if e.family == 4 and e.orig_sport is not None)
+        v6 = next((e for e in EVENTS if e.family == 6), None)
+        lo, hi = 0x0A000001, 0xC6336402
+        enc = JsonLineEncoder("n")
+        cases = []
+        for proto in (6, 17, 132, 200):
+            for src, dst in ((lo, hi), (hi, lo), (lo, lo)):
+                for sport, dport in ((1000, 2000), (2000, 1000), (1500, 1500), (None, 53),
+                                     (53, None), (None, None)):
+                    cases.append(v4._replace(proto=proto, orig_src=src, orig_dst=dst,
+                                             orig_sport=sport, orig_dport=dport,
+                                             icmp_type=None, icmp_code=None))
+        cases.append(v4._replace(proto=1, orig_sport=None, orig_dport=None, icmp_type=8,
+                                 icmp_code=0, icmp_id=7))
+        if v6 is not None:
+            cases.append(v6)
+            cases.append(v6._replace(orig_src=v6.orig_dst, orig_dst=v6.orig_src))
+        assert len(cases) > 70
+        for ev in cases:
+            rec = orjson.loads(enc.encode(ev, None, None))
+            want = orjson.loads(orjson.dumps(ecs.build_record(ev, None, "n")))
+            assert rec["network"] == want["network"]
+            assert rec["network"]["community_id"] == ecs.community_id(
+                ev.family, ev.proto, ev.orig_src, ev.orig_dst, ev.orig_sport, ev.orig_dport,
+                ev.icmp_type, ev.icmp_code)
+            assert rec == want
+
+
 class TestHostInlined:
     """Each encoder writes its host name as static text of its own compiled function."""
 

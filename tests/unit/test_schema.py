@@ -162,3 +162,29 @@ class TestCompiler:
         decl = (schema.Field("a", when="x", value="x"),)
         with pytest.raises(ValueError, match="first member"):
             schema.compile_line(decl, "x", "", {}, "f", "doc")
+
+    def test_line_skip_member_is_written_by_the_one_before(self) -> None:
+        """A ``line_skip`` member is not written by the line path itself: the member
+        before it writes it (always present, or under a condition that holds whenever
+        its own does), and both paths still give the same bytes."""
+        decl = (
+            schema.Field("a", kind="int", value="x", json='{x},"b":{x + 1}'),
+            schema.Field("b", kind="int", value="x + 1", line_skip=True),
+            schema.Field("c", kind="int", when="x > 1", value="x",
+                         member="""f',"c":{x},"d":{x * 2}' if x > 2 else f',"c":{x}'"""),
+            schema.Field("d", kind="int", when="x > 2", value="x * 2", line_skip=True),
+        )
+        build = schema.compile_dict(decl, "x", "", {}, "build", "doc")
+        line = schema.compile_line(decl, "x", "", {}, "line", "doc")
+        for x in (1, 2, 3):
+            assert orjson.dumps(build(x)) + b"\n" == line(x)
+        assert line(3) == b'{"a":3,"b":4,"c":3,"d":6}\n'
+
+    def test_line_skip_after_an_optional_member_must_be_optional(self) -> None:
+        """An always-present line_skip member after an optional one is rejected (it
+        would be missing whenever the one before is)."""
+        decl = (schema.Field("a", kind="int", value="x"),
+                schema.Field("b", kind="int", when="x", value="x"),
+                schema.Field("c", kind="int", value="x", line_skip=True))
+        with pytest.raises(ValueError, match="line_skip"):
+            schema.compile_line(decl, "x", "", {}, "f", "doc")
