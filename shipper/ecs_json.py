@@ -55,6 +55,9 @@ from shipper.record import (  # F401: read by the code compiled from shipper/sch
 _TYPE_ACTION_JSON = {a: f'{orjson.dumps(t).decode()},"action":{orjson.dumps(a).decode()}'
                      for a, t in _EVENT_TYPE.items()}
 _ACTION_ID = {a: f":{a}:" for a in _EVENT_TYPE}
+# The decimal text of small counter values (DESTROY's bytes and packets: a lookup
+# instead of formatting an int; larger values are formatted as before).
+_INT_TEXT = {n: str(n) for n in range(1024)}
 # network.transport's value and the iana_number and type members after it, by protocol.
 _NET4_JSON = [f'"{_TRANSPORT[n]}","iana_number":"{_IANA[n]}","type":"ipv4"' for n in range(256)]
 _NET6_JSON = [f'"{_TRANSPORT[n]}","iana_number":"{_IANA[n]}","type":"ipv6"' for n in range(256)]

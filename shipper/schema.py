@@ -230,8 +230,10 @@ FLOW: tuple[Field, ...] = (
               "**the join key**"),
         )),
         F("bytes", kind="int", when="oby is not None", value="oby", type="integer",
+          json="{_INT_TEXT.get(oby, oby)}",
           present="`destroy` with `nf_conntrack_acct=1`", meaning="pod -> remote direction"),
         F("packets", kind="intn", when="oby is not None", value="opk", type="integer",
+          json='{"null" if opk is None else _INT_TEXT.get(opk, opk)}',
           present="`destroy` with `nf_conntrack_acct=1`", doc_join=True),
     )),
     F("destination", kind="object", children=(
@@ -247,8 +249,10 @@ FLOW: tuple[Field, ...] = (
                 present="when DNATed", doc_join=True),
           )),
         F("bytes", kind="intn", when="oby is not None", value="rby", type="integer",
+          json='{"null" if rby is None else _INT_TEXT.get(rby, rby)}',
           present="`destroy` with `nf_conntrack_acct=1`", meaning="remote -> pod direction"),
         F("packets", kind="intn", when="oby is not None", value="rpk", type="integer",
+          json='{"null" if rpk is None else _INT_TEXT.get(rpk, rpk)}',
           present="`destroy` with `nf_conntrack_acct=1`", doc_join=True),
     )),
     F("host", kind="object", children=(

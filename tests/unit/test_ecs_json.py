@@ -123,6 +123,24 @@ class TestNetworkInlined:
             assert rec == want
 
 
+class TestCounters:
+    """Counter values are written from a table when small, formatted when not."""
+
+    def test_counters_small_and_large(self) -> None:
+        """DESTROY's counters, from the small-number table or formatted, and None
+        packets: build_record's values."""
+        base = next(e for e in EVENTS if e.orig_bytes is not None)
+        enc = JsonLineEncoder("n")
+        for v in (0, 1, 29, 1023, 1024, 65535, 2**32, 2**64 - 1):
+            for pk in (v, None, 1023 - v % 1024):
+                ev = base._replace(orig_bytes=v, orig_packets=pk, reply_bytes=2**64 - 1 - v,
+                                   reply_packets=pk)
+                rec = orjson.loads(enc.encode(ev, None, None))
+                assert rec["source"]["bytes"] == v and rec["source"]["packets"] == pk
+                assert rec["destination"]["bytes"] == 2**64 - 1 - v
+                assert rec == orjson.loads(orjson.dumps(ecs.build_record(ev, None, "n")))
+
+
 class TestHostInlined:
     """Each encoder writes its host name as static text of its own compiled function."""
 
