@@ -1,30 +1,48 @@
 """The event path's counters: plain dict and int increments per event, folded into the
 Prometheus metrics once a second (a labelled ``Counter.inc`` per event would cost more
-than the rest of the event's bookkeeping)."""
+than the rest of the event's bookkeeping).
+
+The dicts hold every label the event path can count, from the start, at 0: the event
+path then increments with ``d[label] += 1`` (no ``dict.get`` call per event), and
+:meth:`EventCounts.fold` adds only what is not 0, so a label no event had stays out
+of the metrics as before.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from shipper.filters.cidr import (
+    REASON_DESTINATION_IN_CLUSTER,
+    REASON_NOT_SNAT,
+    REASON_SOURCE_NOT_POD,
+)
+from shipper.filters.nat_policy import REASON_NAT_POLICY_FORWARD
 from shipper.metrics import Metrics
+from shipper.record import ACTION_DESTROY, ACTION_GAP, ACTION_NEW, ACTION_SNAPSHOT, ACTION_UPDATE
+
+ACTIONS = (ACTION_NEW, ACTION_UPDATE, ACTION_DESTROY, ACTION_SNAPSHOT)
+REASONS = (REASON_SOURCE_NOT_POD, REASON_DESTINATION_IN_CLUSTER, REASON_NOT_SNAT,
+           REASON_NAT_POLICY_FORWARD)
 
 
 def fold(m: Metrics, labelled: Iterable[tuple[str, dict[str, int]]]) -> None:
-    """Add each ``{label: n}`` to metric ``name`` and empty it."""
+    """Add each ``{label: n}`` to metric ``name`` and set it back to 0."""
     for name, counts in labelled:
         for label, n in counts.items():
-            m.inc(name, label, n=n)
-        counts.clear()
+            if n:
+                m.inc(name, label, n=n)
+                counts[label] = 0
 
 
 class EventCounts:
     """What ``Pipeline.handle`` counts: events by action, filtered by reason, records by
-    action, records shipped unresolved or uncertain."""
+    action (and gap notices), records shipped unresolved or uncertain."""
 
     def __init__(self) -> None:
-        self.events: dict[str, int] = {}
-        self.filtered: dict[str, int] = {}
-        self.records: dict[str, int] = {}
+        self.events: dict[str, int] = dict.fromkeys(ACTIONS, 0)
+        self.filtered: dict[str, int] = dict.fromkeys(REASONS, 0)
+        self.records: dict[str, int] = dict.fromkeys((*ACTIONS, ACTION_GAP), 0)
         self.unresolved = 0
         self.uncertain = 0
 

@@ -50,8 +50,7 @@ class RecordOutput:
 
     def record(self, ev: FlowEvent, pod: Any, remembered: int | None, attribution: str) -> None:
         """Encode and batch the record of one attributed event."""
-        records, action = self.records, ev.action
-        records[action] = records.get(action, 0) + 1
+        self.records[ev.action] += 1  # every label is there from the start (EventCounts)
         t_ev = event_time(ev)  # once: the encoder and the batch both need it
         lines = self._lines
         if lines is not None:

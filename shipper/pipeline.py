@@ -87,10 +87,10 @@ class Pipeline:
     def handle(self, ev: FlowEvent) -> None:
         """Filter, attribute, build, encode and batch one event."""
         action = ev.action
-        self._n_events[action] = self._n_events.get(action, 0) + 1
+        self._n_events[action] += 1  # every label is there from the start (EventCounts)
         reason = self.filter.reason(ev)
         if reason is not None:
-            self._n_filtered[reason] = self._n_filtered.get(reason, 0) + 1
+            self._n_filtered[reason] += 1
             if action == ACTION_DESTROY:
                 self.starts.forget(ev)
             return

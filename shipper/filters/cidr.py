@@ -12,8 +12,9 @@ event path then tests membership with ``bisect`` (well under a microsecond,
 versus 40-55 us for a netaddr ``IPSet`` lookup measured here). CIDRs and NAT
 policy can be swapped at runtime (Kube-OVN Subnet changes) with
 :meth:`CidrFilter.set_cidrs`: the new tables are built aside and installed
-with one attribute assignment, so the event path never sees a half-built
-table. Whoever needs the pod CIDRs in force (the in-kernel pre-filter of the
+with one attribute assignment (and the event path's view of them, a plain tuple
+of what :meth:`CidrFilter.reason` reads, with another), so the event path never
+sees a half-built table. Whoever needs the pod CIDRs in force (the in-kernel pre-filter of the
 conntrack source) gets them by :meth:`CidrFilter.subscribe`; the filter does
 not know who listens.
 """
@@ -69,7 +70,8 @@ class CidrFilter:
     ) -> None:
         """CIDRs as Cidr values or text; raises ConfigError naming every bad one."""
         self.only_snat = only_snat
-        self._t = self._build(pod_cidrs, cluster_cidrs, None)
+        self._t = t = self._build(pod_cidrs, cluster_cidrs, None)
+        self._hot = (t.v4, t.v6, t.nat_policy)  # what reason() reads, in one plain tuple
         self._listeners: list[PodCidrsListener] = []
         self._lock = threading.Lock()  # writers and subscribers; never the event path
 
@@ -101,6 +103,7 @@ class CidrFilter:
         with self._lock:
             before = self._t.pod_cidrs
             self._t = tables
+            self._hot = (tables.v4, tables.v6, tables.nat_policy)  # the event path's view
             if tables.pod_cidrs != before:
                 for fn in list(self._listeners):
                     fn(tables.pod_cidrs)
@@ -137,9 +140,9 @@ class CidrFilter:
 
     def reason(self, ev: FlowEvent) -> str | None:
         """None to keep the event, else the reason it is filtered out."""
-        t = self._t
-        pod_starts, pod_ends, cluster_starts, cluster_ends = t.v4 if ev.family == 4 else t.v6
-        src = ev.orig_src
+        v4, v6, policy = self._hot
+        family, src = ev.family, ev.orig_src
+        pod_starts, pod_ends, cluster_starts, cluster_ends = v4 if family == 4 else v6
         i = bisect_right(pod_starts, src) - 1
         if i < 0 or src > pod_ends[i]:
             return REASON_SOURCE_NOT_POD
@@ -151,8 +154,7 @@ class CidrFilter:
             (ev.status or 0) & IPS_SRC_NAT or ev.reply_dst != src
         ):
             return REASON_NOT_SNAT
-        policy = t.nat_policy
-        if policy is not None and policy.forwards(ev.family, src, dst):
+        if policy is not None and policy.forwards(family, src, dst):
             # Kube-OVN forwards this flow without SNAT (natOutgoingPolicyRules):
             # nobody outside sees the node address, there is nothing to join.
             return REASON_NAT_POLICY_FORWARD

@@ -1,0 +1,37 @@
+"""EventCounts: the event path's counters, folded into the metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from shipper.counts import EventCounts
+from shipper.metrics import Metrics
+
+
+def test_fold_adds_counts_once_and_exports_no_label_that_never_counted() -> None:
+    """Every label is counted with ``d[label] += 1``; fold adds what was counted since
+    the last fold, and a label that never counted gets no series (not even 0)."""
+    reg = CollectorRegistry()
+    m = Metrics(reg)
+    c = EventCounts()
+    c.events["new"] += 1
+    c.events["new"] += 1
+    c.filtered["not_snat"] += 1
+    c.records["new"] += 1
+    c.unresolved += 1
+    c.fold(m)
+    c.events["new"] += 1
+    c.events["destroy"] += 1
+    c.fold(m)
+    c.fold(m)  # nothing new: adds nothing
+    assert reg.get_sample_value("shipper_events_total", {"type": "new"}) == 3.0
+    assert reg.get_sample_value("shipper_events_total", {"type": "destroy"}) == 1.0
+    assert reg.get_sample_value("shipper_events_total", {"type": "update"}) is None
+    assert reg.get_sample_value("shipper_events_total", {"type": "snapshot"}) is None
+    assert reg.get_sample_value("shipper_events_filtered_total", {"reason": "not_snat"}) == 1.0
+    assert reg.get_sample_value("shipper_events_filtered_total",
+                                {"reason": "source_not_pod"}) is None
+    assert reg.get_sample_value("shipper_records_total", {"action": "new"}) == 1.0
+    assert reg.get_sample_value("shipper_records_total", {"action": "gap"}) is None
+    assert m.value("shipper_records_unresolved_total") == 1.0
+    assert all(n == 0 for d in (c.events, c.filtered, c.records) for n in d.values())
