@@ -109,6 +109,23 @@ def _ts_text(t_ns: int, t_text: str) -> str:
     return f"{prefix}{t_text[-6:-3]}Z"
 
 
+_ENCODE_DOC = """The NDJSON line (with its newline) of one event; see ``ecs.build_record``.
+
+        ``encode(ev, pod, flow_start_ns, attribution=None, t_ns=None)``: ``attribution``
+        as in ``ecs.build_record`` (None: derived from ``pod``); ``t_ns`` is
+        ``ecs.event_time(ev)`` if the caller has it already (None: computed here).
+        """
+
+
+def _compile_encode(name: str, inline: dict[str, str] | None = None) -> Callable[..., bytes]:
+    """``JsonLineEncoder.encode`` compiled from the record's declaration (with the
+    ``inline`` attribute values written in as static text)."""
+    return schema.compile_line(
+        schema.FLOW, "self, ev, pod, flow_start_ns, attribution=None, t_ns=None",
+        schema.FLOW_PRELUDE + schema.FLOW_LINE_PRELUDE, globals(), name, _ENCODE_DOC,
+        inline=inline)
+
+
 def _quoted(v: int) -> str:
     return f'"{v}"'
 
@@ -153,19 +170,7 @@ class JsonLineEncoder:
     # Compiled from the one declaration of the record (shipper/schema.py), at import:
     # the record's static JSON text merged into one f-string, the values computed in
     # straight-line code (``schema.source_of("shipper.ecs_json.encode")`` shows it).
-    encode: Callable[..., bytes] = schema.compile_line(
-        schema.FLOW,
-        "self, ev, pod, flow_start_ns, attribution=None, t_ns=None",
-        schema.FLOW_PRELUDE + schema.FLOW_LINE_PRELUDE,
-        globals(),
-        "encode",
-        """The NDJSON line (with its newline) of one event; see ``ecs.build_record``.
-
-        ``encode(ev, pod, flow_start_ns, attribution=None, t_ns=None)``: ``attribution``
-        as in ``ecs.build_record`` (None: derived from ``pod``); ``t_ns`` is
-        ``ecs.event_time(ev)`` if the caller has it already (None: computed here).
-        """,
-    )
+    encode: Callable[..., bytes] = _compile_encode("encode")
 
 
 _ENCODERS: dict[str, Callable[..., bytes]] = {}
@@ -178,13 +183,7 @@ def _encode_for(host_json: str) -> Callable[..., bytes]:
     if fn is None:
         if len(_ENCODERS) >= 64:
             _ENCODERS.clear()
-        fn = _ENCODERS[host_json] = schema.compile_line(
-            schema.FLOW,
-            "self, ev, pod, flow_start_ns, attribution=None, t_ns=None",
-            schema.FLOW_PRELUDE + schema.FLOW_LINE_PRELUDE,
-            globals(),
+        fn = _ENCODERS[host_json] = _compile_encode(
             "encode_host",
-            JsonLineEncoder.encode.__doc__ or "",
-            inline={"self._host_json": host_json, "self._host_esc": host_json[1:-1]},
-        )
+            inline={"self._host_json": host_json, "self._host_esc": host_json[1:-1]})
     return fn
