@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dis
 import importlib.util
 import json
 from pathlib import Path
@@ -156,6 +157,26 @@ class TestCompiler:
         for x, y in ((1, None), (1, "t"), (2, "t")):
             assert orjson.dumps(build(x, y)) + b"\n" == line(x, y)
         assert line(2, "t") == b'{"a":2,"o":{"s":"t","n":null},"c":["k",1]}\n'
+
+    def test_a_record_of_many_pieces_is_joined_on_the_stack(self) -> None:
+        """A line of more pieces than one f-string may join on the stack is split into
+        f-strings of at most ``_MAX_PIECES`` each (CPython compiles a longer one as a
+        list passed to ``str.join``), and still gives the same bytes as the dict path."""
+        decl = tuple(schema.Field(f"f{i}", kind="int", value=f"x + {i}") for i in range(70))
+        build = schema.compile_dict(decl, "x", "", {}, "build", "doc")
+        line = schema.compile_line(decl, "x", "", {"__name__": "schema_test"}, "many", "doc")
+        for x in (0, 7, -3):
+            assert orjson.dumps(build(x)) + b"\n" == line(x)
+        src = schema.source_of("schema_test.many")
+        assert src.count("_l") >= 2  # split: 70 values and their keys are many pieces
+        assert "join" not in line.__code__.co_names
+        assert "LIST_APPEND" not in {i.opname for i in dis.get_instructions(line)}
+
+    def test_the_flow_encoder_joins_on_the_stack(self) -> None:
+        """The NDJSON encoder of the real record builds no list to join per record."""
+        enc = JsonLineEncoder("node-1").encode
+        assert "join" not in enc.__code__.co_names
+        assert "LIST_APPEND" not in {i.opname for i in dis.get_instructions(enc)}
 
     def test_optional_first_member_is_rejected(self) -> None:
         """An object whose first member is optional cannot be compiled (comma rule)."""
