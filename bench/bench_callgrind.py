@@ -12,6 +12,7 @@ path can be judged on a noisy machine. Two steps::
 
     # 2. count: each stage in its own valgrind run (about 15 s per 10,000 events)
     python3 bench/bench_callgrind.py run --capture /tmp/flows.cap --limit 10000 --new-only
+    python3 bench/bench_callgrind.py run --capture /tmp/flows.cap --limit 10000 --destroy-only
     python3 bench/bench_callgrind.py run --capture /tmp/flows.cap --stages 3 --json
 
 Stages (each includes the ones before it): 0 decode (``LayoutDecoder.decode``) and the
@@ -59,6 +60,7 @@ void flowlog_cg_stop(void) { CALLGRIND_STOP_INSTRUMENTATION; CALLGRIND_DUMP_STAT
 """
 _LEN = struct.Struct("=I")
 IPCTNL_MSG_CT_NEW = 0
+IPCTNL_MSG_CT_DELETE = 2
 
 
 # ----------------------------------------------------------------- capture
@@ -141,9 +143,12 @@ def replay(args: argparse.Namespace) -> int:
     from shipper.pipeline import Pipeline
 
     cap = Path(args.capture)
-    dgrams = read_capture(cap)[:args.limit or None]
+    dgrams = read_capture(cap)
     if args.new_only:  # the low byte of nlmsg_type: IPCTNL_MSG_CT_NEW
         dgrams = [d for d in dgrams if d[4] == IPCTNL_MSG_CT_NEW]
+    elif args.destroy_only:  # IPCTNL_MSG_CT_DELETE
+        dgrams = [d for d in dgrams if d[4] == IPCTNL_MSG_CT_DELETE]
+    dgrams = dgrams[:args.limit or None]
     workdir = Path(args.workdir)
     out = workdir / "out" / "flows.json"
     shutil.rmtree(out.parent, ignore_errors=True)
@@ -200,6 +205,11 @@ def replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _which(args: argparse.Namespace) -> str:
+    return ("NEW only" if args.new_only else "DESTROY only" if args.destroy_only
+            else "NEW + DESTROY")
+
+
 def _ignore(*_a: object) -> None:
     return None
 
@@ -217,7 +227,9 @@ def run(args: argparse.Namespace) -> int:
             cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                    f"--callgrind-out-file={dump}", sys.executable, __file__, "replay",
                    "--capture", args.capture, "--stage", str(stage), "--workdir", tmp,
-                   "--limit", str(args.limit)] + (["--new-only"] if args.new_only else [])
+                   "--limit", str(args.limit)]
+            cmd += ["--new-only"] if args.new_only else []
+            cmd += ["--destroy-only"] if args.destroy_only else []
             res = subprocess.run(cmd, capture_output=True, text=True, check=False,
                                  env=dict(os.environ, PYTHONPATH=str(REPO)))
             lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
@@ -235,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"capture {args.capture}, {'NEW only' if args.new_only else 'NEW + DESTROY'}, "
+    print(f"capture {args.capture}, {_which(args)}, "
           f"first {args.limit or 'all'} datagrams; Python {sys.version.split()[0]}")
     print("| stage | counts | events | instructions per event | added by the stage |")
     print("|---|---|---|---|---|")
@@ -259,8 +271,12 @@ def main() -> int:
                    help="longest wait for the DESTROYs after the traffic")
     r = sub.add_parser("run", help="count instructions per stage under callgrind")
     r.add_argument("--capture", required=True)
-    r.add_argument("--limit", type=int, default=10000, help="first N datagrams (0: all)")
-    r.add_argument("--new-only", action="store_true", help="only the NEW datagrams")
+    r.add_argument("--limit", type=int, default=10000,
+                   help="first N datagrams of the kind chosen (0: all)")
+    only = r.add_mutually_exclusive_group()
+    only.add_argument("--new-only", action="store_true", help="only the NEW datagrams")
+    only.add_argument("--destroy-only", action="store_true",
+                      help="only the DESTROY datagrams (their flows' NEW not replayed)")
     r.add_argument("--stages", type=lambda s: [int(x) for x in s.split(",")],
                    default=[0, 1, 2, 3], help="comma-separated stages (default 0,1,2,3)")
     r.add_argument("--json", action="store_true")
@@ -269,7 +285,9 @@ def main() -> int:
     p.add_argument("--stage", type=int, choices=sorted(STAGES), default=3)
     p.add_argument("--workdir", default=tempfile.gettempdir())
     p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--new-only", action="store_true")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--new-only", action="store_true")
+    only.add_argument("--destroy-only", action="store_true")
     args = ap.parse_args()
     return {"capture": capture, "run": run, "replay": replay}[args.cmd](args)
 
