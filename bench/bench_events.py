@@ -202,6 +202,32 @@ def cpu_ticks(pids: Iterable[int]) -> int:
     return total
 
 
+def cpu_split(pin: bool) -> tuple[set[int], set[int]] | None:
+    """``(the load's CPUs, the listener's CPUs)`` when pinning (``--pin``, on a machine
+    with at least two CPUs this process may use): the load on the first, the listener
+    on the others. None: the scheduler places both."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2:
+        return None
+    return {cpus[0]}, set(cpus[1:])
+
+
+def pin_tree(pid: int, cpus: set[int]) -> int:
+    """Bind every thread of ``pid`` and of its descendants to ``cpus`` (threads and
+    processes they start later inherit it); return how many threads were bound."""
+    bound = 0
+    for p in process_tree(pid):
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue  # gone meanwhile
+        for tid in tids:
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                os.sched_setaffinity(int(tid), cpus)
+                bound += 1
+    return bound
+
+
 def vmhwm_kb(pids: Iterable[int]) -> int | None:
     """Sum of the peak RSS (``VmHWM``) of ``pids``, None when none is readable."""
     total, found = 0, False
@@ -695,12 +721,18 @@ def run_listener(args: argparse.Namespace, row: str, listener: str) -> ListenerR
             baseline = _table_size(lab)
             before = lab.nat_new_flows()
             pids = process_tree(proc.pid)
+            split = cpu_split(args.pin)
+            if split is not None:  # the listener off the load's CPU (see --no-pin)
+                pin_tree(proc.pid, split[1])
             cpu0 = cpu_ticks(pids)
             per = args.memory_flows // args.senders if memory else 10_000_000
             floods = [lab.start_udp_flood(i, args.rate / args.senders,
                                           duration * 2 + 5 if memory else duration,
                                           family=args.family, max_count=per, sockets=64)
                       for i in range(args.senders)]
+            if split is not None:
+                for f in floods:
+                    pin_tree(f.proc.pid, split[0])
             sent = [f.wait() for f in floods]
             res.generated_sent = sum(s.sent for s in sent)
             res.generated_rate = res.generated_sent / max(max(s.seconds for s in sent), 1e-9)
@@ -863,7 +895,15 @@ def load_description(args: argparse.Namespace) -> str:
             f"{args.senders} sender(s), {args.rate:.0f} flows/s for {args.duration:g} s "
             f"(memory: {args.memory_flows} flows, UDP timeout long), UDP timeout "
             f"{args.udp_timeout} s, receive buffer {args.rcvbuf} bytes for every listener; "
-            "listeners one at a time, each in a fresh lab")
+            f"listeners one at a time, each in a fresh lab; {_pin_text(args)}")
+
+
+def _pin_text(args: argparse.Namespace) -> str:
+    split = cpu_split(args.pin)
+    if split is None:
+        return "not pinned (the scheduler places load and listener)"
+    load, listener = (",".join(str(c) for c in sorted(c)) for c in split)
+    return f"the load pinned to CPU {load}, the listener to CPU {listener}"
 
 
 # ----------------------------------------------------------------- the table
@@ -1023,6 +1063,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run conntrack -E without the LD_PRELOAD shim that gives its event "
                         "socket the --rcvbuf buffer (its -b misses it in conntrack-tools "
                         "1.4.7): it then keeps net.core.rmem_default")
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="let the scheduler place the load and the listener (default: the "
+                        "load's senders on the first CPU, the listener on the others)")
     p.add_argument("--workers", type=int, default=2,
                    help="conntrack.workers of the shipper in the workers row (default 2)")
     p.add_argument("--udp-timeout", type=int, default=1,

@@ -214,3 +214,47 @@ class TestRcvbufShim:
         with_groups, without = (int(x) for x in res.stdout.split())
         assert with_groups == 2 * (3 << 20)
         assert without != with_groups
+
+
+class TestPinning:
+    """--pin: the load on one CPU, the listener (every thread, every process) on the rest."""
+
+    def test_split_puts_the_load_on_the_first_cpu(self, bench: ModuleType) -> None:
+        import os
+
+        cpus = sorted(os.sched_getaffinity(0))
+        split = bench.cpu_split(True)
+        if len(cpus) < 2:
+            assert split is None
+            return
+        assert split == ({cpus[0]}, set(cpus[1:]))
+        assert bench.cpu_split(False) is None
+
+    def test_every_thread_of_the_tree_is_bound(self, bench: ModuleType) -> None:
+        """A child with a second thread, and its own child: all threads of both get the
+        CPU set, and the bench's own affinity is untouched."""
+        import os
+        import subprocess
+
+        cpu = min(os.sched_getaffinity(0))
+        mine = os.sched_getaffinity(0)
+        code = ("import subprocess, sys, threading, time\n"
+                "threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
+                "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])\n"
+                "print(c.pid, flush=True)\n"
+                "time.sleep(30)\n")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            grandchild = int(proc.stdout.readline())
+            tids = [(p, int(t)) for p in (proc.pid, grandchild)
+                    for t in os.listdir(f"/proc/{p}/task")]
+            assert len(tids) >= 3  # the child's two threads and the grandchild
+            assert bench.pin_tree(proc.pid, {cpu}) == len(tids)
+            for _, tid in tids:
+                assert os.sched_getaffinity(tid) == {cpu}
+            assert os.sched_getaffinity(0) == mine
+        finally:
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=10)
