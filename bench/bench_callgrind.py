@@ -15,13 +15,14 @@ path can be judged on a noisy machine. Two steps::
     python3 bench/bench_callgrind.py run --capture /tmp/flows.cap --limit 10000 --destroy-only
     python3 bench/bench_callgrind.py run --capture /tmp/flows.cap --stages 3 --json
 
-Stages (each includes the ones before it): 0 decode (``LayoutDecoder.decode``) and the
-replay loop itself; 1 + ``Pipeline.handle`` without the output (filter, flow-start
-cache, pod attribution); 2 + the NDJSON encoder (no batching); 3 everything: batching
-and the ``file`` sink's delivery thread writing to a temp dir. Each datagram is copied
-into a receive buffer and decoded and handled as ``ConntrackSource.read_burst`` does;
-there is no socket, so the kernel's side (receive, wake-ups) is not counted: that is
-``bench_events.py``'s job.
+Stages (each includes the ones before it): 0 the receive loop and decode
+(``ConntrackSource.read_burst`` with ``LayoutDecoder``) fed by a stand-in socket; 1 +
+``Pipeline.handle`` without the output (filter, flow-start cache, pod attribution); 2 +
+the NDJSON encoder (no batching); 3 everything: batching and the ``file`` sink's
+delivery thread writing to a temp dir. The stand-in (``bench/replay_socket.py``) copies
+each datagram into the source's receive buffer from ``recv_into``, a Python call per
+datagram instead of a system call; the kernel's side (receive, wake-ups) is not
+counted: that is ``bench_events.py``'s job.
 
 Counting is switched on by callgrind client requests just before the replay loop and
 off after delivery closed (``--instr-atstart=no``), from a tiny shared library this
@@ -51,7 +52,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-STAGES = {0: "decode + replay loop", 1: "+ filter, flow starts, attribution",
+STAGES = {0: "receive loop + decode", 1: "+ filter, flow starts, attribution",
           2: "+ NDJSON encoding", 3: "+ batching, file delivery"}
 _SHIM = r"""
 #include <valgrind/callgrind.h>
@@ -138,6 +139,9 @@ def _shim(workdir: Path) -> ctypes.CDLL | None:
 
 def replay(args: argparse.Namespace) -> int:
     """Replay the capture through the real Pipeline up to ``--stage`` (run under callgrind)."""
+    from replay_socket import count_events
+    from replay_socket import replay as replay_datagrams
+
     from shipper.config import load
     from shipper.metrics import Metrics
     from shipper.pipeline import Pipeline
@@ -169,31 +173,19 @@ def replay(args: argparse.Namespace) -> int:
     while p.index.live_pods() == 0 and time.monotonic() < deadline:
         time.sleep(0.05)  # the inventory loads on its thread: before counting starts
     p.wait.tick(time.time_ns(), time.monotonic())
-    decode, handle = p.source.decoder.decode, p.handle
+    handle = p.handle
     if args.stage == 0:
         handle = _ignore
     elif args.stage == 1:
         p.out.record = _ignore  # type: ignore[method-assign]
     elif args.stage == 2:
         p.out.batcher.add = lambda *a: ()  # type: ignore[method-assign]
-    buf = bytearray(256 * 1024)
-    due, monotonic, time_ns = p.out.due, time.monotonic, time.time_ns
-    events = 0
+    events = count_events(dgrams)
     if shim is not None:
         shim.flowlog_cg_start()
     cpu0 = time.process_time()
-    for d in dgrams:
-        n = len(d)
-        buf[:n] = d
-        now = time_ns()
-        off = 0
-        while off < n:
-            ev, mlen = decode(buf, off, now)
-            if ev is not None:
-                handle(ev)
-                events += 1
-            off += (mlen + 3) & ~3
-    due(monotonic())
+    replay_datagrams(p.source, dgrams, handle)  # through the real ConntrackSource.read_burst
+    p.out.due(time.monotonic())
     p.out.close(30)
     cpu = time.process_time() - cpu0
     if shim is not None:

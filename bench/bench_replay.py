@@ -3,8 +3,9 @@
 
 Replays the real kernel messages of ``tests/data/ctnetlink_messages.json`` (NEW,
 DESTROY and dump messages, with and without accounting and timestamps) through
-``LayoutDecoder.decode`` and ``Pipeline.handle`` - filter, flow-start cache, pod
-lookup, encoding, batching - the way the receive loop does, ``--loops`` times
+the real receive loop (``ConntrackSource.read_burst``, fed by a stand-in socket:
+``bench/replay_socket.py``) and ``Pipeline.handle`` - filter, flow-start cache, pod
+lookup, encoding, batching - ``--loops`` times
 over, and reports the median µs/event over ``--runs`` runs. Every source
 address has a pod in the index (the resolved path, the common one); the sink is
 an NDJSON sink (the fused encoder) or, with ``--msgpack``, a dict-encoding one.
@@ -39,6 +40,9 @@ from shipper.metrics import Metrics
 from shipper.pipeline import Pipeline
 from shipper.record import PodMeta
 from shipper.sources.decode import LayoutDecoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from replay_socket import count_events, replay
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "ctnetlink_messages.json"
 
@@ -77,17 +81,12 @@ def main() -> int:
                  batch={"max_records": 1 << 30, "max_bytes": 1 << 40, "max_age_s": 60})
     p = Pipeline(cfg, Metrics(), sink=NullSink(not args.msgpack))  # type: ignore[arg-type]
     decode = LayoutDecoder().decode
-    bufs = []
-    for d in datagrams:
-        buf = bytearray(256 * 1024)
-        buf[:len(d)] = d
-        bufs.append((buf, len(d)))
     # One pod per source address, known since long before the captured flows.
     srcs: set[tuple[int, int]] = set()
-    for buf, n in bufs:
+    for d in datagrams:
         off = 0
-        while off < n:
-            ev, mlen = decode(buf, off, time.time_ns())
+        while off < len(d):
+            ev, mlen = decode(d, off, time.time_ns())
             if ev is not None:
                 srcs.add((ev.family, ev.orig_src))
             off += (mlen + 3) & ~3
@@ -96,20 +95,12 @@ def main() -> int:
                       phase="Running", created_ns=1).with_record_object()
         p.index.update(pod, 2)
     handle = p.handle
+    events = count_events(datagrams) * args.loops
     results = []
     for _ in range(args.runs):
-        events = 0
         t0 = time.process_time()
         for _ in range(args.loops):
-            for buf, n in bufs:
-                now = time.time_ns()
-                off = 0
-                while off < n:
-                    ev, mlen = decode(buf, off, now)
-                    if ev is not None:
-                        handle(ev)
-                        events += 1
-                    off += (mlen + 3) & ~3
+            replay(p.source, datagrams, handle)  # through the real ConntrackSource.read_burst
             p.batcher.flush()
         results.append((time.process_time() - t0) / events * 1e6)
     print(json.dumps({"us_per_event": round(statistics.median(results), 3),

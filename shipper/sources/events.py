@@ -21,6 +21,7 @@ import errno
 import logging
 import select
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -32,7 +33,7 @@ from shipper.log import LogLimit
 from shipper.metrics import Metrics
 from shipper.record import FlowEvent
 from shipper.sources import bpf, conntrack
-from shipper.sources.decode import LayoutDecoder
+from shipper.sources.decode import LayoutDecoder, read_head
 
 # The log lines keep the logger name they always had (operators' alerts match it).
 log = logging.getLogger("shipper.pipeline")
@@ -191,6 +192,7 @@ class ConntrackSource:
         to ``handle``; return how many datagrams were read."""
         recv_into = self.sock.recv_into
         decode = self.decoder.decode
+        first = self.decoder.first  # decode()'s fast path, inlined: see LayoutDecoder.first
         time_ns = time.time_ns
         buf = self._buf
         burst = 0
@@ -206,18 +208,34 @@ class ConntrackSource:
                 raise SourceError(f"conntrack socket read failed: {exc.strerror}") from exc
             now = time_ns()
             off = 0
+            view = None
             while off < n:
+                # A layout reads exactly the message's claimed length: only when that
+                # ends inside this datagram (the buffer's rest is an older datagram's).
                 try:
-                    ev, mlen = decode(buf, off, now)
-                except DecodeError as exc:
-                    self._on_decode_error(exc)
-                    break  # the rest of this datagram cannot be trusted
+                    head = read_head(buf, off)[0]
+                    mlen = head & 0xFFFFFFFF
+                    layout = first.get(head) if off + mlen <= n else None
+                    ev = None if layout is None else layout(buf, off, now)
+                except struct.error:  # cut short: decode() below says what is wrong
+                    ev = None
+                if ev is None:  # no layout proves itself on this message: the checked
+                    # path, on this datagram's bytes alone
+                    if view is None:
+                        view = memoryview(buf)[:n]
+                    try:
+                        ev, mlen = decode(view, off, now)
+                    except DecodeError as exc:
+                        self._on_decode_error(exc)
+                        break  # the rest of this datagram cannot be trusted
                 if ev is not None:
                     try:
                         handle(ev)
                     except Exception as exc:  # one bad event must not stop the node
                         self._on_handle_error(exc)
                 off += (mlen + 3) & ~3
+            if view is not None:
+                view.release()
             burst += 1
         if burst:
             self._last_ok_ns = time_ns()
@@ -348,19 +366,20 @@ class ConntrackSource:
         """Decode one datagram read at stop and hand on its events; return how many."""
         now = time.time_ns()
         events = off = 0
-        while off < n:
-            try:
-                ev, mlen = self.decoder.decode(buf, off, now)
-            except DecodeError as exc:
-                self._on_decode_error(exc)
-                break
-            if ev is not None:
-                events += 1
+        with memoryview(buf)[:n] as view:  # this datagram's bytes, not the buffer's rest
+            while off < n:
                 try:
-                    handle(ev)
-                except Exception as exc:
-                    self._on_handle_error(exc)
-            off += (mlen + 3) & ~3
+                    ev, mlen = self.decoder.decode(view, off, now)
+                except DecodeError as exc:
+                    self._on_decode_error(exc)
+                    break
+                if ev is not None:
+                    events += 1
+                    try:
+                        handle(ev)
+                    except Exception as exc:
+                        self._on_handle_error(exc)
+                off += (mlen + 3) & ~3
         return events
 
     def _drain_redelivered(self, dsock: Any, deadline: float, handle: Handle

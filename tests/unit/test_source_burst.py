@@ -77,3 +77,72 @@ def test_no_pause_without_events(
     src, _peer, slept = source
     src.wait(10)
     assert slept == []
+
+
+def _reference(datagrams: list[bytes]) -> tuple[list[FlowEvent], int]:
+    """Events and decode errors of ``datagrams`` by LayoutDecoder.decode alone (the
+    checked path for every message), message by message as read_burst walks them."""
+    from shipper.errors import DecodeError
+    from shipper.sources.decode import LayoutDecoder
+
+    dec, got, errors = LayoutDecoder(), [], 0
+    for d in datagrams:
+        off = 0
+        while off < len(d):
+            try:
+                ev, mlen = dec.decode(d, off, 0)
+            except DecodeError:
+                errors += 1
+                break
+            if ev is not None:
+                got.append(ev)
+            off += (mlen + 3) & ~3
+    return got, errors
+
+
+def test_burst_decodes_what_the_checked_path_decodes(
+        source: tuple[events.ConntrackSource, socket.socket, list[float]]) -> None:
+    """read_burst inlines the decoder's cached-layout fast path: on every captured
+    kernel message, several to a datagram, cut short by its datagram (over the bytes a
+    longer datagram left in the receive buffer), and with mutated attribute headers
+    (other layouts under the same length, type and flags), it hands on exactly the
+    events LayoutDecoder.decode gives on the datagram's own bytes and counts the same
+    decode errors; so does the stop drain. A message cut short is an error, never an
+    event completed from an older datagram's bytes."""
+    import random
+
+    src, peer, _slept = source
+    msgs = [bytes.fromhex(m["hex"]) for m in json.loads(DATA.read_text())]
+    pad = [m + b"\0" * (-len(m) % 4) for m in msgs]
+    rnd = random.Random(8)
+    datagrams = list(msgs)
+    datagrams += [b"".join(pad[i:i + 4]) for i in range(0, len(pad), 4)]
+    for i in range(len(msgs) - 1):  # whole, then cut short over the whole one's bytes
+        cut = rnd.randrange(4, len(msgs[i + 1]))
+        datagrams += [pad[i] + msgs[i + 1], pad[i] + msgs[i + 1][:cut]]
+    for m in msgs * 3:  # one byte of an attribute header (or the family) changed
+        b = bytearray(m)
+        b[rnd.randrange(16, len(b))] ^= 1 << rnd.randrange(8)
+        datagrams.append(bytes(pad[0]) + bytes(b))
+    errors: list[Exception] = []
+    src._on_decode_error = errors.append  # type: ignore[method-assign]
+    got: list[FlowEvent] = []
+    for i in range(0, len(datagrams), 8):
+        for d in datagrams[i:i + 8]:
+            peer.send(d)
+        while src.read_burst(got.append):
+            pass
+    want, want_errors = _reference(datagrams)
+    assert len(want) > len(msgs)  # the test exercises both paths
+    assert want_errors > 0
+    assert [ev._replace(received_ns=0) for ev in got] == want
+    assert len(errors) == want_errors
+    # The stop drain's per-datagram decode, in one buffer the datagrams overwrite.
+    errors.clear()
+    got.clear()
+    buf = bytearray(1 << 16)
+    for d in datagrams:
+        buf[:len(d)] = d
+        src._handle_datagram(buf, len(d), got.append)
+    assert [ev._replace(received_ns=0) for ev in got] == want
+    assert len(errors) == want_errors
