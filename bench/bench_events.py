@@ -124,6 +124,11 @@ class ListenerRun:
     live_flows: int | None = None
     #: Shipper records whose event.id had been shipped already (not counted as seen).
     duplicates: int | None = None
+    #: The shipper's gap records: how many, the lost events they report, and how many
+    #: of them said null (unknown loss).
+    gaps: int = 0
+    gap_lost: int = 0
+    gap_lost_unknown: int = 0
     #: ``conntrack.workers`` given to the shipper (the workers row), else None.
     workers: int | None = None
     warnings: int = 0
@@ -304,13 +309,28 @@ def _net_matcher(cidrs: Sequence[str]) -> Callable[[str], bool]:
     return inside
 
 
-def count_shipper_records(path: Path) -> tuple[int, int, int]:
-    """``(new, destroy, duplicates)`` records in the shipper's file sink output (``path``,
-    ``path.1``...). A record whose ``event.id`` (the first ``"id"`` of the line: node,
-    conntrack id, action and event time, unique per event) was seen before is a
-    duplicate, counted apart and not as seen: with sharded readers an event read by two
-    workers would show here."""
-    new = destroy = dups = 0
+@dataclass
+class ShipperOutput:
+    """What the shipper's output says (:func:`count_shipper_records`)."""
+
+    new: int = 0
+    destroy: int = 0
+    #: Records whose event.id had been seen already (not counted as seen).
+    duplicates: int = 0
+    #: Gap records, the sum of their ``flowlog.gap.lost_events``, and how many of them
+    #: said null (the drop counter was unreadable: the loss is unknown).
+    gaps: int = 0
+    gap_lost: int = 0
+    gap_lost_unknown: int = 0
+
+
+def count_shipper_records(path: Path) -> ShipperOutput:
+    """NEW, DESTROY and duplicate records and the gap records' lost events in the
+    shipper's file sink output (``path``, ``path.1``...). A record whose ``event.id``
+    (the first ``"id"`` of the line: node, conntrack id, action and event time, unique
+    per event) was seen before is a duplicate, counted apart and not as seen: with
+    sharded readers an event read by two workers would show here."""
+    res = ShipperOutput()
     ids: set[bytes] = set()
     for f in sorted(path.parent.glob(path.name + "*")):
         with f.open("rb") as fh:
@@ -320,18 +340,25 @@ def count_shipper_records(path: Path) -> tuple[int, int, int]:
                 elif b'"action":"destroy"' in line:
                     is_new = False
                 else:
+                    if b'"action":"gap"' in line:
+                        lost = json.loads(line)["flowlog"]["gap"]["lost_events"]
+                        res.gaps += 1
+                        if lost is None:
+                            res.gap_lost_unknown += 1
+                        else:
+                            res.gap_lost += lost
                     continue
                 start = line.find(b'"id":"') + 6
                 eid = line[start:line.find(b'"', start)]
                 if eid in ids:
-                    dups += 1
+                    res.duplicates += 1
                     continue
                 ids.add(eid)
                 if is_new:
-                    new += 1
+                    res.new += 1
                 else:
-                    destroy += 1
-    return new, destroy, dups
+                    res.destroy += 1
+    return res
 
 
 def count_conntrack_lines(lines: Iterable[bytes], sources: Sequence[str],
@@ -768,7 +795,11 @@ def run_listener(args: argparse.Namespace, row: str, listener: str) -> ListenerR
                 res.shipper_metrics = _loss_metrics(_scrape(metrics) or {})
             _stop(proc, args.stop_grace)
             if listener == "shipper":
-                res.seen_new, res.seen_destroy, res.duplicates = count_shipper_records(out)
+                shipped = count_shipper_records(out)
+                res.seen_new, res.seen_destroy = shipped.new, shipped.destroy
+                res.duplicates = shipped.duplicates
+                res.gaps, res.gap_lost = shipped.gaps, shipped.gap_lost
+                res.gap_lost_unknown = shipped.gap_lost_unknown
             elif listener == "conntrack":
                 res.seen_new, res.seen_destroy = count_conntrack_lines(
                     _read_lines(out), lab.pod_cidrs(), EXT_CIDRS)
@@ -987,6 +1018,19 @@ def table_rows(t: Table) -> list[list[str]]:
     return rows
 
 
+def _gap_text(r: ListenerRun) -> str:
+    """The shipper's gap records against what is missing from its output: the issue's
+    "gap accounting is exact" is ``lost == missing``."""
+    if r.listener != "shipper" or not (r.gaps or r.seen_new + r.seen_destroy
+                                       < r.kernel_events):
+        return ""
+    missing = r.kernel_events - r.seen_new - r.seen_destroy
+    text = f"  gaps {r.gaps}: lost {r.gap_lost}"
+    if r.gap_lost_unknown:
+        text += f" (+{r.gap_lost_unknown} unknown)"
+    return text + (" = missing" if r.gap_lost == missing else f", missing {missing}")
+
+
 def format_table(t: Table) -> str:
     """The table as Markdown, preceded by the machine and load, followed by the runs."""
     m = t.machine
@@ -1013,6 +1057,7 @@ def format_table(t: Table) -> str:
             f"VmHWM {_mib(r.vmhwm_kb)}  procs {r.processes}  rb {r.socket_rb}  "
             f"dropped {r.socket_drops}"
             + (f"  dup {r.duplicates}" if r.duplicates is not None else "")
+            + _gap_text(r)
             + (f"  live {r.live_flows}" if r.live_flows is not None else "")
             + (f"  warnings {r.warnings}" if r.warnings else "")
             + (f"  shipper reported {r.shipper_metrics}" if r.shipper_metrics else "")

@@ -78,6 +78,8 @@ class TestCounting:
         not as seen; other records (gap) are not counted."""
         import json
 
+        import orjson
+
         from shipper.ecs import gap_record
         from shipper.ecs_json import JsonLineEncoder
         from shipper.sources.decode import LayoutDecoder
@@ -93,12 +95,25 @@ class TestCounting:
         n_new = sum(a == "new" for a, _ in lines)
         n_destroy = len(lines) - n_new
         assert n_new and n_destroy
-        gap = json.dumps(gap_record("node-1", since_ns=1, until_ns=2, lost=3, overruns=1,
-                                    resync=False)).encode() + b"\n"
+        gap = orjson.dumps(gap_record("node-1", since_ns=1, until_ns=2, lost=3, overruns=1,
+                                      resync=False)) + b"\n"  # as the file sink writes it
         out = tmp_path / "flows.json"
         (tmp_path / "flows.json.1").write_bytes(b"".join(line for _, line in lines[:5]) + gap)
         out.write_bytes(b"".join(line for _, line in lines[3:]))  # 2 shipped twice
-        assert bench.count_shipper_records(out) == (n_new, n_destroy, 2)
+        got = bench.count_shipper_records(out)
+        assert (got.new, got.destroy, got.duplicates) == (n_new, n_destroy, 2)
+        assert (got.gaps, got.gap_lost, got.gap_lost_unknown) == (1, 3, 0)
+
+    def test_gap_text_says_whether_the_gaps_account_for_every_missing_event(
+            self, bench: ModuleType) -> None:
+        """The run line compares the gap records' lost events with kernel minus seen."""
+        r = bench.ListenerRun(row="new", listener="shipper", events=["new"], rate=1.0,
+                              duration=1.0, kernel_new=100, seen_new=60, gaps=2, gap_lost=40)
+        assert bench._gap_text(r) == "  gaps 2: lost 40 = missing"
+        r.gap_lost, r.gap_lost_unknown = 30, 1
+        assert bench._gap_text(r) == "  gaps 2: lost 30 (+1 unknown), missing 40"
+        r.seen_new, r.gaps, r.gap_lost, r.gap_lost_unknown = 100, 0, 0, 0
+        assert bench._gap_text(r) == ""  # nothing lost, nothing to say
 
 
 class TestEventSockets:
