@@ -98,6 +98,17 @@ ULOGD_MASK = {"new": 1, "destroy": 4}
 
 
 @dataclass
+class GapRecords:
+    """The shipper's gap records: how many, the sum of their
+    ``flowlog.gap.lost_events``, and how many said null (the drop counter was
+    unreadable: the loss is unknown)."""
+
+    count: int = 0
+    lost: int = 0
+    lost_unknown: int = 0
+
+
+@dataclass
 class ListenerRun:
     """One listener alone on one load (one fresh lab)."""
 
@@ -124,11 +135,8 @@ class ListenerRun:
     live_flows: int | None = None
     #: Shipper records whose event.id had been shipped already (not counted as seen).
     duplicates: int | None = None
-    #: The shipper's gap records: how many, the lost events they report, and how many
-    #: of them said null (unknown loss).
-    gaps: int = 0
-    gap_lost: int = 0
-    gap_lost_unknown: int = 0
+    #: The shipper's gap records (None for the other listeners).
+    gaps: GapRecords | None = None
     #: ``conntrack.workers`` given to the shipper (the workers row), else None.
     workers: int | None = None
     warnings: int = 0
@@ -317,11 +325,7 @@ class ShipperOutput:
     destroy: int = 0
     #: Records whose event.id had been seen already (not counted as seen).
     duplicates: int = 0
-    #: Gap records, the sum of their ``flowlog.gap.lost_events``, and how many of them
-    #: said null (the drop counter was unreadable: the loss is unknown).
-    gaps: int = 0
-    gap_lost: int = 0
-    gap_lost_unknown: int = 0
+    gaps: GapRecords = field(default_factory=GapRecords)
 
 
 def count_shipper_records(path: Path) -> ShipperOutput:
@@ -342,11 +346,11 @@ def count_shipper_records(path: Path) -> ShipperOutput:
                 else:
                     if b'"action":"gap"' in line:
                         lost = json.loads(line)["flowlog"]["gap"]["lost_events"]
-                        res.gaps += 1
+                        res.gaps.count += 1
                         if lost is None:
-                            res.gap_lost_unknown += 1
+                            res.gaps.lost_unknown += 1
                         else:
-                            res.gap_lost += lost
+                            res.gaps.lost += lost
                     continue
                 start = line.find(b'"id":"') + 6
                 eid = line[start:line.find(b'"', start)]
@@ -797,9 +801,7 @@ def run_listener(args: argparse.Namespace, row: str, listener: str) -> ListenerR
             if listener == "shipper":
                 shipped = count_shipper_records(out)
                 res.seen_new, res.seen_destroy = shipped.new, shipped.destroy
-                res.duplicates = shipped.duplicates
-                res.gaps, res.gap_lost = shipped.gaps, shipped.gap_lost
-                res.gap_lost_unknown = shipped.gap_lost_unknown
+                res.duplicates, res.gaps = shipped.duplicates, shipped.gaps
             elif listener == "conntrack":
                 res.seen_new, res.seen_destroy = count_conntrack_lines(
                     _read_lines(out), lab.pod_cidrs(), EXT_CIDRS)
@@ -1021,14 +1023,14 @@ def table_rows(t: Table) -> list[list[str]]:
 def _gap_text(r: ListenerRun) -> str:
     """The shipper's gap records against what is missing from its output: the issue's
     "gap accounting is exact" is ``lost == missing``."""
-    if r.listener != "shipper" or not (r.gaps or r.seen_new + r.seen_destroy
-                                       < r.kernel_events):
-        return ""
+    g = r.gaps
     missing = r.kernel_events - r.seen_new - r.seen_destroy
-    text = f"  gaps {r.gaps}: lost {r.gap_lost}"
-    if r.gap_lost_unknown:
-        text += f" (+{r.gap_lost_unknown} unknown)"
-    return text + (" = missing" if r.gap_lost == missing else f", missing {missing}")
+    if g is None or not (g.count or missing > 0):
+        return ""
+    text = f"  gaps {g.count}: lost {g.lost}"
+    if g.lost_unknown:
+        text += f" (+{g.lost_unknown} unknown)"
+    return text + (" = missing" if g.lost == missing else f", missing {missing}")
 
 
 def format_table(t: Table) -> str:

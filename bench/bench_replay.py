@@ -39,10 +39,9 @@ from shipper.config import Config
 from shipper.metrics import Metrics
 from shipper.pipeline import Pipeline
 from shipper.record import PodMeta
-from shipper.sources.decode import LayoutDecoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from replay_socket import count_events, replay
+from replay_socket import count_events, decode_all, replay
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "ctnetlink_messages.json"
 
@@ -80,16 +79,8 @@ def main() -> int:
     cfg = Config(filter={"pod_cidrs": ["0.0.0.0/0", "::/0"]}, enrich={"resolve_wait_s": 0},
                  batch={"max_records": 1 << 30, "max_bytes": 1 << 40, "max_age_s": 60})
     p = Pipeline(cfg, Metrics(), sink=NullSink(not args.msgpack))  # type: ignore[arg-type]
-    decode = LayoutDecoder().decode
     # One pod per source address, known since long before the captured flows.
-    srcs: set[tuple[int, int]] = set()
-    for d in datagrams:
-        off = 0
-        while off < len(d):
-            ev, mlen = decode(d, off, time.time_ns())
-            if ev is not None:
-                srcs.add((ev.family, ev.orig_src))
-            off += (mlen + 3) & ~3
+    srcs = {(ev.family, ev.orig_src) for ev in decode_all(datagrams)}
     for i, (fam, ip) in enumerate(sorted(srcs)):
         pod = PodMeta(namespace="bench", name=f"pod-{i}", uid=f"uid-{i}", ips=((fam, ip),),
                       phase="Running", created_ns=1).with_record_object()

@@ -40,14 +40,20 @@ def replay(source: Any, datagrams: Iterable[bytes], handle: Callable[[FlowEvent]
         pass
 
 
-def count_events(datagrams: Iterable[bytes]) -> int:
-    """How many flow events ``datagrams`` hold (decoded apart, with a decoder of its own)."""
+def decode_all(datagrams: Iterable[bytes]) -> list[FlowEvent]:
+    """The flow events ``datagrams`` hold, decoded apart (a decoder of its own)."""
     decode = LayoutDecoder().decode
-    events = 0
+    events = []
     for d in datagrams:
         off = 0
         while off < len(d):
             ev, mlen = decode(d, off, 0)
-            events += ev is not None
+            if ev is not None:
+                events.append(ev)
             off += (mlen + 3) & ~3
     return events
+
+
+def count_events(datagrams: Iterable[bytes]) -> int:
+    """How many flow events ``datagrams`` hold."""
+    return len(decode_all(datagrams))

@@ -101,10 +101,9 @@ AF_INET6 = 10
 
 _HDR = struct.Struct("=IHHIIBBH")  # nlmsghdr (16) + nfgenmsg (4)
 _NLH = struct.Struct("=IHH")
-_unpack_head = struct.Struct("=Q").unpack_from  # length, type, flags as one int
 #: A message's first 8 bytes (length, type, flags) as one int, in a 1-tuple: the key
 #: of the layout cache (:attr:`LayoutDecoder.first`); its low 32 bits are the length.
-read_head = _unpack_head
+read_head = struct.Struct("=Q").unpack_from
 HDR_LEN = _HDR.size
 _NLA = struct.Struct("=HH")
 
@@ -328,14 +327,13 @@ class LayoutDecoder:
         # Keyed by the first 8 bytes of the message as one int (length, type, flags):
         # every layout compiled for a key, and the first of them (what decode tries).
         self._layouts: dict[int, list[_LayoutFn]] = {}
-        self._first: dict[int, _LayoutFn] = {}
         #: The fast path of :meth:`decode`, for a receive loop that inlines it (one
         #: Python call and one result tuple less per message): ``first.get(head)`` with
         #: ``head = read_head(buf, off)[0]`` is the layout to try; it returns the event,
         #: or None when the message does not fit it, and may raise ``struct.error`` for
         #: a message its buffer cuts short. Then, and when there is no layout,
         #: :meth:`decode` takes over. The dict is this decoder's own (cleared in place).
-        self.first = self._first
+        self.first: dict[int, _LayoutFn] = {}
         self._count = 0
         self.compiled_total = 0
 
@@ -353,8 +351,8 @@ class LayoutDecoder:
         # proves itself on this message. Anything else (and a buffer too short for
         # what the header claims: struct.error) takes the checked path.
         try:
-            (head,) = _unpack_head(buf, off)
-            fn = self._first.get(head)
+            (head,) = read_head(buf, off)
+            fn = self.first.get(head)
             if fn is not None:
                 ev = fn(buf, off, received_ns)
                 if ev is not None:
@@ -378,7 +376,7 @@ class LayoutDecoder:
             return None, msg_len
         if msg_len < HDR_LEN:
             raise DecodeError("ctnetlink message shorter than its headers", msg_len)
-        (head,) = _unpack_head(buf, off)
+        (head,) = read_head(buf, off)
         for fn in self._layouts.get(head, ()):
             ev = fn(buf, off, received_ns)
             if ev is not None:
@@ -396,10 +394,10 @@ class LayoutDecoder:
             raise DecodeError("message lacks the original or reply tuple", msg_len)
         if self._count >= self.max_layouts:
             self._layouts.clear()
-            self._first.clear()
+            self.first.clear()
             self._count = 0
         self._layouts.setdefault(head, []).append(fn)
-        self._first.setdefault(head, fn)
+        self.first.setdefault(head, fn)
         self._count += 1
         self.compiled_total += 1
         return ev, msg_len

@@ -102,18 +102,21 @@ class TestCounting:
         out.write_bytes(b"".join(line for _, line in lines[3:]))  # 2 shipped twice
         got = bench.count_shipper_records(out)
         assert (got.new, got.destroy, got.duplicates) == (n_new, n_destroy, 2)
-        assert (got.gaps, got.gap_lost, got.gap_lost_unknown) == (1, 3, 0)
+        assert got.gaps == bench.GapRecords(count=1, lost=3, lost_unknown=0)
 
     def test_gap_text_says_whether_the_gaps_account_for_every_missing_event(
             self, bench: ModuleType) -> None:
         """The run line compares the gap records' lost events with kernel minus seen."""
         r = bench.ListenerRun(row="new", listener="shipper", events=["new"], rate=1.0,
-                              duration=1.0, kernel_new=100, seen_new=60, gaps=2, gap_lost=40)
+                              duration=1.0, kernel_new=100, seen_new=60,
+                              gaps=bench.GapRecords(count=2, lost=40))
         assert bench._gap_text(r) == "  gaps 2: lost 40 = missing"
-        r.gap_lost, r.gap_lost_unknown = 30, 1
+        r.gaps = bench.GapRecords(count=2, lost=30, lost_unknown=1)
         assert bench._gap_text(r) == "  gaps 2: lost 30 (+1 unknown), missing 40"
-        r.seen_new, r.gaps, r.gap_lost, r.gap_lost_unknown = 100, 0, 0, 0
+        r.seen_new, r.gaps = 100, bench.GapRecords()
         assert bench._gap_text(r) == ""  # nothing lost, nothing to say
+        r.seen_new, r.gaps = 60, None
+        assert bench._gap_text(r) == ""  # not the shipper: no gap records to compare
 
 
 class TestEventSockets:
