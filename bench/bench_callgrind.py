@@ -41,6 +41,7 @@ import ctypes
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -84,6 +85,7 @@ def capture(args: argparse.Namespace) -> int:
             lab.write_pod_list(Path(str(out) + ".pods.json"))
             flood = lab.start_udp_flood(0, args.rate, args.duration, sockets=64)
             buf = bytearray(1 << 16)
+            assert isinstance(sock, socket.socket)  # not the reliable-DESTROY pair
             sock.setblocking(False)
             want = int(args.rate * args.duration) * 2 * 0.95
             deadline = time.monotonic() + args.duration + args.destroy_wait
@@ -175,9 +177,9 @@ def replay(args: argparse.Namespace) -> int:
     p.wait.tick(time.time_ns(), time.monotonic())
     handle = p.handle
     if args.stage == 0:
-        handle = _ignore
+        handle = _ignore  # type: ignore[assignment]
     elif args.stage == 1:
-        p.out.record = _ignore  # type: ignore[method-assign]
+        p.out.record = _ignore  # type: ignore[method-assign,assignment]
     elif args.stage == 2:
         p.out.batcher.add = lambda *a: ()  # type: ignore[method-assign]
     events = count_events(dgrams)

@@ -72,7 +72,8 @@ def _lines(paths: Sequence[Path]) -> int:
     total = 0
     for p in paths:
         with p.open("rb") as fh:
-            total += sum(chunk.count(b"\n") for chunk in iter(lambda f=fh: f.read(1 << 20), b""))
+            while chunk := fh.read(1 << 20):
+                total += chunk.count(b"\n")
     return total
 
 

@@ -827,8 +827,8 @@ def run_listener(args: argparse.Namespace, row: str, listener: str) -> ListenerR
         if args.keep:
             print(f"# kept {tmp}", file=sys.stderr)
         else:
-            for f in tmp.iterdir():
-                f.unlink()
+            for path in tmp.iterdir():
+                path.unlink()
             tmp.rmdir()
     return res
 

@@ -124,10 +124,11 @@ def generate(directory: Path, size: int, files: int, gz_files: int, seed: int
         dur = int(rnd.expovariate(1 / 30) * S) + 1_000_000
         busy[(node[1], port, dst, dport)] = t + dur
         ct += 1
-        base = dict(family=4, proto=proto, orig_src=src, orig_dst=dst, orig_sport=sport,
-                    orig_dport=dport, reply_src=dst, reply_dst=node[1], reply_sport=dport,
-                    reply_dport=port, icmp_type=None, icmp_code=None, icmp_id=None,
-                    ct_id=ct, mark=None, zone=None)
+        base: dict[str, Any] = dict(
+            family=4, proto=proto, orig_src=src, orig_dst=dst, orig_sport=sport,
+            orig_dport=dport, reply_src=dst, reply_dst=node[1], reply_sport=dport,
+            reply_dport=port, icmp_type=None, icmp_code=None, icmp_id=None,
+            ct_id=ct, mark=None, zone=None)
         enc = encs[node[0]]
         emit(enc.encode(FlowEvent(action="new", status=STATUS_NEW,
                                   tcp_state=1 if proto == 6 else None, timeout=120,

@@ -50,7 +50,7 @@ def run(protocol: str, window: int, records: int, batch: int, tmp: Path, pki: Pa
     work = tmp / f"{protocol}-{window}"
     work.mkdir()
     with Rsyslog(work, protocol, pki=pki if protocol == "tls" else None).start() as rs:
-        cfg = SyslogSinkConfig(addresses=[rs.address], protocol=protocol,  # type: ignore[arg-type]
+        cfg = SyslogSinkConfig(addresses=[rs.address], protocol=protocol,
                                relp_window=window,
                                tls=SyslogTLSConfig(ca_file=pki / "ca.crt"))
         sink = SyslogSink(cfg, Metrics())

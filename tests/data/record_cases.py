@@ -90,9 +90,9 @@ def outputs() -> dict[str, str]:
     out: dict[str, str] = {}
     for name, ev, pod, start, attr in cases():
         line = enc.encode(ev, pod, start, attr).decode()
-        rec = orjson.dumps(ecs.build_record(ev, pod, HOST, flow_start_ns=start,
-                                            attribution=attr)).decode()
-        if rec + "\n" != line:
+        built = orjson.dumps(ecs.build_record(ev, pod, HOST, flow_start_ns=start,
+                                              attribution=attr)).decode()
+        if built + "\n" != line:
             raise AssertionError(f"{name}: the two encoders differ")
         out[name] = line
     for lost in (None, 0, 2994):

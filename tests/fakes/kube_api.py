@@ -429,7 +429,7 @@ class _Handler(BaseHTTPRequestHandler):
             more = limit and offset + limit < len(items)
             # Stored objects are never mutated (put and delete store new copies), so the
             # page can be serialised from them directly.
-            body = {
+            body: dict[str, Any] = {
                 "kind": RESOURCES[path][0],
                 "apiVersion": _ITEM_KIND[path][0],
                 "metadata": {"resourceVersion": str(rv)},
