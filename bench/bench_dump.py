@@ -206,9 +206,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 runs.append(_timed(["ip", "netns", "exec", lab.gw, "conntrack", "-L", "-o",
                                     "extended"], ct_out, None, "conntrack -L -o extended",
                                    [ct_out], args.timeout))
-                runs.append(_timed([sys.executable, "-m", "shipper", "dump", "--netns", lab.gw,
-                                    "--config", str(config)], tmp / "shipper.out", env,
-                                   "flowlog-shipper dump", [flows], args.timeout))
+                for n in args.workers:
+                    runs.append(_timed([sys.executable, "-m", "shipper", "dump", "--netns",
+                                        lab.gw, "--config", str(config), "--workers", str(n)],
+                                       tmp / "shipper.out", env, _shipper_tool(n), [flows],
+                                       args.timeout))
                 if unfiltered is not None:
                     runs.append(_timed([sys.executable, "-m", "shipper", "dump", "--netns",
                                         lab.gw, "--config", str(unfiltered)],
@@ -220,15 +222,15 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             f.unlink()
         tmp.rmdir()
     ct = [r for r in runs if r.tool.startswith("conntrack")]
-    sh = [r for r in runs if r.tool.startswith("flowlog")]
     un = [r for r in runs if r.tool.startswith("dump, kernel_filter off")]
-    tools = [("conntrack", ct), ("shipper", sh)] + ([("shipper_unfiltered", un)] if un else [])
-    return {
+    tools = [("conntrack", ct)] + [
+        (_shipper_key(n), [r for r in runs if r.tool == _shipper_tool(n)]) for n in args.workers
+    ] + ([("shipper_unfiltered", un)] if un else [])
+    res: dict[str, object] = {
         "entries_at_start": size,
         "entries_at_end": end_size,
+        "workers": list(args.workers),
         "runs": [asdict(r) for r in runs],
-        "ratios_wall": [s.wall_s / c.wall_s for c, s in zip(ct, sh, strict=True)],
-        "ratios_cpu": [s.cpu_s / c.cpu_s for c, s in zip(ct, sh, strict=True)],
         "median": {
             tool: {k: statistics.median(getattr(r, k) for r in rs)
                    for k in ("wall_s", "cpu_s", "maxrss_mib", "lines")}
@@ -236,6 +238,23 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         },
         "self_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    for n in args.workers:  # each shipper run against the conntrack run just before it
+        sh = [r for r in runs if r.tool == _shipper_tool(n)]
+        key = _shipper_key(n).replace("shipper", "ratios")
+        res[f"{key}_wall"] = [s.wall_s / c.wall_s for c, s in zip(ct, sh, strict=True)]
+        res[f"{key}_cpu"] = [s.cpu_s / c.cpu_s for c, s in zip(ct, sh, strict=True)]
+    return res
+
+
+def _shipper_tool(workers: int) -> str:
+    """The run name of the shipper's dump with ``workers`` processes."""
+    return "flowlog-shipper dump" + ("" if workers == 1 else f" --workers {workers}")
+
+
+def _shipper_key(workers: int) -> str:
+    """The results' key of the shipper's dump with ``workers`` processes: ``shipper`` for
+    one (the key the issue's table reads), ``shipper_w<N>`` otherwise."""
+    return "shipper" if workers == 1 else f"shipper_w{workers}"
 
 
 def print_report(res: dict[str, object]) -> None:
@@ -245,15 +264,19 @@ def print_report(res: dict[str, object]) -> None:
     for r in res["runs"]:  # type: ignore[attr-defined]
         print(f"{r['tool']:<26} {r['wall_s']:7.2f} {r['cpu_s']:7.2f} {r['maxrss_mib']:13.1f} "
               f"{r['lines']:8d} {r['rc']:3d}")
-    med = res["median"]
-    ct, sh = med["conntrack"], med["shipper"]  # type: ignore[index]
-    print(f"median conntrack -L: {ct['wall_s']:.2f} s, {ct['maxrss_mib']:.1f} MiB; "
-          f"shipper dump: {sh['wall_s']:.2f} s, {sh['maxrss_mib']:.1f} MiB; "
-          f"ratio of medians {sh['wall_s'] / ct['wall_s']:.2f}")
-    print("pairwise wall ratios: " + ", ".join(f"{x:.2f}" for x in res["ratios_wall"]))  # type: ignore[attr-defined]
-    print("pairwise CPU ratios: " + ", ".join(f"{x:.2f}" for x in res["ratios_cpu"]))  # type: ignore[attr-defined]
-    if "shipper_unfiltered" in med:  # type: ignore[operator]
-        un = med["shipper_unfiltered"]  # type: ignore[index]
+    med: dict[str, dict[str, float]] = res["median"]  # type: ignore[assignment]
+    ct = med["conntrack"]
+    for n in res["workers"]:  # type: ignore[attr-defined]
+        sh, key = med[_shipper_key(n)], _shipper_key(n).replace("shipper", "ratios")
+        print(f"median conntrack -L: {ct['wall_s']:.2f} s, {ct['maxrss_mib']:.1f} MiB; "
+              f"{_shipper_tool(n)}: {sh['wall_s']:.2f} s, CPU {sh['cpu_s']:.2f} s, "
+              f"{sh['maxrss_mib']:.1f} MiB; ratio of medians {sh['wall_s'] / ct['wall_s']:.2f}")
+        print("  pairwise wall ratios: "
+              + ", ".join(f"{x:.2f}" for x in res[f"{key}_wall"]))  # type: ignore[attr-defined]
+        print("  pairwise CPU ratios: "
+              + ", ".join(f"{x:.2f}" for x in res[f"{key}_cpu"]))  # type: ignore[attr-defined]
+    if "shipper_unfiltered" in med:
+        un = med["shipper_unfiltered"]
         print(f"median shipper dump with kernel_filter off: {un['wall_s']:.2f} s, "
               f"{un['cpu_s']:.2f} s CPU, {un['maxrss_mib']:.1f} MiB")
 
@@ -271,8 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="limit per run, seconds")
     p.add_argument("--config-line", action="append", default=[],
                    help="extra YAML line appended to the shipper's config (repeatable)")
+    p.add_argument("--workers", type=_workers, default=[1],
+                   help="comma-separated worker counts of the shipper's dump, each timed "
+                        "(`dump --workers N`; default 1, e.g. 1,2)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
+
+
+def _workers(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of worker counts: {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"worker counts must be 1 or more: {text!r}")
+    return counts
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -159,6 +159,11 @@ class DumpRow:
     shipper: dict[str, float] = field(default_factory=dict)
     ratios_wall: list[float] = field(default_factory=list)
     ratios_cpu: list[float] = field(default_factory=list)
+    #: ``dump --workers N`` (``--dump-workers``; 1: not run)
+    workers: int = 1
+    shipper_workers: dict[str, float] = field(default_factory=dict)
+    ratios_wall_workers: list[float] = field(default_factory=list)
+    ratios_cpu_workers: list[float] = field(default_factory=list)
     error: str | None = None
 
 
@@ -835,12 +840,14 @@ def run_listener(args: argparse.Namespace, row: str, listener: str) -> ListenerR
 
 def run_dump(args: argparse.Namespace) -> DumpRow:
     """The dump row: ``bench_dump.run`` (its own fresh lab) with our entries and repeats."""
-    row = DumpRow(entries=args.dump_entries)
+    row = DumpRow(entries=args.dump_entries, workers=args.dump_workers)
     if not os.access(bench_dump.GNU_TIME, os.X_OK):
         row.error = f"needs GNU time at {bench_dump.GNU_TIME} (Debian package 'time')"
         return row
+    workers = "1" if row.workers == 1 else f"1,{row.workers}"
     dump_args = bench_dump.build_parser().parse_args(
-        ["--entries", str(args.dump_entries), "--repeat", str(args.dump_repeat)])
+        ["--entries", str(args.dump_entries), "--repeat", str(args.dump_repeat),
+         "--workers", workers])
     try:
         res: dict[str, Any] = bench_dump.run(dump_args)
     except (LabError, OSError, RuntimeError, subprocess.SubprocessError, ValueError) as exc:
@@ -851,6 +858,10 @@ def run_dump(args: argparse.Namespace) -> DumpRow:
     row.shipper = dict(res["median"]["shipper"])
     row.ratios_wall = list(res["ratios_wall"])
     row.ratios_cpu = list(res["ratios_cpu"])
+    if row.workers > 1:
+        row.shipper_workers = dict(res["median"][f"shipper_w{row.workers}"])
+        row.ratios_wall_workers = list(res[f"ratios_w{row.workers}_wall"])
+        row.ratios_cpu_workers = list(res[f"ratios_w{row.workers}_cpu"])
     failed = [r for r in res["runs"] if r["rc"] != 0]
     if failed:
         row.error = "failed: " + ", ".join(f"{r['tool']} rc={r['rc']}" for r in failed)
@@ -910,7 +921,9 @@ def expected_seconds(args: argparse.Namespace) -> float:
     total = 0.0
     for row, _ in plan(args):
         if row == "dump":
-            total += 15 + args.dump_entries / 30_000 + args.dump_repeat * args.dump_entries / 30_000
+            listers = 2 + (args.dump_workers > 1)
+            total += (15 + args.dump_entries / 30_000
+                      + listers * args.dump_repeat * args.dump_entries / 60_000)
         elif row == "memory":
             total += 8 + args.memory_flows / args.rate + args.settle
         else:
@@ -1005,18 +1018,22 @@ def table_rows(t: Table) -> list[list[str]]:
         rows.append([label, *cells, *ratios])
     if t.dump is not None:
         d = t.dump
-        if d.conntrack and d.shipper:
-            ct_cell = (f"{d.conntrack['wall_s']:.2f} s, CPU {d.conntrack['cpu_s']:.2f} s, "
-                       f"{d.conntrack['maxrss_mib']:.1f} MiB")
-            sh_cell = (f"{d.shipper['wall_s']:.2f} s, CPU {d.shipper['cpu_s']:.2f} s, "
-                       f"{d.shipper['maxrss_mib']:.1f} MiB")
-            ratio = (f"{d.shipper['wall_s'] / d.conntrack['wall_s']:.2f} wall, "
-                     f"{d.shipper['cpu_s'] / d.conntrack['cpu_s']:.2f} CPU")
-        else:
-            ct_cell = sh_cell = f"ERROR: {(d.error or '?')[:120]}"
-            ratio = "-"
-        rows.append([f"dump {d.entries} entries", ct_cell, "n/a (no one-shot dump)", sh_cell,
-                     ratio, "-"])
+        shippers = [(f"dump {d.entries} entries", d.shipper)]
+        if d.workers > 1:
+            shippers.append((f"dump {d.entries} entries, N={d.workers} workers",
+                             d.shipper_workers))
+        for label, med in shippers:
+            if d.conntrack and med:
+                ct_cell = (f"{d.conntrack['wall_s']:.2f} s, CPU {d.conntrack['cpu_s']:.2f} s, "
+                           f"{d.conntrack['maxrss_mib']:.1f} MiB")
+                sh_cell = (f"{med['wall_s']:.2f} s, CPU {med['cpu_s']:.2f} s, "
+                           f"{med['maxrss_mib']:.1f} MiB")
+                ratio = (f"{med['wall_s'] / d.conntrack['wall_s']:.2f} wall, "
+                         f"{med['cpu_s'] / d.conntrack['cpu_s']:.2f} CPU")
+            else:
+                ct_cell = sh_cell = f"ERROR: {(d.error or '?')[:120]}"
+                ratio = "-"
+            rows.append([label, ct_cell, "n/a (no one-shot dump)", sh_cell, ratio, "-"])
     return rows
 
 
@@ -1068,6 +1085,10 @@ def format_table(t: Table) -> str:
         lines.append("  dump pairwise ratios: wall "
                      + ", ".join(f"{x:.2f}" for x in t.dump.ratios_wall) + "; CPU "
                      + ", ".join(f"{x:.2f}" for x in t.dump.ratios_cpu))
+    if t.dump is not None and t.dump.ratios_wall_workers:
+        lines.append(f"  dump N={t.dump.workers} pairwise ratios: wall "
+                     + ", ".join(f"{x:.2f}" for x in t.dump.ratios_wall_workers) + "; CPU "
+                     + ", ".join(f"{x:.2f}" for x in t.dump.ratios_cpu_workers))
     return "\n".join(lines)
 
 
@@ -1123,6 +1144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="table size of the dump row (default 250000)")
     p.add_argument("--dump-repeat", type=int, default=3,
                    help="alternating runs of each lister in the dump row (default 3)")
+    p.add_argument("--dump-workers", type=int, default=2,
+                   help="also time `dump --workers N` in the dump row (its own line of the "
+                        "table; default 2, 1: only the one-process dump)")
     p.add_argument("--memory-flows", type=int, default=250_000,
                    help="live flows of the memory row (default 250000)")
     p.add_argument("--ulogd-sync", action="store_true",

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(action 'snapshot'), to the configured sink (stdout by "
                                    "default).")
     _common(d)
+    d.add_argument("--workers", type=int, metavar="N", default=None,
+                   help="Processes that filter, attribute and encode the table's entries, "
+                        "while this one reads the table and delivers (conntrack.workers; "
+                        "default 1: one process does it all).")
     c = sub.add_parser("check-config", help="Validate the configuration and print it.",
                        description="Validate the configuration (file + flags) and print the "
                                    "effective configuration as JSON. Exit 2 and list every "
@@ -181,7 +185,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     o: dict[str, Any] = {
         key: getattr(args, flag) for flag, key in _FLAG_KEYS.items() if getattr(args, flag)
     }
-    if getattr(args, "workers", None) is not None:  # run only; 0 is an error, not unset
+    if getattr(args, "workers", None) is not None:  # run and dump; 0 is an error, not unset
         o["conntrack.workers"] = args.workers
     if args.sink:
         o["sink.type"] = args.sink
@@ -296,6 +300,12 @@ def _run(cfg: config_mod.Config, command: str) -> int:
         return EXIT_SINK
     if command == "dump":
         try:
+            if cfg.conntrack.workers > 1:
+                from shipper.shards import Shards
+
+                shards = Shards(pipeline)
+                shards.fork(one_shot=True)  # before any thread exists
+                return shards.dump()
             return pipeline.dump()
         except SourceError as exc:
             log.error("conntrack source failed", extra={"fields": {"error": str(exc)}})

@@ -124,7 +124,9 @@ class ConntrackConfig(_Closed):
         "events): each has its own event socket whose in-kernel filter keeps only its share "
         "of the flows (conntrack id modulo workers), and filters, attributes and encodes "
         "that share; the main process runs the pod sources, metrics and the one delivery. "
-        f"1..{MAX_WORKERS}; 1 reads in the main process. Only for run (dump is one process).",
+        f"1..{MAX_WORKERS}; 1 reads in the main process. In the one-shot dump, the processes "
+        "that filter, attribute and encode the table's entries while the main process reads "
+        "the table and delivers (1: the main process does it all).",
     )
 
     @model_validator(mode="after")

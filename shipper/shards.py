@@ -82,6 +82,7 @@ from shipper.errors import SourceError
 from shipper.memory import tune_malloc
 from shipper.metrics import DEFS, Metrics
 from shipper.pipeline import Pipeline
+from shipper.record import FlowEvent
 from shipper.sinks.base import Batch
 
 log = logging.getLogger("shipper.shards")
@@ -154,10 +155,11 @@ class Worker:
     """
 
     def __init__(self, pipeline: Pipeline, k: int, n: int, conn: Connection,
-                 sysctls: tuple[bool, int | None]) -> None:
+                 sysctls: tuple[bool, int | None], data: Connection | None = None) -> None:
         self.p = pipeline
         self.k, self.n = k, n
         self.conn = conn
+        self.data = data  # the one-shot dump's chunks from the parent (dump_main)
         self.sysctls = sysctls
         self.stop = threading.Event()
         self.go = threading.Event()
@@ -239,23 +241,50 @@ class Worker:
 
     # ---- run ----------------------------------------------------------------
 
-    def main(self) -> int:
-        """Run the worker until the parent says stop; return the exit code."""
+    def _start(self) -> None:
+        """What every worker does first: its log field and signals, the pipeline's
+        output, health and housekeeping routed to the parent, the control thread."""
         for handler in logging.getLogger("shipper").handlers:
             handler.addFilter(_WorkerField(self.k))
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, lambda _s, _f: self.stop.set())
         _die_with_parent()
-        p, cfg = self.p, self.p.cfg
+        p = self.p
         p.out.stop = self.stop
         p.out.submit = self._send_batch  # type: ignore[method-assign]
         self._health_beat = p.health.beat
         p.health.beat = self._beat  # type: ignore[method-assign]
         self._pipeline_housekeeping = p._housekeeping
         p._housekeeping = self._housekeeping  # type: ignore[method-assign]
+        threading.Thread(target=self._control, name="shard-control", daemon=True).start()
+
+    def _flush(self) -> None:
+        """Hand on the resolve wait's records, the counters and the open batch (also
+        when the worker crashes)."""
+        p = self.p
+        p.wait.flush()
+        p._flush_counters()
+        self.send_counts()
+        b = p.out.batcher.flush()
+        if b is not None:
+            self.send(("batch", b))
+
+    def _finish(self, code: int) -> int:
+        """After :meth:`_flush`: report an error, say done; return the exit code."""
+        if self.error is not None:
+            log.error("reader failed", extra={"fields": {"worker": self.k, "error": self.error}})
+            self.send(("error", self.error))
+            code = 3
+        self.send(("done",))
+        self.conn.close()
+        return code
+
+    def main(self) -> int:
+        """Run the worker until the parent says stop; return the exit code."""
+        self._start()
+        p, cfg = self.p, self.p.cfg
         src = p.source
         src.share = (self.k, self.n)
-        threading.Thread(target=self._control, name="shard-control", daemon=True).start()
         code = 0
         try:
             p.starts.size(*self.sysctls)
@@ -274,19 +303,42 @@ class Worker:
             self.error = str(exc)
         finally:
             src.close()
-            p.wait.flush()
-            p._flush_counters()
-            self.send_counts()
-            b = p.out.batcher.flush()
-            if b is not None:
-                self.send(("batch", b))
-        if self.error is not None:
-            log.error("reader failed", extra={"fields": {"worker": self.k, "error": self.error}})
-            self.send(("error", self.error))
-            code = 3
-        self.send(("done",))
-        self.conn.close()
-        return code
+            self._flush()
+        return self._finish(code)
+
+    def dump_main(self) -> int:
+        """The one-shot dump's worker: filter, attribute and encode the entries of the
+        chunks the parent sends (whole dump reads, round robin) until an empty one;
+        return the exit code. No socket of its own and no flow-start cache (no later
+        event of these flows comes)."""
+        self._start()
+        p = self.p
+        assert self.data is not None
+        p.starts.max_entries = 0
+        entries = 0
+        try:
+            while not self.go.wait(0.2) and not self.stop.is_set():
+                self._beat()
+            if not self.stop.is_set():
+                p.wait.tick(time.time_ns(), time.monotonic())
+                events: list[FlowEvent] = []
+                decode, handle, recv = p.source.decode_chunk, p.handle, self.data.recv_bytes
+                while chunk := recv():
+                    decode(chunk, events)
+                    for ev in events:
+                        handle(ev)
+                    entries += len(events)
+                    events.clear()
+                    self._beat()
+                self.send(("dumped", entries))
+        except EOFError:
+            pass  # the parent ended the dump early (it stops; had it died, so would we)
+        except OSError as exc:
+            self.error = f"the dump's chunks could not be read: {exc}"
+        finally:
+            self.data.close()
+            self._flush()
+        return self._finish(0)
 
 
 # ------------------------------------------------------------------- parent
@@ -305,6 +357,8 @@ class _Handle:
     done: bool = False
     gone: bool = False  # its pipe closed
     error: str | None = None
+    entries: int = 0  # its dump's entries ("dumped")
+    data: Connection | None = None  # the one-shot dump's chunks to it
     gauges: dict[str, float] = field(default_factory=dict)
     thread: threading.Thread | None = None
 
@@ -323,19 +377,25 @@ class Shards:
         self._seq = 0
         self.failure: str | None = None
         self.stop: threading.Event | None = None
+        self.one_shot = False  # fork(one_shot=True): the workers of a one-shot dump
 
     # ---- start --------------------------------------------------------------
 
-    def fork(self, child_main: Callable[[Worker], int] | None = None) -> None:
+    def fork(self, child_main: Callable[[Worker], int] | None = None, *,
+             one_shot: bool = False) -> None:
         """Load the pod history, set the sysctls, and fork the workers (each opens
         its own socket). Call before any thread exists. ``child_main`` (tests)
-        replaces :meth:`Worker.main` in the children."""
+        replaces :meth:`Worker.main` in the children. With ``one_shot`` the workers
+        are those of :meth:`dump` (:meth:`Worker.dump_main`, each with a second pipe
+        for the dump's chunks)."""
         p = self.p
+        self.one_shot = one_shot
         tune_malloc()
         p.pods.load_state()  # every worker starts with the history
         self._sysctls = p.source.sysctls()
         for k in range(self.n):
             ours, theirs = socket.socketpair()
+            data_ours, data_theirs = socket.socketpair() if one_shot else (None, None)
             sys.stdout.flush()
             sys.stderr.flush()
             pid = os.fork()
@@ -343,10 +403,15 @@ class Shards:
                 code = 1
                 try:
                     ours.close()
+                    if data_ours is not None:
+                        data_ours.close()
                     for h in self.workers:
                         h.conn.close()
-                    w = Worker(p, k, self.n, Connection(theirs.detach()), self._sysctls)
-                    code = (child_main or Worker.main)(w)
+                        if h.data is not None:
+                            h.data.close()
+                    data = None if data_theirs is None else Connection(data_theirs.detach())
+                    w = Worker(p, k, self.n, Connection(theirs.detach()), self._sysctls, data)
+                    code = (child_main or (Worker.dump_main if one_shot else Worker.main))(w)
                 except BaseException:
                     log.exception("reader crashed", extra={"fields": {"worker": k}})
                 finally:
@@ -355,7 +420,11 @@ class Shards:
                         sys.stderr.flush()
                     os._exit(code)
             theirs.close()
-            self.workers.append(_Handle(k, pid, Connection(ours.detach())))
+            h = _Handle(k, pid, Connection(ours.detach()))
+            if data_ours is not None and data_theirs is not None:
+                data_theirs.close()
+                h.data = Connection(data_ours.detach())
+            self.workers.append(h)
             log.info("reader started", extra={"fields": {"worker": k, "pid": pid}})
 
     def _hook_replication(self) -> None:
@@ -399,6 +468,76 @@ class Shards:
         """Run until ``stop``; stop the workers, flush delivery; return an exit code
         (0 clean, 1 undelivered records). Raises SourceError when a worker failed
         or exited unasked (after the rest was shut down cleanly)."""
+        p = self.p
+        self._start(stop)
+        clean = False
+        try:
+            p.pods.start(p.wait.states, stop)
+            states = [_state_tuple(st) for st in p.wait.states]
+            self.broadcast(("go", states))
+            self._loop(stop, states)
+        finally:
+            clean = self._stop()
+        if self.failure is not None:
+            raise SourceError(self.failure)
+        return 0 if clean else 1
+
+    def dump(self) -> int:
+        """The one-shot dump over the workers forked with ``one_shot``: this process
+        reads the table (:meth:`ConntrackSource.dump_chunks`: the kernel's dump work and
+        a walk over the netlink headers) and hands each read's run of whole messages to
+        the next worker, round robin; the workers filter, attribute and encode their
+        entries and send batches back, delivered here. Every entry is in exactly one
+        chunk, so shipped once. Return 0 (everything delivered) or 1; raise
+        SourceError if the dump or a worker failed (after the rest was shut down)."""
+        p = self.p
+        stop = threading.Event()
+        self._start(stop)  # the pod history was loaded before the fork
+        clean = False
+        try:
+            p.pods.start(p.wait.states, stop, save=False)  # the daemon owns the state file
+            states = [_state_tuple(st) for st in p.wait.states]
+            self.broadcast(("go", states))
+            threading.Thread(target=self._feed, args=(stop,), name="dump-feed",
+                             daemon=True).start()
+            self._loop(stop, states)  # until every worker is done, or a failure
+        finally:
+            self.broadcast(("stop",))
+            for h in self.workers:  # a worker still waiting for chunks: the dump is over
+                if h.data is not None:
+                    with contextlib.suppress(OSError):
+                        h.data.close()
+            clean = self._stop()
+        if self.failure is not None:
+            raise SourceError(self.failure)
+        log.info("table dumped", extra={"fields": {
+            "entries": sum(h.entries for h in self.workers), "workers": self.n}})
+        return 0 if clean else 1
+
+    def _feed(self, stop: threading.Event) -> None:
+        """The one-shot dump's reads, to the workers in turn; then an empty chunk each."""
+        workers, k = self.workers, 0
+        try:
+            for chunk in self.p.source.dump_chunks():
+                if stop.is_set():
+                    return
+                if chunk:
+                    data = workers[k].data
+                    assert data is not None
+                    data.send_bytes(chunk)  # blocks while the worker is behind: the
+                    k = (k + 1) % len(workers)  # kernel's dump waits for us meanwhile
+            for h in workers:
+                assert h.data is not None
+                h.data.send_bytes(b"")
+        except SourceError as exc:
+            self.failure = self.failure or str(exc)
+            log.error("conntrack dump failed", extra={"fields": {"error": str(exc)}})
+            stop.set()
+        except OSError:
+            stop.set()  # a worker's pipe closed: its reader thread says why
+
+    def _start(self, stop: threading.Event) -> None:
+        """Start delivery and one thread reading each worker's messages."""
         p, cfg = self.p, self.p.cfg
         self.stop = stop
         p.out.stop = stop
@@ -412,23 +551,16 @@ class Shards:
             h.thread = threading.Thread(target=self._read, args=(h,), name=f"shard-{h.k}",
                                         daemon=True)
             h.thread.start()
-        clean = False
-        try:
-            p.pods.start(p.wait.states, stop)
-            states = [_state_tuple(st) for st in p.wait.states]
-            self.broadcast(("go", states))
-            self._loop(stop, states)
-        finally:
-            # One budget for the whole stop: the workers drain within half of it (as
-            # one process does), delivery gets what is left, at least a quarter.
-            grace = cfg.shutdown_grace_s
-            t0 = time.monotonic()
-            self._stop_workers(grace * 0.75)
-            with self._out_lock:
-                clean = p._shutdown(max(grace * 0.25, grace - (time.monotonic() - t0)))
-        if self.failure is not None:
-            raise SourceError(self.failure)
-        return 0 if clean else 1
+
+    def _stop(self) -> bool:
+        """Stop the workers and flush delivery, within one ``shutdown_grace_s`` budget:
+        the workers drain within half of it (as one process does), delivery gets what
+        is left, at least a quarter. True if everything was delivered."""
+        grace = self.p.cfg.shutdown_grace_s
+        t0 = time.monotonic()
+        self._stop_workers(grace * 0.75)
+        with self._out_lock:
+            return self.p._shutdown(max(grace * 0.25, grace - (time.monotonic() - t0)))
 
     def _loop(self, stop: threading.Event, states: list[StateTuple]) -> None:
         p = self.p
@@ -479,9 +611,9 @@ class Shards:
                     h.subscribed = True
                     self._ready("subscribed", lambda x: x.subscribed)
                 elif kind == "dumped":
-                    h.dumped = True
-                    log.info("initial table dump", extra={"fields": {
-                        "worker": h.k, "entries": msg[1]}})
+                    h.dumped, h.entries = True, msg[1]
+                    log.info("table dumped" if self.one_shot else "initial table dump",
+                             extra={"fields": {"worker": h.k, "entries": msg[1]}})
                     self._ready("initial_dump", lambda x: x.dumped)
                 elif kind == "running":
                     h.running = True
@@ -490,10 +622,14 @@ class Shards:
                     h.error = msg[1]
                 elif kind == "done":
                     h.done = True
+                    if self.one_shot and self.stop is not None and all(
+                            x.done for x in self.workers):
+                        self.stop.set()  # the dump is over: every worker flushed
         except (EOFError, OSError):
             pass
         h.gone = True
-        if h.done and h.error is None and self.stop is not None and self.stop.is_set():
+        if h.done and h.error is None and self.stop is not None and (
+                self.stop.is_set() or self.one_shot):
             return
         # Exited unasked, or failed: the agent stops (module docstring, "Failure").
         why = h.error or "exited unexpectedly"

@@ -46,6 +46,7 @@ from shipper.sources.decode import (
     IPCTNL_MSG_CT_GET,
     NFNL_SUBSYS_CTNETLINK,
     LayoutDecoder,
+    scan_dump,
 )
 
 # Protocol constants (linux/netlink.h, linux/netfilter/nfnetlink_conntrack.h). Written
@@ -360,6 +361,44 @@ def dump_table(
 
     Raises SourceError if the dump cannot be made, is refused, or stalls.
     """
+    events: list[FlowEvent] = []
+    decode_dump = decoder.decode_dump
+
+    def scan(buf: bytearray, have: int) -> tuple[int, int | None]:
+        return decode_dump(buf, have, time.time_ns(), events, on_decode_error)
+
+    for _run in _dump_reads(netns, rcvbuf, family, snat_only, scan):
+        yield from events
+        events.clear()
+
+
+def dump_chunks(
+    netns: str | None,
+    rcvbuf: int = 16 * 1024 * 1024,
+    *,
+    family: int = socket.AF_UNSPEC,
+    snat_only: bool = False,
+) -> Iterator[memoryview]:
+    """The same dump as :func:`dump_table`, undecoded: yield each read's run of complete
+    messages (entries, and at the end the NLMSG_DONE), a view valid until the next.
+
+    For a dump decoded elsewhere (the one-shot dump's worker processes): only the
+    netlink headers are read here, to find the whole messages and the end.
+    Raises SourceError as :func:`dump_table` does.
+    """
+    yield from _dump_reads(netns, rcvbuf, family, snat_only, scan_dump)
+
+
+def _dump_reads(
+    netns: str | None,
+    rcvbuf: int,
+    family: int,
+    snat_only: bool,
+    scan: Callable[[bytearray, int], tuple[int, int | None]],
+) -> Iterator[memoryview]:
+    """Request a dump and read it: after each read ``scan(buf, have)`` returns where the
+    complete messages end and whether the dump ended (None: it goes on; 0: NLMSG_DONE;
+    an errno: refused); yield a view of those messages (valid until the next read)."""
     global _seq
     _seq += 1
     seq = _seq
@@ -374,8 +413,6 @@ def dump_table(
         buf = bytearray(1 << 17)
         view = memoryview(buf)
         sock.settimeout(DUMP_TIMEOUT_S)
-        events: list[FlowEvent] = []
-        decode_dump = decoder.decode_dump
         have = 0
         while True:
             try:
@@ -391,16 +428,15 @@ def dump_table(
                 raise SourceError("conntrack dump: the socket closed before the end")
             have += n
             try:
-                off, end = decode_dump(buf, have, time.time_ns(), events, on_decode_error)
+                off, end = scan(buf, have)
             except DecodeError as exc:
                 raise SourceError(f"conntrack dump: {exc}") from exc
-            yield from events
-            events.clear()
+            off = min(off, have)
+            yield view[:off]
             if end is not None:
                 if end:
                     raise SourceError(f"conntrack dump refused: {os.strerror(end)}")
                 return
-            off = min(off, have)
             if off:
                 buf[:have - off] = buf[off:have]
                 have -= off

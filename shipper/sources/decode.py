@@ -469,6 +469,28 @@ class LayoutDecoder:
         return off, None
 
 
+def scan_dump(buf: bytes | bytearray | memoryview, n: int) -> tuple[int, int | None]:
+    """Where the complete messages of a dump stream in ``buf[:n]`` end, and whether the
+    dump ended: the ``(offset, end)`` of :meth:`LayoutDecoder.decode_dump`, reading
+    only the netlink headers (the entries are decoded elsewhere)."""
+    off = 0
+    unpack_hdr = _NLH.unpack_from
+    while off + 16 <= n:
+        msg_len, msg_type, _flags = unpack_hdr(buf, off)
+        if msg_len < 16:
+            raise DecodeError(f"netlink message length {msg_len} at offset {off} is invalid")
+        if off + msg_len > n:
+            break
+        if msg_type == NLMSG_DONE:
+            return off + msg_len, 0
+        if msg_type == NLMSG_ERROR:
+            code = -int.from_bytes(buf[off + 16:off + 20], "little", signed=True)
+            if code != 0:
+                return off + msg_len, code
+        off += (msg_len + 3) & ~3
+    return off, None
+
+
 def decode_generic(buf: bytes | bytearray | memoryview, off: int, received_ns: int) -> FlowEvent:
     """Decode one flow message by a plain attribute walk (the slow, obviously-correct path)."""
     msg_len, msg_type, flags, _s, _p, family, _v, _r = _HDR.unpack_from(buf, off)

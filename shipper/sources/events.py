@@ -157,6 +157,30 @@ class ConntrackSource:
         userspace. With a share (sharded readers) only the share's entries are
         returned, by the socket filter's rule, so each entry is shipped once.
         """
+        family, snat_only = self._dump_filter()
+        events = conntrack.dump_table(self.cfg.netns, self.decoder,
+                                      on_decode_error=self._on_decode_error,
+                                      family=family, snat_only=snat_only)
+        if self.share is None:
+            return events
+        k, n = self.share  # the socket's rule (bpf.share_of): each entry in one share
+        return (ev for ev in events if (0 if ev.ct_id is None else ev.ct_id % n) == k)
+
+    def dump_chunks(self) -> Iterable[memoryview]:
+        """The same dump as :meth:`dump` (the same kernel-side filter), undecoded: each
+        read's run of whole messages, for :meth:`decode_chunk` in another process (the
+        one-shot dump's workers). Every entry is in exactly one chunk."""
+        family, snat_only = self._dump_filter()
+        return conntrack.dump_chunks(self.cfg.netns, family=family, snat_only=snat_only)
+
+    def decode_chunk(self, chunk: bytes, out: list[FlowEvent]) -> None:
+        """Append the snapshot events of one :meth:`dump_chunks` chunk to ``out``;
+        malformed entries are counted and skipped as in :meth:`dump`."""
+        self.decoder.decode_dump(chunk, len(chunk), time.time_ns(), out,
+                                 self._on_decode_error)
+
+    def _dump_filter(self) -> tuple[int, bool]:
+        """The dump request's kernel-side filter: ``(family, snat_only)``."""
         family = socket.AF_UNSPEC
         snat_only = False
         if self.cfg.kernel_filter:
@@ -166,13 +190,7 @@ class ConntrackSource:
                 family = socket.AF_INET
             elif fams == {True}:
                 family = socket.AF_INET6
-        events = conntrack.dump_table(self.cfg.netns, self.decoder,
-                                      on_decode_error=self._on_decode_error,
-                                      family=family, snat_only=snat_only)
-        if self.share is None:
-            return events
-        k, n = self.share  # the socket's rule (bpf.share_of): each entry in one share
-        return (ev for ev in events if (0 if ev.ct_id is None else ev.ct_id % n) == k)
+        return family, snat_only
 
     # ---- the event path -----------------------------------------------------
 

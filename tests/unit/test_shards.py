@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import socket
+import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -23,13 +25,14 @@ import pytest
 
 from shipper.config import Config
 from shipper.enrich.hold import SourceState
+from shipper.errors import SourceError
 from shipper.metrics import Metrics
 from shipper.pipeline import Pipeline
 from shipper.record import ACTION_NEW, FlowEvent, PodMeta
 from shipper.shards import Shards, Worker, _Handle
 from shipper.sinks.base import Batch
 from shipper.sources import bpf
-from shipper.sources.decode import LayoutDecoder, decode_generic
+from shipper.sources.decode import NLMSG_DONE, LayoutDecoder, decode_generic
 
 S = 1_000_000_000
 T0 = 1_795_766_503 * S
@@ -308,9 +311,96 @@ def test_dumps_keep_the_share_by_the_socket_rule(monkeypatch: pytest.MonkeyPatch
     assert [e.ct_id for e in src.dump()] == [1, 3]
 
 
+def _chunks(messages: list[bytes], per: int = 7) -> list[bytes]:
+    """The messages as a dump's reads: ``per`` whole messages to a chunk (each padded to
+    4 bytes, as the kernel aligns them), NLMSG_DONE after the last."""
+    padded = [m + b"\0" * (-len(m) % 4) for m in messages]
+    done = struct.pack("=IHHIIi", 20, NLMSG_DONE, 2, 1, 0, 0)
+    chunks = [b"".join(padded[i:i + per]) for i in range(0, len(padded), per)]
+    chunks[-1] += done
+    return chunks
+
+
+def _one_shot(n: int, chunks: Callable[[], Iterable[bytes]],
+              child_main: Callable[[Worker], int] | None = None
+              ) -> tuple[Shards, Pipeline, RecordingSink]:
+    cfg = Config(filter={"pod_cidrs": ["0.0.0.0/0", "::/0"], "only_snat": False},
+                 enrich={"resolve_wait_s": 0},
+                 conntrack={"set_sysctls": False, "workers": n},
+                 batch={"max_age_s": 0.05}, shutdown_grace_s=5, metrics={"address": None})
+    sink = RecordingSink()
+    p = Pipeline(cfg, Metrics(), sink=sink)
+    p.source.dump_chunks = chunks  # type: ignore[method-assign,assignment]
+    shards = Shards(p)
+    shards.fork(child_main, one_shot=True)
+    return shards, p, sink
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_one_shot_dump_over_forked_workers_ships_each_entry_once(n: int) -> None:
+    """`dump` with N workers: the parent's reads (here the captured kernel messages as
+    chunks) go round robin to N forked workers, which decode, attribute and encode them;
+    every entry is delivered exactly once by the parent, every worker had a part, the
+    counters are the workers' sum, and the dump ends by itself with exit 0."""
+    shards, p, sink = _one_shot(n, lambda: iter(_chunks(MESSAGES)))
+    t0 = time.monotonic()
+    assert shards.dump() == 0
+    assert time.monotonic() - t0 < 20
+    want = sorted((e.ct_id, e.action) for e in (decode_generic(m, 0, 0) for m in MESSAGES)
+                  if e is not None)
+    got = sorted((r["conntrack"]["id"], r["event"]["action"])
+                 for r in (orjson.loads(e) for e in sink.entries))
+    assert got == want
+    assert all(h.entries > 0 for h in shards.workers)
+    assert sum(h.entries for h in shards.workers) == len(want)
+    assert p.metrics.total("shipper_events_total") == len(want)
+    assert all(_reaped_already(h.pid) for h in shards.workers)
+
+
+def _reaped_already(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+def test_one_shot_dump_fails_when_the_kernel_refuses_midway() -> None:
+    """A dump that fails after its first read (the kernel refused it, or it stalled):
+    the workers are stopped, no worker is left, and the failure is the SourceError."""
+    chunks = _chunks(MESSAGES)
+
+    def refused() -> Iterator[bytes]:
+        yield chunks[0]
+        raise SourceError("conntrack dump refused: Operation not permitted")
+
+    shards, _p, _sink = _one_shot(2, refused)
+    with pytest.raises(SourceError, match="refused"):
+        shards.dump()
+    assert all(_reaped_already(h.pid) for h in shards.workers)
+
+
+def test_one_shot_dump_fails_when_a_worker_dies() -> None:
+    """A worker that dies during the dump: its part is missing, so the dump fails (a
+    SourceError naming the worker) with a gap record delivered, and the other worker is
+    stopped, not left waiting for chunks."""
+    def child_main(w: Worker) -> int:
+        if w.k == 1:
+            os._exit(9)
+        return w.dump_main()
+
+    many = _chunks(MESSAGES * 50)
+    shards, p, sink = _one_shot(2, lambda: iter(many), child_main)
+    with pytest.raises(SourceError, match="reader 1"):
+        shards.dump()
+    assert any(orjson.loads(e)["event"]["action"] == "gap" for e in sink.entries)
+    assert p.metrics.value("shipper_errors_total", "worker", "exited") == 1
+    assert all(_reaped_already(h.pid) for h in shards.workers)
+
+
 def test_workers_flag_and_key() -> None:
-    """`run --workers N` sets conntrack.workers; 0 and more than the maximum are named
-    configuration errors, not ignored."""
+    """`run --workers N` and `dump --workers N` set conntrack.workers; 0 and more than
+    the maximum are named configuration errors, not ignored."""
     from shipper import cli
     from shipper import config as config_mod
     from shipper.errors import ConfigError
@@ -324,3 +414,6 @@ def test_workers_flag_and_key() -> None:
             config_mod.load(None, cli.overrides_from_args(args))
     dump = cli.build_parser().parse_args(["dump", "--pod-cidr", "10.0.0.0/8"])
     assert "conntrack.workers" not in cli.overrides_from_args(dump)
+    dump = cli.build_parser().parse_args(["dump", "--workers", "3", "--pod-cidr",
+                                          "10.0.0.0/8"])
+    assert config_mod.load(None, cli.overrides_from_args(dump)).conntrack.workers == 3
