@@ -493,7 +493,7 @@ class Shards:
         p = self.p
         stop = threading.Event()
         self._start(stop)  # the pod history was loaded before the fork
-        clean = False
+        clean = completed = False
         try:
             p.pods.start(p.wait.states, stop, save=False)  # the daemon owns the state file
             states = [_state_tuple(st) for st in p.wait.states]
@@ -501,7 +501,11 @@ class Shards:
             threading.Thread(target=self._feed, args=(stop,), name="dump-feed",
                              daemon=True).start()
             self._loop(stop, states)  # until every worker is done, or a failure
+            completed = True
         finally:
+            if not completed:  # interrupted (Ctrl-C): the workers' parts are not done
+                self.failure = self.failure or "the dump was interrupted"
+            stop.set()
             self.broadcast(("stop",))
             for h in self.workers:  # a worker still waiting for chunks: the dump is over
                 if h.data is not None:
@@ -535,6 +539,10 @@ class Shards:
             stop.set()
         except OSError:
             stop.set()  # a worker's pipe closed: its reader thread says why
+        except BaseException as exc:  # never a dump left waiting for a dead feeder
+            self.failure = self.failure or f"the dump's reader failed: {exc!r}"
+            log.exception("the dump's reader failed")
+            stop.set()
 
     def _start(self, stop: threading.Event) -> None:
         """Start delivery and one thread reading each worker's messages."""
@@ -628,16 +636,21 @@ class Shards:
         except (EOFError, OSError):
             pass
         h.gone = True
-        if h.done and h.error is None and self.stop is not None and (
-                self.stop.is_set() or self.one_shot):
+        if self.one_shot:
+            # A dump worker is done when it did its part, or after another failure
+            # (which already fails the dump); ending without its part loses entries.
+            if h.done and h.error is None and (h.dumped or self.failure is not None):
+                return
+        elif h.done and h.error is None and self.stop is not None and self.stop.is_set():
             return
         # Exited unasked, or failed: the agent stops (module docstring, "Failure").
-        why = h.error or "exited unexpectedly"
+        why = h.error or ("ended before its part of the dump was done" if h.done
+                          else "exited unexpectedly")
         self.failure = self.failure or f"reader {h.k} (pid {h.pid}): {why}"
         m.inc("shipper_errors_total", "worker", "failed" if h.error else "exited")
         log.error("reader failed: stopping the shipper (a restart re-dumps the table)",
                   extra={"fields": {"worker": h.k, "pid": h.pid, "error": why}})
-        if not h.done:
+        if not h.done or (self.one_shot and not h.dumped):
             with self._out_lock:  # its share is missing from its last sign of life
                 p.out.gap(h.heard_ns, time.time_ns(), None, 0, False)
         if self.stop is not None:

@@ -398,6 +398,22 @@ def test_one_shot_dump_fails_when_a_worker_dies() -> None:
     assert all(_reaped_already(h.pid) for h in shards.workers)
 
 
+def test_one_shot_dump_fails_when_a_worker_ends_without_its_part() -> None:
+    """A worker that ends cleanly ("done") but never did its part of the dump (here
+    stopped before it began): the dump fails naming it, never exit 0 with its entries
+    missing."""
+    def child_main(w: Worker) -> int:
+        if w.k == 0:
+            w.stop.set()
+        return w.dump_main()
+
+    shards, _p, sink = _one_shot(2, lambda: iter(_chunks(MESSAGES)), child_main)
+    with pytest.raises(SourceError, match=r"reader 0 .*ended before its part"):
+        shards.dump()
+    assert any(orjson.loads(e)["event"]["action"] == "gap" for e in sink.entries)
+    assert all(_reaped_already(h.pid) for h in shards.workers)
+
+
 def test_workers_flag_and_key() -> None:
     """`run --workers N` and `dump --workers N` set conntrack.workers; 0 and more than
     the maximum are named configuration errors, not ignored."""
