@@ -383,16 +383,18 @@ class Shards:
 
     def fork(self, child_main: Callable[[Worker], int] | None = None, *,
              one_shot: bool = False) -> None:
-        """Load the pod history, set the sysctls, and fork the workers (each opens
-        its own socket). Call before any thread exists. ``child_main`` (tests)
-        replaces :meth:`Worker.main` in the children. With ``one_shot`` the workers
-        are those of :meth:`dump` (:meth:`Worker.dump_main`, each with a second pipe
-        for the dump's chunks)."""
+        """Load the pod history, set the sysctls (not for a one-shot dump), and fork
+        the workers (each opens its own socket). Call before any thread exists.
+        ``child_main`` (tests) replaces :meth:`Worker.main` in the children. With
+        ``one_shot`` the workers are those of :meth:`dump` (:meth:`Worker.dump_main`,
+        each with a second pipe for the dump's chunks)."""
         p = self.p
         self.one_shot = one_shot
         tune_malloc()
         p.pods.load_state()  # every worker starts with the history
-        self._sysctls = p.source.sysctls()
+        # A one-shot dump reads the table as it is, as the one-process dump does: it
+        # neither sets the conntrack sysctls nor sizes a flow-start cache by them.
+        self._sysctls = (False, None) if one_shot else p.source.sysctls()
         for k in range(self.n):
             ours, theirs = socket.socketpair()
             data_ours, data_theirs = socket.socketpair() if one_shot else (None, None)

@@ -331,6 +331,11 @@ def _one_shot(n: int, chunks: Callable[[], Iterable[bytes]],
     sink = RecordingSink()
     p = Pipeline(cfg, Metrics(), sink=sink)
     p.source.dump_chunks = chunks  # type: ignore[method-assign,assignment]
+
+    def no_sysctls() -> tuple[bool, int | None]:
+        raise AssertionError("a one-shot dump reads the table as it is: no sysctls")
+
+    p.source.sysctls = no_sysctls  # type: ignore[method-assign]
     shards = Shards(p)
     shards.fork(child_main, one_shot=True)
     return shards, p, sink
@@ -341,7 +346,8 @@ def test_one_shot_dump_over_forked_workers_ships_each_entry_once(n: int) -> None
     """`dump` with N workers: the parent's reads (here the captured kernel messages as
     chunks) go round robin to N forked workers, which decode, attribute and encode them;
     every entry is delivered exactly once by the parent, every worker had a part, the
-    counters are the workers' sum, and the dump ends by itself with exit 0."""
+    counters are the workers' sum, the dump ends by itself with exit 0, and the conntrack
+    sysctls are neither set nor read (as in the one-process dump)."""
     shards, p, sink = _one_shot(n, lambda: iter(_chunks(MESSAGES)))
     t0 = time.monotonic()
     assert shards.dump() == 0
