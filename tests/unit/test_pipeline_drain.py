@@ -37,13 +37,24 @@ class QueuedSocket:
         return len(MESSAGE)
 
 
-@pytest.fixture
-def pipeline(monkeypatch: pytest.MonkeyPatch) -> Pipeline:
+def _pipeline(monkeypatch: pytest.MonkeyPatch, grace_s: float) -> Pipeline:
     monkeypatch.setattr(conntrack, "socket_drops", lambda netns, sock: None)
     monkeypatch.setattr(conntrack, "effective_rcvbuf", lambda sock: 1 << 30)
-    cfg = Config(filter={"pod_cidrs": ["0.0.0.0/0", "::/0"]}, shutdown_grace_s=0.2,
+    cfg = Config(filter={"pod_cidrs": ["0.0.0.0/0", "::/0"]}, shutdown_grace_s=grace_s,
                  batch={"max_records": 1_000_000, "max_bytes": 1 << 30})
     return Pipeline(cfg, Metrics(), sink=BatcherSink(name="keep"))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def pipeline(monkeypatch: pytest.MonkeyPatch) -> Pipeline:
+    """A short grace period: the drain of a sender that never pauses must end soon."""
+    return _pipeline(monkeypatch, 0.2)
+
+
+@pytest.fixture
+def patient(monkeypatch: pytest.MonkeyPatch) -> Pipeline:
+    """A long grace period: a drain that ends by itself is never cut by a busy machine."""
+    return _pipeline(monkeypatch, 30.0)
 
 
 def shipped(p: Pipeline) -> list[dict[str, Any]]:
@@ -52,11 +63,11 @@ def shipped(p: Pipeline) -> list[dict[str, Any]]:
 
 
 class TestDrainAtStop:
-    def test_queued_events_are_read_and_shipped(self, pipeline: Pipeline) -> None:
+    def test_queued_events_are_read_and_shipped(self, patient: Pipeline) -> None:
         """Every datagram queued at the stop becomes a record; no gap when all were read."""
-        pipeline.source.sock = QueuedSocket(3)
-        pipeline._drain_at_stop()
-        recs = shipped(pipeline)
+        patient.source.sock = QueuedSocket(3)
+        patient._drain_at_stop()
+        recs = shipped(patient)
         assert [r["event"]["action"] for r in recs] == ["new"] * 3
 
     def test_unread_rest_is_reported_as_a_gap(self, pipeline: Pipeline) -> None:
@@ -71,12 +82,12 @@ class TestDrainAtStop:
         assert len(recs) - 1 == sock.reads > 0
 
     def test_reads_no_more_than_the_socket_buffer(
-            self, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+            self, patient: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
         """The drain stops after one buffer's worth of bytes: later events came after the
         stop."""
         monkeypatch.setattr(conntrack, "effective_rcvbuf", lambda sock: 10 * len(MESSAGE))
         sock = QueuedSocket(None)
-        pipeline.source.sock = sock
-        pipeline._drain_at_stop()
+        patient.source.sock = sock
+        patient._drain_at_stop()
         assert sock.reads == 10
-        assert [r["event"]["action"] for r in shipped(pipeline)] == ["new"] * 10
+        assert [r["event"]["action"] for r in shipped(patient)] == ["new"] * 10
