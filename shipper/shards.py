@@ -50,6 +50,12 @@ of the single-process shipper for its share of the flows, and the main process
   One ``shutdown_grace_s`` budget covers both: workers get three quarters at
   most (they drain within half, as one process does), delivery the rest.
 - **Logs**: a worker's lines carry ``"worker": k``.
+- **The one-shot dump** (``dump --workers N``; :meth:`Shards.dump`,
+  :meth:`Worker.dump_main`): the kernel cannot split a dump, so the parent reads
+  the table once and sends each read's whole messages, raw, to the next worker
+  over a second socketpair (an empty one ends it); the workers decode, filter,
+  attribute and encode and send batches back as above. A worker that dies or
+  ends without its part fails the dump (exit 3), never a silent exit 0.
 
 Fork happens before any thread exists (the CLI starts the metrics server
 after :meth:`Shards.fork`): a child of a threaded process may inherit locks
