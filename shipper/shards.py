@@ -114,7 +114,8 @@ TO_WORKER = {
 #: worker -> parent messages.
 TO_PARENT = {
     "subscribed": "(): the event socket is open",
-    "dumped": "(entries,): the initial dump is done",
+    "dumped": "(entries,): the initial dump (one-shot dump: this worker's part) is done",
+    "cut": "(): one-shot dump: the parent ended the dump before this worker's part was done",
     "running": "(): in the event loop",
     "batch": "(Batch,): a closed batch of encoded entries",
     "counts": "(counters, gauges): counter deltas {name: {labels: n}}, owned gauges",
@@ -168,6 +169,7 @@ class Worker:
         self.data = data  # the one-shot dump's chunks from the parent (dump_main)
         self.sysctls = sysctls
         self.stop = threading.Event()
+        self.parent_stop = False  # the stop came from the parent ("stop"), not a signal
         self.go = threading.Event()
         self.error: str | None = None
         self._mirrors: dict[str, SourceState] = {}
@@ -231,6 +233,7 @@ class Worker:
                     if kind == "go":
                         self.go.set()
                 elif kind == "stop":
+                    self.parent_stop = True
                     self.stop.set()
         except (EOFError, OSError):
             self.stop.set()  # the parent is gone, or closed our pipe
@@ -337,8 +340,10 @@ class Worker:
                     events.clear()
                     self._beat()
                 self.send(("dumped", entries))
-        except EOFError:
-            pass  # the parent ended the dump early (it stops; had it died, so would we)
+            elif self.parent_stop:  # the parent ended the dump before it began here
+                self.send(("cut",))
+        except EOFError:  # the parent ended the dump early, after a failure it reports
+            self.send(("cut",))  # (had it died, so would we)
         except OSError as exc:
             self.error = f"the dump's chunks could not be read: {exc}"
         finally:
@@ -364,6 +369,7 @@ class _Handle:
     gone: bool = False  # its pipe closed
     error: str | None = None
     entries: int = 0  # its dump's entries ("dumped")
+    cut: bool = False  # one-shot dump: the parent ended it before its part was done
     data: Connection | None = None  # the one-shot dump's chunks to it
     gauges: dict[str, float] = field(default_factory=dict)
     thread: threading.Thread | None = None
@@ -631,6 +637,8 @@ class Shards:
                     log.info("table dumped" if self.one_shot else "initial table dump",
                              extra={"fields": {"worker": h.k, "entries": msg[1]}})
                     self._ready("initial_dump", lambda x: x.dumped)
+                elif kind == "cut":
+                    h.cut = True
                 elif kind == "running":
                     h.running = True
                     self._ready("running", lambda x: x.running)
@@ -645,9 +653,10 @@ class Shards:
             pass
         h.gone = True
         if self.one_shot:
-            # A dump worker is done when it did its part, or after another failure
-            # (which already fails the dump); ending without its part loses entries.
-            if h.done and h.error is None and (h.dumped or self.failure is not None):
+            # A dump worker is done when it did its part, or when this process cut the
+            # dump short (after a failure that fails it); a worker that ended without its
+            # part on its own lost entries: a failure, with a gap record below.
+            if h.done and h.error is None and (h.dumped or h.cut):
                 return
         elif h.done and h.error is None and self.stop is not None and self.stop.is_set():
             return
@@ -658,7 +667,7 @@ class Shards:
         m.inc("shipper_errors_total", "worker", "failed" if h.error else "exited")
         log.error("reader failed: stopping the shipper (a restart re-dumps the table)",
                   extra={"fields": {"worker": h.k, "pid": h.pid, "error": why}})
-        if not h.done or (self.one_shot and not h.dumped):
+        if not h.done or (self.one_shot and not (h.dumped or h.cut)):
             with self._out_lock:  # its share is missing from its last sign of life
                 p.out.gap(h.heard_ns, time.time_ns(), None, 0, False)
         if self.stop is not None:
