@@ -46,7 +46,6 @@ from shipper.sources.decode import (
     IPCTNL_MSG_CT_GET,
     NFNL_SUBSYS_CTNETLINK,
     LayoutDecoder,
-    scan_dump,
 )
 
 # Protocol constants (linux/netlink.h, linux/netfilter/nfnetlink_conntrack.h). Written
@@ -386,7 +385,12 @@ def dump_chunks(
     netlink headers are read here, to find the whole messages and the end.
     Raises SourceError as :func:`dump_table` does.
     """
-    yield from _dump_reads(netns, rcvbuf, family, snat_only, scan_dump)
+    decode_dump = LayoutDecoder().decode_dump  # with no list: headers only, nothing decoded
+
+    def scan(buf: bytearray, have: int) -> tuple[int, int | None]:
+        return decode_dump(buf, have, 0, None)
+
+    yield from _dump_reads(netns, rcvbuf, family, snat_only, scan)
 
 
 def _dump_reads(

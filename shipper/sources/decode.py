@@ -411,10 +411,12 @@ class LayoutDecoder:
         buf: bytes | bytearray | memoryview,
         n: int,
         received_ns: int,
-        out: list[FlowEvent],
+        out: list[FlowEvent] | None,
         on_error: Callable[[DecodeError], None] | None = None,
     ) -> tuple[int, int | None]:
-        """Decode the complete messages of a dump stream in ``buf[:n]`` into ``out``.
+        """Decode the complete messages of a dump stream in ``buf[:n]`` into ``out``
+        (None: decode nothing, only read the netlink headers, for a dump whose entries
+        are decoded elsewhere: ``conntrack.dump_chunks``).
 
         Returns ``(offset, end)``: ``offset`` is where the first incomplete
         message starts (the caller keeps ``buf[offset:n]`` for the next read),
@@ -427,7 +429,7 @@ class LayoutDecoder:
         off = 0
         unpack_hdr = _NLH.unpack_from
         layouts = self._layouts
-        append = out.append
+        append = None if out is None else out.append
         last_key: int | None = None
         last_fn: _LayoutFn | None = None
         while off + 16 <= n:
@@ -442,7 +444,7 @@ class LayoutDecoder:
                 code = -int.from_bytes(buf[off + 16:off + 20], "little", signed=True)
                 if code != 0:
                     return off + msg_len, code
-            else:
+            elif append is not None:
                 key = msg_len | msg_type << 32 | flags << 48
                 ev = None
                 if key == last_key and last_fn is not None:
@@ -467,28 +469,6 @@ class LayoutDecoder:
                     append(ev)
             off += (msg_len + 3) & ~3
         return off, None
-
-
-def scan_dump(buf: bytes | bytearray | memoryview, n: int) -> tuple[int, int | None]:
-    """Where the complete messages of a dump stream in ``buf[:n]`` end, and whether the
-    dump ended: the ``(offset, end)`` of :meth:`LayoutDecoder.decode_dump`, reading
-    only the netlink headers (the entries are decoded elsewhere)."""
-    off = 0
-    unpack_hdr = _NLH.unpack_from
-    while off + 16 <= n:
-        msg_len, msg_type, _flags = unpack_hdr(buf, off)
-        if msg_len < 16:
-            raise DecodeError(f"netlink message length {msg_len} at offset {off} is invalid")
-        if off + msg_len > n:
-            break
-        if msg_type == NLMSG_DONE:
-            return off + msg_len, 0
-        if msg_type == NLMSG_ERROR:
-            code = -int.from_bytes(buf[off + 16:off + 20], "little", signed=True)
-            if code != 0:
-                return off + msg_len, code
-        off += (msg_len + 3) & ~3
-    return off, None
 
 
 def decode_generic(buf: bytes | bytearray | memoryview, off: int, received_ns: int) -> FlowEvent:
