@@ -13,9 +13,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
+import pluggy
 import pytest
 
 from shipper.lab import Lab
@@ -38,7 +39,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None],
+) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     """In CI, turn a skipped kernel test (in any phase, for any reason) into a failure."""
     outcome = yield
     report: pytest.TestReport = outcome.get_result()

@@ -90,11 +90,12 @@ class Flow:
         _, dst = parse_ip(self.dst)
         _, nat = parse_ip(self.nat)
         status = _NEW_STATUS | (NAT_CLASH if self.clash else 0)
-        base = dict(family=fam, proto=self.proto, orig_src=src, orig_dst=dst,
-                    orig_sport=self.sport, orig_dport=self.dport, reply_src=dst,
-                    reply_dst=nat, reply_sport=self.dport, reply_dport=self.nat_port,
-                    icmp_type=None, icmp_code=None, icmp_id=None, ct_id=self.ct_id,
-                    tcp_state=(1 if self.proto == 6 else None), mark=None, zone=None)
+        base: dict[str, Any] = dict(
+            family=fam, proto=self.proto, orig_src=src, orig_dst=dst,
+            orig_sport=self.sport, orig_dport=self.dport, reply_src=dst,
+            reply_dst=nat, reply_sport=self.dport, reply_dport=self.nat_port,
+            icmp_type=None, icmp_code=None, icmp_id=None, ct_id=self.ct_id,
+            tcp_state=(1 if self.proto == 6 else None), mark=None, zone=None)
         kstart = self.start_ns if self.kernel_ts else None
         if self.snapshot_at is None:
             remembered = self.start_ns

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from shipper.sinks.base import Batch
+from shipper.sinks.base import Batch, EntryFormat
 
 
 class BatcherSink:
@@ -18,8 +18,8 @@ class BatcherSink:
 
     acknowledged = False
 
-    def __init__(self, entry_format: str = "msgpack", name: str = "recording") -> None:
-        self.entry_format = entry_format
+    def __init__(self, entry_format: EntryFormat = "msgpack", name: str = "recording") -> None:
+        self.entry_format: EntryFormat = entry_format
         self.name = name
 
     def encode(self, record: dict[str, Any], time_ns: int) -> bytes:

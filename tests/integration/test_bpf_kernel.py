@@ -123,10 +123,17 @@ def lab(lab: Lab) -> Lab:
     return built
 
 
+def event_socket(lab: Lab) -> socket.socket:
+    """A plain NEW+DESTROY event socket in the gateway (no reliable DESTROY: one socket)."""
+    sock = conntrack.open_event_socket(lab.gw, ["new", "destroy"], 8 << 20)
+    assert isinstance(sock, socket.socket)
+    return sock
+
+
 @pytest.fixture
 def sockets(lab: Lab) -> Iterator[tuple[Reader, Reader]]:
-    filtered = conntrack.open_event_socket(lab.gw, ["new", "destroy"], 8 << 20)
-    control = conntrack.open_event_socket(lab.gw, ["new", "destroy"], 8 << 20)
+    filtered = event_socket(lab)
+    control = event_socket(lab)
     try:
         yield Reader(filtered), Reader(control)
     finally:

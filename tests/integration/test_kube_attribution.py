@@ -661,7 +661,11 @@ class TestKubeOvnAnnotations:
         for family in (4, 6):
             lab.start_server("tcp", 8080, family)
             port = lab.connect(2, "tcp", family, 8080)
-            rec = sp.wait_records(lambda r, p=port: is_new(r) and sport_of(r) == p)[0]
+
+            def new_from_port(r: Record, p: int = port) -> bool:
+                return is_new(r) and sport_of(r) == p
+
+            rec = sp.wait_records(new_from_port)[0]
             assert_names(rec, lab, 2)
             assert get(rec, "kubernetes.pod.ip") == lab.pod_ip(2, family)
             assert get(rec, "kubernetes.pod.ip_source") == "kube-ovn"

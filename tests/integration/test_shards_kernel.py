@@ -46,6 +46,13 @@ def make_flows(lab: Lab, family: int) -> None:
     assert res.sent == FLOWS
 
 
+def event_socket(lab: Lab) -> socket.socket:
+    """A plain NEW+DESTROY event socket in the gateway (no reliable DESTROY: one socket)."""
+    sock = conntrack.open_event_socket(lab.gw, ["new", "destroy"], 8 << 20)
+    assert isinstance(sock, socket.socket)
+    return sock
+
+
 def read_ids(socks: list[socket.socket], want_new: int, want_destroy: int,
              control: int, timeout: float = 20.0) -> list[dict[str, list[int]]]:
     """Read every socket until the control socket (index ``control``) saw ``want_new``
@@ -89,8 +96,7 @@ def test_socket_shares_are_disjoint_and_complete(lab: Lab, family: int) -> None:
     together get every NEW and DESTROY of FLOWS pod flows exactly once, as an unsharded
     control socket gets them; both shares are non-empty and nothing is dropped."""
     cidrs = lab.pod_cidrs()
-    socks = [conntrack.open_event_socket(lab.gw, ["new", "destroy"], 8 << 20)
-             for _ in range(3)]
+    socks = [event_socket(lab) for _ in range(3)]
     try:
         for k in range(2):
             bpf.attach(socks[k], bpf.build_program(cidrs, share=(k, 2)))

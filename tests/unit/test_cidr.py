@@ -248,7 +248,7 @@ class TestBadCidrs:
     def test_non_string_entry(self) -> None:
         """A non-string entry (None) is reported, not crashed on."""
         with pytest.raises(ConfigError) as ei:
-            CidrFilter([None], [])  # type: ignore[list-item]
+            CidrFilter([None], [])
         assert "None" in ei.value.problems[0]
 
 

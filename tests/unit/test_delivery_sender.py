@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from shipper.delivery.sender import Sender
 from shipper.errors import SinkError
 from shipper.metrics import Metrics
-from shipper.sinks.base import Batch
+from shipper.sinks.base import Batch, EntryFormat
 from shipper.sinks.retry import RetryPolicy
 
 FAST = RetryPolicy(initial_s=0.001, max_s=0.002)
@@ -19,7 +19,7 @@ class ScriptedSink:
     """``outcome(call)`` decides each deliver: an exception to raise, or what to return."""
 
     name = "scripted"
-    entry_format = "ndjson"
+    entry_format: EntryFormat = "ndjson"
     acknowledged = True
 
     def __init__(self, outcome: Callable[[int], object] = lambda _n: None) -> None:

@@ -517,7 +517,8 @@ def _raw_handshake(rx: ForwardReceiver, ping_and_more: Any, expect: int) -> list
         helo = msgpack.unpackb(s.recv(4096), raw=True)
         s.sendall(ping_and_more(helo[1][b"nonce"], helo[1][b"auth"]))
         u = msgpack.Unpacker(raw=True)
-        buf, replies = b"", []
+        buf = b""
+        replies: list[bytes] = []
         while len(replies) < expect and (chunk := s.recv(65536)):
             buf += chunk
             u.feed(chunk)

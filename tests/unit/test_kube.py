@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 
@@ -467,7 +467,9 @@ class TestSubnetDiscovery:
             assert h.source.wait_synced(WAIT_S)
             wait_for(lambda: h.filter.nat_policy is not None)
             src = parse_ip("10.16.5.5")[1]
-            assert h.filter.nat_policy.forwards(4, src, parse_ip("8.8.8.8")[1]) is True
+            policy = h.filter.nat_policy
+            assert policy is not None  # (wait_for saw it set)
+            assert policy.forwards(4, src, parse_ip("8.8.8.8")[1]) is True
             api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16", rules=[
                 {"action": "forward", "match": {"dstIPs": "1.1.1.1"}}]))
             wait_for(lambda: h.filter.nat_policy is not None
@@ -507,7 +509,14 @@ def live_names(h: Harness, ips: dict[str, str]) -> set[str]:
     return {name for name, ip in ips.items() if owner(h.index, ip) == name}
 
 
-CENTRAL = dict(gateway_type="centralized", gateway_node="node-1:172.18.0.9,node-3")
+class GatewayArgs(TypedDict, total=False):
+    """Keyword arguments of ``subnet`` for a Subnet's gateway."""
+
+    gateway_type: str
+    gateway_node: str
+
+
+CENTRAL = GatewayArgs(gateway_type="centralized", gateway_node="node-1:172.18.0.9,node-3")
 PODS_3 = {"a1": ("10.16.0.11", "node-1"), "b1": ("10.16.0.21", "node-2"),
           "c1": ("10.16.0.31", "node-3")}
 
@@ -636,7 +645,7 @@ class TestNodeRoleAndScope:
         """A StatefulSet pod recreated on another node with the same address: flows that
         started before the move still name the old pod; after it, a node-scoped shipper
         names nobody (it cannot see the new pod) and a gateway names the new one."""
-        extra = CENTRAL if gateway else {}
+        extra: GatewayArgs = CENTRAL if gateway else {}
         api.put(SUBNETS, subnet("ovn-default", "10.16.0.0/16", **extra))
         api.put(PODS, pod("web-0", "10.16.0.50", node="node-1", uid="old-uid"))
         with make(subnets_enabled=True) as h:

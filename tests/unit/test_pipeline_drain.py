@@ -42,7 +42,7 @@ def _pipeline(monkeypatch: pytest.MonkeyPatch, grace_s: float) -> Pipeline:
     monkeypatch.setattr(conntrack, "effective_rcvbuf", lambda sock: 1 << 30)
     cfg = Config(filter={"pod_cidrs": ["0.0.0.0/0", "::/0"]}, shutdown_grace_s=grace_s,
                  batch={"max_records": 1_000_000, "max_bytes": 1 << 30})
-    return Pipeline(cfg, Metrics(), sink=BatcherSink(name="keep"))  # type: ignore[arg-type]
+    return Pipeline(cfg, Metrics(), sink=BatcherSink(name="keep"))
 
 
 @pytest.fixture

@@ -159,8 +159,7 @@ class TestResolveWait:
         b = PodMeta(namespace="ns", name="b", uid="uid-b", ips=((4, POD + 1),),
                     phase="Running", created_ns=T0).with_record_object()
         p.index.update(b, T0)
-        fresh = FlowEvent(*event(ACTION_NEW, 2, T0 + S, T0 + S)[:3], POD + 1,
-                          *event(ACTION_NEW, 2, T0 + S, T0 + S)[4:])
+        fresh = event(ACTION_NEW, 2, T0 + S, T0 + S)._replace(orig_src=POD + 1)
         p.handle(fresh)
         assert shipped(p) == [("new", 2, "resolved", "b")]  # not delayed
         # The pod's watch event arrives 0.5 s later.

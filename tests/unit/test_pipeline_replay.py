@@ -24,7 +24,7 @@ from shipper.config import Config
 from shipper.metrics import Metrics
 from shipper.pipeline import Pipeline
 from shipper.record import FlowEvent, PodMeta
-from shipper.sinks.base import Batch
+from shipper.sinks.base import Batch, EntryFormat
 from shipper.sources import conntrack
 from shipper.sources.decode import LayoutDecoder
 
@@ -37,7 +37,7 @@ class MemorySink:
     """An NDJSON sink that keeps every delivered line."""
 
     name = "memory"
-    entry_format = "ndjson"
+    entry_format: EntryFormat = "ndjson"
     acknowledged = False
 
     def __init__(self) -> None:

@@ -334,7 +334,7 @@ class TestTombstone:
         """No attribute can be set or deleted."""
         t = PodTombstone(make_pod("a"))
         with pytest.raises(AttributeError):
-            t.node = "x"  # type: ignore[misc]
+            t.node = "x"
         with pytest.raises(AttributeError):
             del t.labels
 

@@ -30,14 +30,14 @@ class TestRecordBytes:
         assert {c[0] for c in CASES} <= GOLDEN.keys()
 
     @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-    def test_ndjson_line_is_golden(self, case: tuple) -> None:  # type: ignore[type-arg]
+    def test_ndjson_line_is_golden(self, case: tuple) -> None:
         """JsonLineEncoder.encode writes exactly the recorded bytes of each captured message."""
         name, ev, pod, start, attribution = case
         line = JsonLineEncoder(record_cases.HOST).encode(ev, pod, start, attribution)
         assert line.decode() == GOLDEN[name]
 
     @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-    def test_dict_record_is_golden(self, case: tuple) -> None:  # type: ignore[type-arg]
+    def test_dict_record_is_golden(self, case: tuple) -> None:
         """orjson.dumps(build_record(...)) is exactly the recorded line, newline aside."""
         name, ev, pod, start, attribution = case
         rec = ecs.build_record(ev, pod, record_cases.HOST, flow_start_ns=start,

@@ -30,7 +30,7 @@ from shipper.metrics import Metrics
 from shipper.pipeline import Pipeline
 from shipper.record import ACTION_NEW, FlowEvent, PodMeta
 from shipper.shards import Shards, Worker, _Handle
-from shipper.sinks.base import Batch
+from shipper.sinks.base import Batch, EntryFormat
 from shipper.sources import bpf
 from shipper.sources.decode import NLMSG_DONE, LayoutDecoder, decode_generic
 
@@ -47,7 +47,7 @@ class RecordingSink:
     """A sink that keeps every delivered entry (delivery always succeeds)."""
 
     acknowledged = False
-    entry_format = "ndjson"
+    entry_format: EntryFormat = "ndjson"
     name = "recording"
 
     def __init__(self) -> None:

@@ -155,7 +155,12 @@ class TestFileSink:
         """With fsync on every delivered batch is fsynced; with it off none is (until close)."""
         calls: list[int] = []
         real = os.fsync
-        monkeypatch.setattr(file_mod.os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+
+        def fsync(fd: int) -> None:
+            calls.append(fd)
+            real(fd)
+
+        monkeypatch.setattr(file_mod.os, "fsync", fsync)
         on = FileSink(tmp_path / "on.json", max_bytes=1 << 20, keep=1, fsync=True)
         on.deliver(batch(1))
         on.deliver(batch(2))

@@ -125,7 +125,7 @@ def test_burst_decodes_what_the_checked_path_decodes(
         b[rnd.randrange(16, len(b))] ^= 1 << rnd.randrange(8)
         datagrams.append(bytes(pad[0]) + bytes(b))
     errors: list[Exception] = []
-    src._on_decode_error = errors.append  # type: ignore[method-assign]
+    src._on_decode_error = errors.append  # type: ignore[method-assign,assignment]
     got: list[FlowEvent] = []
     for i in range(0, len(datagrams), 8):
         for d in datagrams[i:i + 8]:

@@ -306,8 +306,10 @@ class TestNodeRole:
 
     def test_selectors(self) -> None:
         """With gatewayNode empty, gatewayNodeSelectors matched against the node's labels decide."""
-        sel = [{"matchLabels": {"kube-ovn/role": "gateway"}},
-               {"matchExpressions": [{"key": "egress", "operator": "Exists"}]}]
+        sel: list[dict[str, Any]] = [
+            {"matchLabels": {"kube-ovn/role": "gateway"}},
+            {"matchExpressions": [{"key": "egress", "operator": "Exists"}]},
+        ]
         objs = [subnet("c", "10.16.0.0/16", gateway_type="centralized",
                        gateway_node_selectors=sel)]
         assert modes(role_of(objs, "n1", {"kube-ovn/role": "gateway"})) == {"c": "centralized"}
