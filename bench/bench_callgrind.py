@@ -15,6 +15,9 @@ path can be judged on a noisy machine. Two steps::
     python3 bench/bench_callgrind.py run --capture /tmp/flows.cap --limit 10000 --destroy-only
     python3 bench/bench_callgrind.py run --capture /tmp/flows.cap --stages 3 --json
 
+    # or time them: CPU µs per event of each stage, median of --rounds fresh processes
+    python3 bench/bench_callgrind.py cpu --capture /tmp/flows.cap --rounds 5
+
 Stages (each includes the ones before it): 0 the receive loop and decode
 (``ConntrackSource.read_burst`` with ``LayoutDecoder``) fed by a stand-in socket; 1 +
 ``Pipeline.handle`` without the output (filter, flow-start cache, pod attribution); 2 +
@@ -42,6 +45,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -254,6 +258,51 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------- cpu
+def cpu(args: argparse.Namespace) -> int:
+    """CPU µs per event of each stage, without valgrind: the median of ``--rounds``
+    fresh processes per stage, the stages taking turns in each round (so a busy
+    stretch of a shared machine lands on all of them)."""
+    runs: dict[int, list[float]] = {s: [] for s in args.stages}
+    with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp:
+        for _ in range(args.rounds):
+            for stage in args.stages:
+                if not _cpu_run(args, stage, tmp, runs[stage]):
+                    return 1
+    med = {s: statistics.median(v) for s, v in runs.items()}
+    if args.json:
+        print(json.dumps({"runs": runs, "median": med}, indent=2))
+        return 0
+    print(f"capture {args.capture}, {_which(args)}, first {args.limit or 'all'} datagrams, "
+          f"{args.rounds} rounds; process CPU µs per event (median; runs)")
+    print("| stage | counts | µs per event | added by the stage | runs |")
+    print("|---|---|---|---|---|")
+    prev = None
+    for s in args.stages:
+        added = "" if prev is None else f"{med[s] - prev:+.2f}"
+        print(f"| {s} | {STAGES[s]} | {med[s]:.2f} | {added} | "
+              f"{', '.join(f'{x:.2f}' for x in runs[s])} |")
+        prev = med[s]
+    return 0
+
+
+def _cpu_run(args: argparse.Namespace, stage: int, workdir: str, into: list[float]) -> bool:
+    """One fresh ``replay`` process up to ``stage``; its µs per event appended to ``into``."""
+    cmd = [sys.executable, __file__, "replay", "--capture", args.capture, "--stage",
+           str(stage), "--limit", str(args.limit), "--workdir", workdir]
+    cmd += ["--new-only"] if args.new_only else []
+    cmd += ["--destroy-only"] if args.destroy_only else []
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode != 0 or not lines:
+        print(f"stage {stage} failed (exit {res.returncode}): "
+              f"{(res.stderr or res.stdout)[-2000:]}", file=sys.stderr)
+        return False
+    into.append(json.loads(lines[-1])["cpu_us_per_event"])
+    return True
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -274,7 +323,17 @@ def main() -> int:
     r.add_argument("--stages", type=lambda s: [int(x) for x in s.split(",")],
                    default=[0, 1, 2, 3], help="comma-separated stages (default 0,1,2,3)")
     r.add_argument("--json", action="store_true")
-    p = sub.add_parser("replay", help="(used by run) replay once, up to --stage")
+    t = sub.add_parser("cpu", help="CPU µs per event per stage, without valgrind (noisy)")
+    t.add_argument("--capture", required=True)
+    t.add_argument("--limit", type=int, default=0, help="first N datagrams (0: all)")
+    only = t.add_mutually_exclusive_group()
+    only.add_argument("--new-only", action="store_true")
+    only.add_argument("--destroy-only", action="store_true")
+    t.add_argument("--stages", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[0, 1, 2, 3])
+    t.add_argument("--rounds", type=int, default=5, help="fresh processes per stage")
+    t.add_argument("--json", action="store_true")
+    p = sub.add_parser("replay", help="(used by run and cpu) replay once, up to --stage")
     p.add_argument("--capture", required=True)
     p.add_argument("--stage", type=int, choices=sorted(STAGES), default=3)
     p.add_argument("--workdir", default=tempfile.gettempdir())
@@ -283,7 +342,7 @@ def main() -> int:
     only.add_argument("--new-only", action="store_true")
     only.add_argument("--destroy-only", action="store_true")
     args = ap.parse_args()
-    return {"capture": capture, "run": run, "replay": replay}[args.cmd](args)
+    return {"capture": capture, "run": run, "cpu": cpu, "replay": replay}[args.cmd](args)
 
 
 if __name__ == "__main__":
