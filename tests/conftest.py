@@ -16,7 +16,6 @@ import os
 from collections.abc import Generator, Iterator
 from typing import Any
 
-import pluggy
 import pytest
 
 from shipper.lab import Lab
@@ -38,13 +37,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=NEEDS_ROOT))
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None],
-) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """In CI, turn a skipped kernel test (in any phase, for any reason) into a failure."""
-    outcome = yield
-    report: pytest.TestReport = outcome.get_result()
+    report = yield
     if (report.skipped and not hasattr(report, "wasxfail") and in_ci()
             and item.get_closest_marker("kernel") is not None):
         longrepr = report.longrepr
@@ -52,6 +50,7 @@ def pytest_runtest_makereport(
         reason = reason.removeprefix("Skipped: ")
         report.outcome = "failed"
         report.longrepr = f"kernel test skipped in CI (CI=true), a failure there: {reason}"
+    return report
 
 
 @pytest.fixture
