@@ -53,6 +53,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -222,21 +223,16 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as tmp:
         for stage in args.stages:
             dump = Path(tmp) / f"cg.{stage}"
-            cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
-                   f"--callgrind-out-file={dump}", sys.executable, __file__, "replay",
-                   "--capture", args.capture, "--stage", str(stage), "--workdir", tmp,
-                   "--limit", str(args.limit)]
-            cmd += ["--new-only"] if args.new_only else []
-            cmd += ["--destroy-only"] if args.destroy_only else []
-            res = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                                 env=dict(os.environ, PYTHONPATH=str(REPO)))
-            lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+            out = _replay(args, stage, tmp, ["valgrind", "--tool=callgrind",
+                                             "--instr-atstart=no",
+                                             f"--callgrind-out-file={dump}"])
             dumped = Path(str(dump) + ".1")
-            if res.returncode != 0 or not lines or not dumped.exists():
-                print(f"stage {stage} failed (exit {res.returncode}): "
-                      f"{(res.stderr or res.stdout)[-2000:]}", file=sys.stderr)
+            if out is None:
                 return 1
-            events = json.loads(lines[-1])["events"]
+            if not dumped.exists():
+                print(f"stage {stage} failed: callgrind wrote no {dumped}", file=sys.stderr)
+                return 1
+            events = out["events"]
             total = next(int(ln.split()[1]) for ln in dumped.read_text().splitlines()
                          if ln.startswith("totals:"))
             rows.append({"stage": stage, "what": STAGES[stage], "events": events,
@@ -267,8 +263,10 @@ def cpu(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp:
         for _ in range(args.rounds):
             for stage in args.stages:
-                if not _cpu_run(args, stage, tmp, runs[stage]):
+                out = _replay(args, stage, tmp)
+                if out is None:
                     return 1
+                runs[stage].append(out["cpu_us_per_event"])
     med = {s: statistics.median(v) for s, v in runs.items()}
     if args.json:
         print(json.dumps({"runs": runs, "median": med}, indent=2))
@@ -286,10 +284,13 @@ def cpu(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cpu_run(args: argparse.Namespace, stage: int, workdir: str, into: list[float]) -> bool:
-    """One fresh ``replay`` process up to ``stage``; its µs per event appended to ``into``."""
-    cmd = [sys.executable, __file__, "replay", "--capture", args.capture, "--stage",
-           str(stage), "--limit", str(args.limit), "--workdir", workdir]
+def _replay(args: argparse.Namespace, stage: int, workdir: str,
+            prefix: list[str] | None = None) -> dict[str, Any] | None:
+    """Run the ``replay`` step up to ``stage`` in a fresh process (behind ``prefix``,
+    e.g. valgrind) with the capture and selection of ``args``; its JSON line, or None
+    after saying on stderr why it failed."""
+    cmd = [*(prefix or []), sys.executable, __file__, "replay", "--capture", args.capture,
+           "--stage", str(stage), "--workdir", workdir, "--limit", str(args.limit)]
     cmd += ["--new-only"] if args.new_only else []
     cmd += ["--destroy-only"] if args.destroy_only else []
     res = subprocess.run(cmd, capture_output=True, text=True, check=False,
@@ -298,9 +299,27 @@ def _cpu_run(args: argparse.Namespace, stage: int, workdir: str, into: list[floa
     if res.returncode != 0 or not lines:
         print(f"stage {stage} failed (exit {res.returncode}): "
               f"{(res.stderr or res.stdout)[-2000:]}", file=sys.stderr)
-        return False
-    into.append(json.loads(lines[-1])["cpu_us_per_event"])
-    return True
+        return None
+    out: dict[str, Any] = json.loads(lines[-1])
+    return out
+
+
+def _replay_options(parser: argparse.ArgumentParser, limit: int) -> None:
+    """The options that choose what a replay replays (``run``, ``cpu``, ``replay``)."""
+    parser.add_argument("--capture", required=True)
+    parser.add_argument("--limit", type=int, default=limit,
+                        help=f"first N datagrams of the kind chosen (0: all; default {limit})")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--new-only", action="store_true", help="only the NEW datagrams")
+    only.add_argument("--destroy-only", action="store_true",
+                      help="only the DESTROY datagrams (their flows' NEW not replayed)")
+
+
+def _stage_options(parser: argparse.ArgumentParser) -> None:
+    """The stages to measure and the output format (``run``, ``cpu``)."""
+    parser.add_argument("--stages", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[0, 1, 2, 3], help="comma-separated stages (default 0,1,2,3)")
+    parser.add_argument("--json", action="store_true")
 
 
 def main() -> int:
@@ -313,34 +332,16 @@ def main() -> int:
     c.add_argument("--destroy-wait", type=float, default=90.0,
                    help="longest wait for the DESTROYs after the traffic")
     r = sub.add_parser("run", help="count instructions per stage under callgrind")
-    r.add_argument("--capture", required=True)
-    r.add_argument("--limit", type=int, default=10000,
-                   help="first N datagrams of the kind chosen (0: all)")
-    only = r.add_mutually_exclusive_group()
-    only.add_argument("--new-only", action="store_true", help="only the NEW datagrams")
-    only.add_argument("--destroy-only", action="store_true",
-                      help="only the DESTROY datagrams (their flows' NEW not replayed)")
-    r.add_argument("--stages", type=lambda s: [int(x) for x in s.split(",")],
-                   default=[0, 1, 2, 3], help="comma-separated stages (default 0,1,2,3)")
-    r.add_argument("--json", action="store_true")
+    _replay_options(r, limit=10000)
+    _stage_options(r)
     t = sub.add_parser("cpu", help="CPU µs per event per stage, without valgrind (noisy)")
-    t.add_argument("--capture", required=True)
-    t.add_argument("--limit", type=int, default=0, help="first N datagrams (0: all)")
-    only = t.add_mutually_exclusive_group()
-    only.add_argument("--new-only", action="store_true")
-    only.add_argument("--destroy-only", action="store_true")
-    t.add_argument("--stages", type=lambda s: [int(x) for x in s.split(",")],
-                   default=[0, 1, 2, 3])
+    _replay_options(t, limit=0)
+    _stage_options(t)
     t.add_argument("--rounds", type=int, default=5, help="fresh processes per stage")
-    t.add_argument("--json", action="store_true")
     p = sub.add_parser("replay", help="(used by run and cpu) replay once, up to --stage")
-    p.add_argument("--capture", required=True)
+    _replay_options(p, limit=0)
     p.add_argument("--stage", type=int, choices=sorted(STAGES), default=3)
     p.add_argument("--workdir", default=tempfile.gettempdir())
-    p.add_argument("--limit", type=int, default=0)
-    only = p.add_mutually_exclusive_group()
-    only.add_argument("--new-only", action="store_true")
-    only.add_argument("--destroy-only", action="store_true")
     args = ap.parse_args()
     return {"capture": capture, "run": run, "cpu": cpu, "replay": replay}[args.cmd](args)
 
