@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from shipper.lab import Lab
+from shipper.sources import conntrack
 
 Record = dict[str, Any]
 
@@ -218,3 +219,11 @@ class ShipperProcess:
 def ct_delete(lab: Lab, *args: str) -> None:
     """Delete conntrack entries in the gateway (produces DESTROY events now)."""
     lab.run(lab.gw, "conntrack", "-D", *args, check=False)
+
+
+def event_socket(lab: Lab) -> socket.socket:
+    """A plain NEW+DESTROY event socket in the gateway, 8 MiB asked (no reliable DESTROY:
+    one socket)."""
+    sock = conntrack.open_event_socket(lab.gw, ["new", "destroy"], 8 << 20)
+    assert isinstance(sock, socket.socket)
+    return sock

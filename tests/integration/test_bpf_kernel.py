@@ -24,6 +24,7 @@ from shipper.lab import Lab
 from shipper.record import FlowEvent
 from shipper.sources import bpf, conntrack
 from shipper.sources.decode import LayoutDecoder, iter_messages
+from tests.integration.harness import event_socket
 
 pytestmark = pytest.mark.kernel  # root only; in CI a skip fails (tests/conftest.py)
 
@@ -121,13 +122,6 @@ def lab(lab: Lab) -> Lab:
                       built.ext_link, "-p", proto, "--dport", str(DNAT_PORT), "-j", "DNAT",
                       "--to-destination", f"{pod0}:8080")
     return built
-
-
-def event_socket(lab: Lab) -> socket.socket:
-    """A plain NEW+DESTROY event socket in the gateway (no reliable DESTROY: one socket)."""
-    sock = conntrack.open_event_socket(lab.gw, ["new", "destroy"], 8 << 20)
-    assert isinstance(sock, socket.socket)
-    return sock
 
 
 @pytest.fixture

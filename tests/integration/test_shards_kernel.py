@@ -24,7 +24,7 @@ import pytest
 from shipper.lab import Lab
 from shipper.sources import bpf, conntrack
 from shipper.sources.decode import LayoutDecoder
-from tests.integration.harness import Record, ShipperProcess, ct_delete, get
+from tests.integration.harness import Record, ShipperProcess, ct_delete, event_socket, get
 
 pytestmark = pytest.mark.kernel  # root only; in CI a skip fails (tests/conftest.py)
 
@@ -44,13 +44,6 @@ def make_flows(lab: Lab, family: int) -> None:
     """FLOWS new UDP flows pod 0 -> ext (one per datagram), then delete them all."""
     res = lab.udp_flood(0, 2000, FLOWS / 2000 + 0.5, family=family, max_count=FLOWS)
     assert res.sent == FLOWS
-
-
-def event_socket(lab: Lab) -> socket.socket:
-    """A plain NEW+DESTROY event socket in the gateway (no reliable DESTROY: one socket)."""
-    sock = conntrack.open_event_socket(lab.gw, ["new", "destroy"], 8 << 20)
-    assert isinstance(sock, socket.socket)
-    return sock
 
 
 def read_ids(socks: list[socket.socket], want_new: int, want_destroy: int,
