@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 for n in args.workers:
                     runs.append(_timed([sys.executable, "-m", "shipper", "dump", "--netns",
                                         lab.gw, "--config", str(config), "--workers", str(n)],
-                                       tmp / "shipper.out", env, _shipper_tool(n), [flows],
+                                       tmp / "shipper.out", env, shipper_tool(n), [flows],
                                        args.timeout))
                 if unfiltered is not None:
                     runs.append(_timed([sys.executable, "-m", "shipper", "dump", "--netns",
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     ct = [r for r in runs if r.tool.startswith("conntrack")]
     un = [r for r in runs if r.tool.startswith("dump, kernel_filter off")]
     tools = [("conntrack", ct)] + [
-        (_shipper_key(n), [r for r in runs if r.tool == _shipper_tool(n)]) for n in args.workers
+        (shipper_key(n), [r for r in runs if r.tool == shipper_tool(n)]) for n in args.workers
     ] + ([("shipper_unfiltered", un)] if un else [])
     res: dict[str, object] = {
         "entries_at_start": size,
@@ -239,22 +239,28 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "self_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     for n in args.workers:  # each shipper run against the conntrack run just before it
-        sh = [r for r in runs if r.tool == _shipper_tool(n)]
-        key = _shipper_key(n).replace("shipper", "ratios")
+        sh = [r for r in runs if r.tool == shipper_tool(n)]
+        key = ratios_key(n)
         res[f"{key}_wall"] = [s.wall_s / c.wall_s for c, s in zip(ct, sh, strict=True)]
         res[f"{key}_cpu"] = [s.cpu_s / c.cpu_s for c, s in zip(ct, sh, strict=True)]
     return res
 
 
-def _shipper_tool(workers: int) -> str:
+def shipper_tool(workers: int) -> str:
     """The run name of the shipper's dump with ``workers`` processes."""
     return "flowlog-shipper dump" + ("" if workers == 1 else f" --workers {workers}")
 
 
-def _shipper_key(workers: int) -> str:
+def shipper_key(workers: int) -> str:
     """The results' key of the shipper's dump with ``workers`` processes: ``shipper`` for
     one (the key the issue's table reads), ``shipper_w<N>`` otherwise."""
     return "shipper" if workers == 1 else f"shipper_w{workers}"
+
+
+def ratios_key(workers: int) -> str:
+    """The prefix of the results' pairwise ratio keys (``<prefix>_wall``, ``<prefix>_cpu``)
+    of the shipper's dump with ``workers`` processes: ``ratios``, ``ratios_w<N>``."""
+    return shipper_key(workers).replace("shipper", "ratios", 1)
 
 
 def print_report(res: dict[str, object]) -> None:
@@ -267,9 +273,9 @@ def print_report(res: dict[str, object]) -> None:
     med: dict[str, dict[str, float]] = res["median"]  # type: ignore[assignment]
     ct = med["conntrack"]
     for n in res["workers"]:  # type: ignore[attr-defined]
-        sh, key = med[_shipper_key(n)], _shipper_key(n).replace("shipper", "ratios")
+        sh, key = med[shipper_key(n)], ratios_key(n)
         print(f"median conntrack -L: {ct['wall_s']:.2f} s, {ct['maxrss_mib']:.1f} MiB; "
-              f"{_shipper_tool(n)}: {sh['wall_s']:.2f} s, CPU {sh['cpu_s']:.2f} s, "
+              f"{shipper_tool(n)}: {sh['wall_s']:.2f} s, CPU {sh['cpu_s']:.2f} s, "
               f"{sh['maxrss_mib']:.1f} MiB; ratio of medians {sh['wall_s'] / ct['wall_s']:.2f}")
         print("  pairwise wall ratios: "
               + ", ".join(f"{x:.2f}" for x in res[f"{key}_wall"]))  # type: ignore[attr-defined]

@@ -859,9 +859,10 @@ def run_dump(args: argparse.Namespace) -> DumpRow:
     row.ratios_wall = list(res["ratios_wall"])
     row.ratios_cpu = list(res["ratios_cpu"])
     if row.workers > 1:
-        row.shipper_workers = dict(res["median"][f"shipper_w{row.workers}"])
-        row.ratios_wall_workers = list(res[f"ratios_w{row.workers}_wall"])
-        row.ratios_cpu_workers = list(res[f"ratios_w{row.workers}_cpu"])
+        ratios = bench_dump.ratios_key(row.workers)
+        row.shipper_workers = dict(res["median"][bench_dump.shipper_key(row.workers)])
+        row.ratios_wall_workers = list(res[f"{ratios}_wall"])
+        row.ratios_cpu_workers = list(res[f"{ratios}_cpu"])
     failed = [r for r in res["runs"] if r["rc"] != 0]
     if failed:
         row.error = "failed: " + ", ".join(f"{r['tool']} rc={r['rc']}" for r in failed)
